@@ -1,0 +1,34 @@
+# The two commands of the README:
+#   make demo   set up (first time) and run the kit's main job
+#   make test   set up (first time) and run the tests, the notebooks (fast mode) and ruff
+# Everything installs into ./.venv from this repo's own files.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.msif-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test test-fast lint notebooks
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned (requirements/constraints.txt): a bare `torch` can pull a multi-GB CUDA build
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt torch
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/msif-lite demo
+
+test: setup
+	MSIF_FAST=1 $(BIN)/python -m pytest tests
+	MSIF_FAST=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env notebooks
+	$(BIN)/ruff check msif_lite tests benchmarks
+
+lint: setup
+	$(BIN)/ruff check msif_lite tests benchmarks
