@@ -12,6 +12,8 @@ Conventions (DESIGN.md §2, derived in notebooks 01 and 06):
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -166,7 +168,10 @@ class LanguageModelingTask:
 
     def output(self, model: nn.Module, batch: TokenBatch) -> torch.Tensor:
         check_token_ids(model, batch)
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        kw = {}
+        if _accepts_position_ids(type(model)):  # left padding must not shift the positions
+            kw["position_ids"] = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kw).logits
 
     def loss(self, model, batch: TokenBatch, *, labels: FisherLabels = "data", generator=None):
         return self.loss_from_output(
@@ -207,6 +212,13 @@ class LanguageModelingTask:
 
     def batch_size(self, batch: TokenBatch) -> int:
         return batch.input_ids.shape[0]
+
+
+@functools.cache
+def _accepts_position_ids(model_class: type) -> bool:
+    """Whether `model_class.forward` takes `position_ids` (GPT-2, GPT-NeoX: yes; BLOOM's ALiBi
+    derives positions from the attention mask itself)."""
+    return "position_ids" in inspect.signature(model_class.forward).parameters
 
 
 def check_token_ids(model: nn.Module, batch: TokenBatch) -> None:
