@@ -1,0 +1,300 @@
+"""The exact references themselves (msif_lite/exact.py), all in float64.
+
+Tolerances: constructions that should agree to rounding use rtol=1e-9/atol=1e-10; CG is
+compared to the dense solve at rtol=1e-6; LiSSA (truncated Neumann series) at rtol=1e-3.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+from msif_lite.exact import (
+    ConjugateGradientIHVP,
+    DenseSolveIHVP,
+    LissaIHVP,
+    dense_ggn,
+    dense_hessian,
+    empirical_fisher,
+    ggn_matvec,
+    influence_exact,
+    per_example_flat_grads,
+)
+from msif_lite.modules import find_modules, flatten, unflatten
+from msif_lite.tasks import ClassificationTask, LanguageModelingTask, make_token_batch
+
+TIGHT = dict(rtol=1e-9, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- tiny problems
+def tiny_mlp(seed: int = 0, d: int = 4, h: int = 5, c: int = 3, n: int = 7):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, c)).double()
+    x, y = torch.randn(n, d, dtype=torch.float64), torch.randint(0, c, (n,))
+    return model, ClassificationTask(), (x, y), find_modules(model, exclude=None)
+
+
+def tiny_lm(arch: str = "gpt-neox", seed: int = 0):
+    torch.manual_seed(seed)
+    if arch == "gpt-neox":
+        cfg = GPTNeoXConfig(
+            vocab_size=7, hidden_size=4, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=6, max_position_embeddings=8, rotary_pct=0.5,
+            tie_word_embeddings=False, attention_dropout=0.0, hidden_dropout=0.0,
+            pad_token_id=0, eos_token_id=0, bos_token_id=0,
+        )  # fmt: skip
+        model = GPTNeoXForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(
+            vocab_size=7, n_embd=4, n_layer=1, n_head=2, n_positions=8, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+        )  # fmt: skip
+        model = GPT2LMHeadModel(cfg)
+    model = model.double().eval()
+    # right padding, a prompt-only first token masked in the second, different lengths
+    batch = make_token_batch(
+        [[1, 2, 3, 4, 5], [2, 6, 1], [3, 3, 5, 2]],
+        pad_id=0,
+        target_masks=[[0, 1, 1, 1, 1], [0, 0, 1], [0, 1, 1, 1]],
+    )
+    return model, LanguageModelingTask(), batch, find_modules(model)
+
+
+def explicit_ggn(model, task, batch, modules) -> torch.Tensor:
+    """Σ_n Σ_t J_{n,t}ᵀ (diag(p) − ppᵀ) J_{n,t} / N from full Jacobians (autograd loop)."""
+    theta = flatten({m.name: m.param_matrix().detach() for m in modules}, modules)
+
+    def logits_of(flat):
+        mats, params = unflatten(flat, modules), {}
+        for m in modules:
+            for (n, _), t in zip(m.parameters(), m.matrix_to_params(mats[m.name])):
+                params[n] = t
+        if isinstance(batch, tuple):
+            return functional_call(model, params, (batch[0],))
+        kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return functional_call(model, params, (), kw).logits
+
+    logits = logits_of(theta).detach()
+    J = torch.autograd.functional.jacobian(logits_of, theta)  # (*logits.shape, P)
+    G = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
+    if isinstance(batch, tuple):
+        rows = [(n, None) for n in range(logits.shape[0])]
+    else:
+        rows = [(n, t) for n, t in (batch.labels[:, 1:] != -100).nonzero().tolist()]
+    for n, t in rows:
+        z, j = (logits[n], J[n]) if t is None else (logits[n, t], J[n, t])
+        p = torch.softmax(z, -1)
+        G += j.T @ (torch.diag(p) - torch.outer(p, p)) @ j
+    return G / logits.shape[0]
+
+
+# ----------------------------------------------------------------------------- GGN
+@pytest.mark.parametrize("kind", ["mlp", "gpt-neox", "gpt2"])
+def test_dense_ggn_matches_explicit_jacobian_construction(kind):
+    model, task, batch, modules = tiny_mlp() if kind == "mlp" else tiny_lm(kind)
+    G = dense_ggn(model, task, batch, modules)
+    torch.testing.assert_close(G, explicit_ggn(model, task, batch, modules), **TIGHT)
+    # symmetric PSD
+    torch.testing.assert_close(G, G.T, rtol=0, atol=0)
+    assert torch.linalg.eigvalsh(G).min() > -1e-10 * G.abs().max()
+
+
+def test_ggn_matvec_batched_and_split_batches():
+    model, task, (x, y), modules = tiny_mlp()
+    G = dense_ggn(model, task, (x, y), modules)
+    mv = ggn_matvec(model, task, [(x[:3], y[:3]), (x[3:], y[3:])], modules)
+    v = torch.randn(3, G.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(mv(v), v @ G, **TIGHT)
+    torch.testing.assert_close(mv(v[0]), G @ v[0], **TIGHT)
+    summed = ggn_matvec(model, task, (x, y), modules, average=False)
+    torch.testing.assert_close(summed(v[0]), x.shape[0] * (G @ v[0]), **TIGHT)
+
+
+def test_padding_tokens_do_not_change_ggn():
+    """Extra right padding (and a longer batch) leaves G unchanged."""
+    model, task, batch, modules = tiny_lm()
+    wider = make_token_batch(
+        [[1, 2, 3, 4, 5, 0, 0], [2, 6, 1], [3, 3, 5, 2]],
+        pad_id=0,
+        target_masks=[[0, 1, 1, 1, 1, 0, 0], [0, 0, 1], [0, 1, 1, 1]],
+    )
+    wider.attention_mask[0, 5:] = 0
+    torch.testing.assert_close(
+        dense_ggn(model, task, wider, modules), dense_ggn(model, task, batch, modules), **TIGHT
+    )
+
+
+def softmax_regression(seed: int = 0, n: int = 12, d: int = 3, c: int = 4):
+    torch.manual_seed(seed)
+    model = nn.Linear(d, c).double()
+    x, y = torch.randn(n, d, dtype=torch.float64), torch.randint(0, c, (n,))
+    return model, ClassificationTask(), (x, y), find_modules(model, exclude=None)
+
+
+def test_ggn_equals_hessian_for_linear_model():
+    model, task, batch, modules = softmax_regression()
+    torch.testing.assert_close(
+        dense_ggn(model, task, batch, modules), dense_hessian(model, task, batch, modules), **TIGHT
+    )
+
+
+def test_hessian_differs_from_ggn_for_mlp():
+    model, task, batch, modules = tiny_mlp()
+    H, G = dense_hessian(model, task, batch, modules), dense_ggn(model, task, batch, modules)
+    torch.testing.assert_close(H, H.T, **TIGHT)
+    assert (H - G).abs().max() > 1e-3
+
+
+def test_true_fisher_by_enumerating_labels_equals_ggn():
+    """E_{y ~ p(·|x)}[g gᵀ] summed exactly over all labels equals the GGN for softmax CE."""
+    model, task, (x, y), modules = tiny_mlp()
+    with torch.no_grad():
+        probs = torch.softmax(model(x), -1)
+    F = torch.zeros(sum(m.numel for m in modules), sum(m.numel for m in modules), dtype=x.dtype)
+    for c in range(probs.shape[1]):
+        g = per_example_flat_grads(model, task, (x, torch.full_like(y, c)), modules)
+        F += (g * probs[:, c : c + 1]).T @ g
+    torch.testing.assert_close(F / x.shape[0], dense_ggn(model, task, (x, y), modules), **TIGHT)
+
+
+def test_per_example_grads_and_empirical_fisher():
+    model, task, (x, y), modules = tiny_mlp()
+    g = per_example_flat_grads(model, task, (x, y), modules)
+    for n in (0, 4):
+        model.zero_grad()
+        task.loss(model, (x[n : n + 1], y[n : n + 1])).sum().backward()
+        ref = flatten({m.name: m.grad_matrix() for m in modules}, modules)
+        torch.testing.assert_close(g[n], ref, **TIGHT)
+    torch.testing.assert_close(empirical_fisher(model, task, (x, y), modules), g.T @ g / 7)
+
+
+def test_per_example_grads_conv1d_layout():
+    """GPT-2's Conv1D stores W transposed; the flat layout is still [W | b] (out, in + 1)."""
+    model, task, batch, modules = tiny_lm("gpt2")
+    g = per_example_flat_grads(model, task, batch, modules)
+    model.zero_grad()
+    task.loss(model, batch.select(slice(1, 2))).sum().backward()
+    ref = flatten({m.name: m.grad_matrix() for m in modules}, modules)
+    torch.testing.assert_close(g[1], ref, **TIGHT)
+
+
+# ----------------------------------------------------------------------------- solvers
+@pytest.fixture(scope="module")
+def mlp_system():
+    model, task, batch, modules = tiny_mlp()
+    G = dense_ggn(model, task, batch, modules)
+    gen = torch.Generator().manual_seed(1)
+    v = unflatten(torch.randn(3, G.shape[0], dtype=torch.float64, generator=gen), modules)
+    return model, task, batch, modules, G, v
+
+
+def test_dense_solve_matches_linalg_solve(mlp_system):
+    *_, modules, G, v = mlp_system
+    lam = 1e-2
+    out = flatten(DenseSolveIHVP(G, modules, lam).apply(v), modules)
+    eye = torch.eye(G.shape[0], dtype=G.dtype)
+    ref = torch.linalg.solve(G + lam * eye, flatten(v, modules).T).T
+    torch.testing.assert_close(out, ref, **TIGHT)
+
+
+def test_cg_converges_to_dense_solve(mlp_system):
+    model, task, batch, modules, G, v = mlp_system
+    lam = 1e-2
+    ref = flatten(DenseSolveIHVP(G, modules, lam).apply(v), modules)
+    cg = ConjugateGradientIHVP(ggn_matvec(model, task, batch, modules), modules, lam, tol=1e-12)
+    out = flatten(cg.apply(v), modules)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-8)
+    assert cg.converged.all() and (cg.residuals < 1e-10).all()
+    assert (cg.iterations <= G.shape[0] + 5).all() and (cg.iterations > 0).all()
+
+
+def test_cg_reports_non_convergence(mlp_system):
+    *_, modules, G, v = mlp_system
+    cg = ConjugateGradientIHVP(G, modules, 1e-4, max_iter=2)
+    with pytest.warns(UserWarning, match="raise max_iter"):
+        cg.apply(v)
+    assert not cg.converged.any() and (cg.iterations == 2).all() and (cg.residuals > 1e-6).all()
+
+
+def test_lissa_converges_to_dense_solve(mlp_system):
+    *_, modules, G, v = mlp_system
+    lam = 0.1
+    top = torch.linalg.eigvalsh(G).max().item() + lam
+    ref = flatten(DenseSolveIHVP(G, modules, lam).apply(v), modules)
+    lissa = LissaIHVP(G, modules, lam, depth=3000, scale=top)
+    out = flatten(lissa.apply(v), modules)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-6)
+    assert (lissa.increments < 1e-6).all()
+
+
+def test_lissa_divergence_names_the_setting(mlp_system):
+    *_, modules, G, v = mlp_system
+    top = torch.linalg.eigvalsh(G).max().item()
+    with pytest.raises(FloatingPointError, match="Raise `scale`"):
+        LissaIHVP(G, modules, 0.1, depth=500, scale=top / 4).apply(v)
+
+
+def test_ihvp_protocol_shapes(mlp_system):
+    *_, modules, G, v = mlp_system
+    for ihvp in (DenseSolveIHVP(G, modules, 0.1), ConjugateGradientIHVP(G, modules, 0.1),
+                 LissaIHVP(G, modules, 0.1, depth=10, scale=10.0)):  # fmt: skip
+        assert isinstance(ihvp.name, str)
+        out = ihvp.apply(v)
+        assert {k: t.shape for k, t in out.items()} == {k: t.shape for k, t in v.items()}
+        one = ihvp.apply({k: t[0] for k, t in v.items()})  # a single vector (out, d_in)
+        assert {k: t.shape for k, t in one.items()} == {k: t.shape[1:] for k, t in v.items()}
+
+
+# ----------------------------------------------------------------------------- errors
+def test_zero_damping_on_singular_G_is_an_error():
+    model, task, batch, modules = softmax_regression(n=2)  # P = 16 ≫ rank ≤ 2·3
+    G = dense_ggn(model, task, batch, modules)
+    v = unflatten(torch.ones(1, G.shape[0], dtype=G.dtype), modules)
+    with pytest.raises(ValueError, match=r"G\+λI is singular: set damping > 0"):
+        DenseSolveIHVP(G, modules, 0.0)
+    with pytest.raises(ValueError, match=r"G\+λI is singular"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ConjugateGradientIHVP(torch.zeros_like(G), modules, 0.0).apply(v)
+    DenseSolveIHVP(G, modules, 1e-3)  # fine with damping
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_invalid_damping(bad):
+    *_, modules = softmax_regression()
+    G = torch.eye(16, dtype=torch.float64)
+    for make in (DenseSolveIHVP, ConjugateGradientIHVP, LissaIHVP):
+        with pytest.raises(ValueError, match="damping"):
+            make(G, modules, bad)
+
+
+def test_nan_inputs_raise_floating_point_error():
+    *_, modules = softmax_regression()
+    G = torch.eye(16, dtype=torch.float64)
+    bad_G = G.clone()
+    bad_G[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        DenseSolveIHVP(bad_G, modules, 0.1)
+    v = unflatten(torch.ones(2, 16, dtype=torch.float64), modules)
+    v[modules[0].name][0, 0, 0] = float("inf")
+    for ihvp in (DenseSolveIHVP(G, modules, 0.1), ConjugateGradientIHVP(G, modules, 0.1),
+                 LissaIHVP(G, modules, 0.1, depth=5, scale=2.0)):  # fmt: skip
+        with pytest.raises(FloatingPointError):
+            ihvp.apply(v)
+    with pytest.raises(FloatingPointError):
+        ConjugateGradientIHVP(bad_G, modules, 0.1).apply(unflatten(torch.ones(1, 16), modules))
+
+
+def test_influence_exact_is_dense_formula():
+    model, task, (x, y), modules = tiny_mlp()
+    G, lam = dense_ggn(model, task, (x, y), modules), 0.05
+    scores = influence_exact(model, task, (x[:2], y[:2]), (x, y), modules, G, lam)
+    qg = per_example_flat_grads(model, task, (x[:2], y[:2]), modules, measurement=True)
+    cg = per_example_flat_grads(model, task, (x, y), modules)
+    ref = qg @ torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), cg.T)
+    assert scores.shape == (2, 7)
+    torch.testing.assert_close(scores, ref, **TIGHT)
