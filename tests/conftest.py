@@ -1,0 +1,134 @@
+"""Shared tiny float64 fixtures for the curvature-engine tests.
+
+- `mlp`: a 2-layer MLP (4 → 6 → 3, tanh) with a ClassificationTask and 10 examples;
+- `make_lm(arch)`: tiny GPT-NeoX / BLOOM / GPT-2 (Conv1D) causal LMs, vocab 50, hidden 16,
+  2 layers, dropout off, float64, built from transformers configs (no downloads);
+- `SEQUENCES` / `lm_batch(...)`: a few token sequences with prompt tokens (labels = -100),
+  padded right or left.
+
+BLOOM + left padding is not used: BLOOM's eager attention softmaxes in float32, where a
+float64 mask minimum becomes -inf, so fully padded query rows give NaN (a transformers
+limitation, not ours; the engine then raises a FloatingPointError).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from functools import cache
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from msif_lite.modules import TrackedModule, find_modules  # noqa: E402
+from msif_lite.tasks import (  # noqa: E402
+    ClassificationTask,
+    LanguageModelingTask,
+    TokenBatch,
+    make_token_batch,
+)
+
+ATOL = 1e-10  # float64 agreement for quantities computed two ways
+RTOL = 1e-8
+LM_ARCHS = ("gpt_neox", "bloom", "gpt2")
+PAD_ID = 0
+
+# (tokens, target mask): the first tokens of some sequences are a prompt (no loss)
+SEQUENCES: list[tuple[list[int], list[bool]]] = [
+    ([5, 9, 12, 7, 3, 44], [False, False, False, True, True, True]),
+    ([17, 2, 31], [False, True, True]),
+    ([8, 8, 21, 40, 11, 6, 29, 13], [False] * 3 + [True] * 5),
+    ([49, 1, 26, 33], [False, True, True, True]),
+    ([14, 22], [False, True]),
+]
+
+
+@dataclass
+class MLPSetup:
+    model: nn.Module
+    task: ClassificationTask
+    x: torch.Tensor
+    y: torch.Tensor
+    modules: list[TrackedModule]
+
+    def batches(self, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.x[i : i + size], self.y[i : i + size]) for i in range(0, len(self.x), size)]
+
+
+def make_mlp(seed: int = 0, n: int = 10) -> MLPSetup:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return MLPSetup(model, ClassificationTask(), x, y, find_modules(model))
+
+
+@pytest.fixture
+def mlp() -> MLPSetup:
+    return make_mlp()
+
+
+@cache
+def _build_lm(arch: str, seed: int) -> nn.Module:
+    from transformers import (
+        BloomConfig,
+        BloomForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=50, bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if arch == "gpt_neox":
+            cfg = GPTNeoXConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=64,
+                                hidden_dropout=0.0, attention_dropout=0.0, **common)
+            model = GPTNeoXForCausalLM(cfg)
+        elif arch == "bloom":
+            cfg = BloomConfig(hidden_size=16, n_layer=2, n_head=2, hidden_dropout=0.0,
+                              attention_dropout=0.0, **common)
+            model = BloomForCausalLM(cfg)
+        elif arch == "gpt2":
+            cfg = GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
+                             embd_pdrop=0.0, attn_pdrop=0.0, **common)
+            model = GPT2LMHeadModel(cfg)
+        else:
+            raise ValueError(arch)
+    return model.double().eval()
+
+
+def make_lm(arch: str, seed: int = 0) -> nn.Module:
+    """A tiny float64 causal LM (cached per (arch, seed); do not modify its weights)."""
+    return _build_lm(arch, seed)
+
+
+def lm_batch(
+    indices: list[int] | None = None, padding_side: str = "right", all_targets: bool = False
+) -> TokenBatch:
+    """Pad SEQUENCES[indices] into one TokenBatch (prompt tokens get labels = -100)."""
+    chosen = [SEQUENCES[i] for i in (indices if indices is not None else range(len(SEQUENCES)))]
+    masks = None if all_targets else [m for _, m in chosen]
+    return make_token_batch([s for s, _ in chosen], PAD_ID, masks, padding_side=padding_side)
+
+
+@pytest.fixture(params=LM_ARCHS)
+def lm_arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def lm_task() -> LanguageModelingTask:
+    return LanguageModelingTask()
+
+
+def pad_sides(arch: str) -> tuple[str, ...]:
+    return ("right",) if arch == "bloom" else ("right", "left")
