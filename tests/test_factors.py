@@ -1,0 +1,144 @@
+"""K-FAC / EK-FAC factors against explicit Fisher blocks (float64, atol 1e-10), the sampled
+Fisher's determinism, activation reuse, config validation and save/load."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import ATOL, RTOL, lm_batch, make_lm
+from torch import nn
+
+from msif_lite.capture import per_sequence_grads
+from msif_lite.factors import (
+    EKFACFactors,
+    FactorConfig,
+    KFACFactors,
+    fit_covariances,
+    fit_eigenbasis,
+    fit_ekfac,
+    fit_lambda,
+)
+from msif_lite.modules import find_modules
+from msif_lite.tasks import ClassificationTask, LanguageModelingTask
+
+EMP = FactorConfig(fisher="empirical", progress=False)
+
+
+def close(a, b, atol=ATOL):
+    torch.testing.assert_close(a, b, atol=atol, rtol=RTOL)
+
+
+def fisher_block(model, task, batches, module):
+    """Explicit per-sequence Fisher block F = (1/N) Σ_n vec(DW_n) vec(DW_n)ᵀ (row-major vec)."""
+    g = torch.cat([per_sequence_grads(model, task, b, [module])[module.name] for b in batches])
+    v = g.reshape(len(g), -1)
+    return v.T @ v / len(g)
+
+
+def test_kfac_exact_for_one_linear_layer_one_example():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    task = ClassificationTask()
+    batch = (torch.randn(1, 4, dtype=torch.float64), torch.tensor([2]))
+    (module,) = find_modules(model)
+    kfac = fit_covariances(model, task, [batch], EMP)
+    x = kfac.layers[0]
+    close(torch.kron(x.S, x.A), fisher_block(model, task, [batch], module))
+
+
+@pytest.mark.parametrize("which", ["mlp", "gpt_neox"])
+def test_ekfac_lambda_is_diag_of_rotated_fisher_and_beats_kfac(which, mlp):
+    if which == "mlp":
+        model, task, batches = mlp.model, mlp.task, mlp.batches(4)
+    else:
+        model, task = make_lm("gpt_neox"), LanguageModelingTask()
+        batches = [lm_batch([0, 1, 2], "left"), lm_batch([3, 4])]
+    modules = find_modules(model)
+    ekfac = fit_ekfac(model, task, batches, EMP)
+    kfac = fit_covariances(model, task, batches, EMP)
+    assert ekfac.n_sequences == sum(len(b[0]) if isinstance(b, tuple) else len(b)
+                                    for b in batches)
+    for m, f, k in zip(modules, ekfac.layers, kfac.layers):
+        F = fisher_block(model, task, batches, m)
+        Q = torch.kron(f.q_s, f.q_a)
+        close(f.lam.reshape(-1), torch.diagonal(Q.T @ F @ Q))
+        close(f.A(), k.A)
+        close(f.S(), k.S)
+        ek_err = torch.linalg.norm(F - Q @ torch.diag(f.lam.reshape(-1)) @ Q.T)
+        k_err = torch.linalg.norm(F - torch.kron(k.S, k.A))
+        assert ek_err <= k_err + 1e-12
+
+
+def test_lambda_from_cached_activations_equals_second_pass(mlp):
+    batches = mlp.batches(3)
+    cached = fit_ekfac(mlp.model, mlp.task, batches, FactorConfig(progress=False))
+    fresh = fit_ekfac(mlp.model, mlp.task, batches,
+                      FactorConfig(progress=False, cache_activations_mb=0))
+    for a, b in zip(cached.layers, fresh.layers):
+        close(a.lam, b.lam)
+    for t in ("covariance_s", "eigendecomposition_s", "lambda_s"):
+        assert getattr(cached.timings, t) >= 0
+
+
+def test_stages_compose_like_fit_ekfac(mlp):
+    batches = mlp.batches(5)
+    kfac = fit_covariances(mlp.model, mlp.task, batches, EMP)
+    assert isinstance(kfac, KFACFactors) and kfac.fisher == "empirical"
+    eig = fit_eigenbasis(kfac)
+    assert isinstance(eig, EKFACFactors) and not eig.has_lambda
+    full = fit_lambda(mlp.model, mlp.task, batches, eig, EMP)
+    ref = fit_ekfac(mlp.model, mlp.task, batches, EMP)
+    for a, b in zip(full.layers, ref.layers):
+        close(a.lam, b.lam)
+    assert full.module_names == ("0", "2") and full.shapes == ((6, 5), (3, 7))
+
+
+def test_sampled_fisher_is_deterministic_and_recorded(lm_task):
+    model = make_lm("gpt2")
+    batches = [lm_batch([0, 1]), lm_batch([2, 3, 4])]
+    cfg = FactorConfig(fisher="sampled", seed=3, progress=False)
+    a = fit_ekfac(model, lm_task, batches, cfg)
+    b = fit_ekfac(model, lm_task, batches, cfg)
+    c = fit_ekfac(model, lm_task, batches, dataclasses.replace(cfg, seed=4))
+    e = fit_ekfac(model, lm_task, batches, dataclasses.replace(cfg, fisher="empirical"))
+    assert a.fisher == "sampled" and a.config.seed == 3 and e.fisher == "empirical"
+    for x, y, z, w in zip(a.layers, b.layers, c.layers, e.layers):
+        assert torch.equal(x.lam, y.lam) and torch.equal(x.q_s, y.q_s)
+        assert not torch.allclose(x.lam, z.lam) and not torch.allclose(x.lam, w.lam)
+
+
+def test_factor_dtype_and_max_batches(mlp):
+    kfac = fit_covariances(mlp.model, mlp.task, mlp.batches(2),
+                           FactorConfig(progress=False, factor_dtype="float32", max_batches=2))
+    assert kfac.n_sequences == 4 and kfac.layers[0].A.dtype == torch.float32
+    auto = fit_covariances(mlp.model.float(), mlp.task,
+                           [(x.float(), y) for x, y in mlp.batches(5)], EMP)
+    assert auto.layers[0].S.dtype == torch.float32
+
+
+def test_config_validation_and_help():
+    for bad in (dict(fisher="true"), dict(factor_dtype="half"), dict(max_batches=0),
+                dict(cache_activations_mb=-1)):
+        with pytest.raises(ValueError):
+            FactorConfig(**bad)
+    with pytest.raises(TypeError):
+        FactorConfig(seed=1.5)
+    assert "sampled" in FactorConfig.help()
+    assert FactorConfig(include=["mlp"]).include == ("mlp",)  # hashable
+
+
+def test_save_load_roundtrip(tmp_path, mlp):
+    cfg = FactorConfig(progress=False)
+    ekfac = fit_ekfac(mlp.model, mlp.task, mlp.batches(5), cfg)
+    path = ekfac.save(tmp_path / "f.safetensors", mlp.model, "data-v1")
+    loaded = EKFACFactors.load(path, mlp.model, FactorConfig(progress=True), "data-v1")
+    assert loaded.module_names == ekfac.module_names and loaded.n_tokens == ekfac.n_tokens
+    assert loaded.fisher == "sampled" and loaded.timings == ekfac.timings
+    for a, b in zip(ekfac.layers, loaded.layers):
+        assert torch.equal(a.lam, b.lam) and torch.equal(a.q_a, b.q_a)
+    kfac = fit_covariances(mlp.model, mlp.task, mlp.batches(5), cfg)
+    kfac.save(tmp_path / "k.safetensors", mlp.model, "data-v1")
+    k2 = KFACFactors.load(tmp_path / "k.safetensors", mlp.model, cfg, "data-v1")
+    assert torch.equal(k2.layers[1].S, kfac.layers[1].S)
