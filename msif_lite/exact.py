@@ -391,7 +391,10 @@ def fit_convex(model: nn.Module, task: Task, batch, l2: float, weights: Tensor |
         steps += 1
         step = torch.linalg.solve(h_fn(theta), -g)
         f0, t = objective(theta), 1.0
-        while objective(theta + t * step) > f0 + 1e-4 * t * (g @ step) and t > 1e-10:
+        while t > 1e-10:  # Armijo backtracking; changes at rounding level count as progress
+            f1 = objective(theta + t * step)
+            if f1 <= f0 + 1e-4 * t * (g @ step) or f1 - f0 <= 1e-14 * f0.abs():
+                break
             t /= 2
         theta = theta + t * step
     gnorm = g_fn(theta).norm().item()
