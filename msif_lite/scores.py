@@ -72,10 +72,21 @@ def pairwise_scores(
     *,
     by_module: bool = False,
     progress: bool = True,
+    preconditioned: bool = False,
 ) -> torch.Tensor:
     """I[q, n] = Σ_l ⟨P_{q,l}, DW_{n,l}⟩ with P = (G + λI)⁻¹∇m(q): (Q, N), or (Q, N, L)
-    per layer with `by_module` (layers in `modules` order; summing over L gives the total)."""
-    pre = precondition(_as_query_grads(model, task, query_grads_or_batch, modules), ihvp)
+    per layer with `by_module` (layers in `modules` order; summing over L gives the total).
+
+    `query_grads_or_batch`: a query batch, or query gradients ∇m (Grads); with
+    `preconditioned=True`, Grads that are already P = precondition(∇m, ihvp)."""
+    queries = _as_query_grads(model, task, query_grads_or_batch, modules)
+    if preconditioned:
+        if not isinstance(query_grads_or_batch, Mapping):
+            raise ValueError("preconditioned=True needs Grads from precondition(...), not a batch")
+        check_finite(queries, "preconditioned query gradients")
+        pre = queries
+    else:
+        pre = precondition(queries, ihvp)
     cols = []
     for batch in tqdm(candidates, desc="pairwise scores", disable=not progress):
         dtype = pre[modules[0].name].dtype
