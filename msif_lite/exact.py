@@ -70,12 +70,10 @@ def _to_params(vec: Tensor, modules: Sequence[TrackedModule]) -> dict[str, Tenso
 
 
 def _to_flat(params: dict[str, Tensor], modules: Sequence[TrackedModule]) -> Tensor:
-    mats = {
-        m.name: m.params_to_matrix(*(params[_key(n)] for n, _ in m.parameters()))
-        if m.has_bias
-        else params[_key(m.parameters()[0][0])]
-        for m in modules
-    }
+    mats = {}
+    for m in modules:
+        ws = [params[_key(n)] for n, _ in m.parameters()]
+        mats[m.name] = m.params_to_matrix(ws[0], ws[1] if m.has_bias else None)
     return flatten(mats, modules)
 
 

@@ -31,10 +31,19 @@ from msif_lite.tasks import ClassificationTask, LanguageModelingTask, make_token
 TIGHT = dict(rtol=1e-9, atol=1e-10)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny float64 problems run far faster single-threaded (and without contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------- tiny problems
-def tiny_mlp(seed: int = 0, d: int = 4, h: int = 5, c: int = 3, n: int = 7):
+def tiny_mlp(seed: int = 0, d: int = 4, h: int = 5, c: int = 3, n: int = 7, bias: bool = True):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, c)).double()
+    model = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, c, bias=bias)).double()
     x, y = torch.randn(n, d, dtype=torch.float64), torch.randint(0, c, (n,))
     return model, ClassificationTask(), (x, y), find_modules(model, exclude=None)
 
@@ -94,9 +103,12 @@ def explicit_ggn(model, task, batch, modules) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- GGN
-@pytest.mark.parametrize("kind", ["mlp", "gpt-neox", "gpt2"])
+@pytest.mark.parametrize("kind", ["mlp", "mlp-no-bias", "gpt-neox", "gpt2"])
 def test_dense_ggn_matches_explicit_jacobian_construction(kind):
-    model, task, batch, modules = tiny_mlp() if kind == "mlp" else tiny_lm(kind)
+    if kind.startswith("mlp"):
+        model, task, batch, modules = tiny_mlp(bias=kind == "mlp")
+    else:
+        model, task, batch, modules = tiny_lm(kind)
     G = dense_ggn(model, task, batch, modules)
     torch.testing.assert_close(G, explicit_ggn(model, task, batch, modules), **TIGHT)
     # symmetric PSD
