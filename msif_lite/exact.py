@@ -56,6 +56,13 @@ def _key(name: str) -> str:
     return "model." + name.lstrip(".")
 
 
+def _check_eval(model: nn.Module) -> None:
+    """Active dropout makes every forward pass a different function: refuse it."""
+    if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in model.modules()):
+        raise RuntimeError("exact references need a deterministic model: call model.eval() "
+                           "(dropout is active)")  # fmt: skip
+
+
 def _tracked(modules: Sequence[TrackedModule]) -> dict[str, Tensor]:
     return {_key(n): p.detach() for m in modules for n, p in m.parameters()}
 
@@ -96,6 +103,7 @@ def ggn_matvec(
     `task.loss_from_output` (so padding and labels = −100 count exactly as in the loss),
     then Jᵀ by vjp. Accepts v of shape (P,) or (K, P); average=False gives the sum.
     """
+    _check_eval(model)
     wrapped, batches = _OutputOf(model, task), _as_list(batches)
     p0 = _tracked(modules)
     scale = 1.0 / _n_examples(task, batches) if average else 1.0
@@ -124,6 +132,7 @@ def hessian_matvec(
     model: nn.Module, task: Task, batches, modules: Sequence[TrackedModule]
 ) -> Matvec:
     """v ↦ H v, H = ∇²_θ (1/N) Σ_n ℓ_n over the tracked layers (forward-over-reverse)."""
+    _check_eval(model)
     wrapped, batches = _OutputOf(model, task), _as_list(batches)
     p0, n = _tracked(modules), _n_examples(task, batches)
 
@@ -174,6 +183,7 @@ def per_example_flat_grads(
 
     Deliberately plain autograd, independent of the engine's hooks in capture.py.
     """
+    _check_eval(model)
     params = [p for m in modules for _, p in m.parameters()]
     rows = []
     for batch in _as_list(batches):
@@ -289,7 +299,7 @@ class ConjugateGradientIHVP(_FlatIHVP):
             pap, pp = (p * ap).sum(1), (p * p).sum(1)
             ray = pap / pp.clamp_min(1e-300)
             ray_max = torch.maximum(ray_max, torch.where(active, ray, 0))
-            if (active & (ray <= 100 * torch.finfo(b.dtype).eps * ray_max)).any():
+            if (active & (ray <= 10 * torch.finfo(b.dtype).eps * ray_max)).any():
                 raise ValueError("G+λI is singular: set damping > 0 (CG met a direction "
                                  "with pᵀ(G+λI)p ≈ 0)")  # fmt: skip
             alpha = torch.where(active, rr / pap, 0)

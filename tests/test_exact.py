@@ -155,6 +155,39 @@ def test_ggn_equals_hessian_for_linear_model():
     )
 
 
+def test_hessian_of_lm_is_symmetric_and_matches_gradient_differences():
+    model, task, batch, modules = tiny_lm()
+    H = dense_hessian(model, task, batch, modules)
+    torch.testing.assert_close(H, H.T, **TIGHT)
+    # H v ≈ (∇L(θ + h v) − ∇L(θ − h v)) / 2h, with ∇L from the per-example gradients
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    h, grads = 1e-6, []  # central differences: error O(h²) ≈ 2e-7 here (|Hv| ≈ 66)
+    base = {m.name: m.param_matrix().detach().clone() for m in modules}
+    step = unflatten(v, modules)
+
+    def set_params(mats):
+        with torch.no_grad():
+            for m in modules:
+                for (_, param), t in zip(m.parameters(), m.matrix_to_params(mats[m.name])):
+                    param.copy_(t)
+
+    for sign in (1, -1):
+        set_params({k: base[k] + sign * h * step[k] for k in base})
+        grads.append(per_example_flat_grads(model, task, batch, modules).mean(0))
+    set_params(base)
+    torch.testing.assert_close(H @ v, (grads[0] - grads[1]) / (2 * h), rtol=1e-6, atol=1e-6)
+
+
+def test_dropout_in_training_mode_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    modules = find_modules(model, exclude=None)
+    with pytest.raises(RuntimeError, match="model.eval"):
+        dense_ggn(model, ClassificationTask(), (x, y), modules)
+    model.eval()
+    dense_ggn(model, ClassificationTask(), (x, y), modules)
+
+
 def test_hessian_differs_from_ggn_for_mlp():
     model, task, batch, modules = tiny_mlp()
     H, G = dense_hessian(model, task, batch, modules), dense_ggn(model, task, batch, modules)
