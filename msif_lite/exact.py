@@ -53,7 +53,7 @@ def _math_sdpa():
 
 def _key(name: str) -> str:
     """Parameter name inside `_OutputOf` (a bare nn.Linear model has layer name '')."""
-    return "model." + name.lstrip(".")
+    return "model." + name
 
 
 def _check_eval(model: nn.Module) -> None:
@@ -369,9 +369,19 @@ def influence_exact(model, task: Task, queries, candidates, modules, G: Tensor,
 
 
 # ----------------------------------------------------------------------------- retraining
+def trainable_vector(model: nn.Module) -> Tensor:
+    """All trainable parameters as one flat vector (`named_parameters()` order)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
 def fit_convex(model: nn.Module, task: Task, batch, l2: float, weights: Tensor | None = None,
-               *, tol: float = 1e-10, max_iter: int = 100) -> dict:  # fmt: skip
-    """Newton's method on (1/N) Σ_n w_n ℓ(z_n, θ) + (l2/2)‖θ‖² over all trainable parameters.
+               *, anchor: Tensor | None = None, tol: float = 1e-10,
+               max_iter: int = 100) -> dict:  # fmt: skip
+    """Newton's method on (1/N) Σ_n w_n ℓ(z_n, θ) + (l2/2)‖θ − θ₀‖² over all trainable
+    parameters, θ₀ = `anchor` (a `trainable_vector`) or 0.
+
+    With anchor = θ_pt and l2 = α this is the proximity-constrained fine-tune of
+    Notebook 07 §Checking against retraining.
 
     For small convex models (softmax regression); w_n = 0 removes z_n, and w_n = 1 + Nε
     up-weights it by ε (Notebook 01 §Leave-one-out check). Updates `model` in place and
@@ -379,7 +389,7 @@ def fit_convex(model: nn.Module, task: Task, batch, l2: float, weights: Tensor |
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     sizes = [p.numel() for _, p in named]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+    theta = trainable_vector(model)
     wrapped, n = _OutputOf(model, task), task.batch_size(batch)
     w = torch.ones(n, dtype=theta.dtype) if weights is None else weights.to(theta.dtype)
 
@@ -388,7 +398,8 @@ def fit_convex(model: nn.Module, task: Task, batch, l2: float, weights: Tensor |
 
     def objective(t: Tensor) -> Tensor:
         loss = task.loss_from_output(functional_call(wrapped, unpack(t), (batch,)), batch)
-        return (w * loss).sum() / n + 0.5 * l2 * (t * t).sum()
+        d = t if anchor is None else t - anchor
+        return (w * loss).sum() / n + 0.5 * l2 * (d * d).sum()
 
     g_fn, h_fn = torch.func.grad(objective), torch.func.hessian(objective)
     steps = 0

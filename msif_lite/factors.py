@@ -185,7 +185,7 @@ class _FactorsMixin:
     # ------------------------------------------------------------------ storage
     @classmethod
     def _key(cls, model, names, config: FactorConfig, data_fingerprint: str) -> ArtifactKey:
-        params = [f"{n}.{p}" for n in names for p in ("weight", "bias")]
+        params = [f"{n}.{p}" if n else p for n in names for p in ("weight", "bias")]
         present = dict(model.named_parameters())
         fp = model_fingerprint(model, [p for p in params if p in present])
         return ArtifactKey(cls._KIND, fp, data_fingerprint, config.settings(names))

@@ -100,10 +100,12 @@ class TrackedModule:
         return torch.cat([w, self.module.bias.grad.unsqueeze(1)], dim=1)
 
     def parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The (full name, parameter) pairs this layer owns: weight, then bias."""
-        out = [(f"{self.name}.weight", self.module.weight)]
+        """The (full name, parameter) pairs this layer owns, as `model.named_parameters()`
+        names them: weight, then bias (a model that is itself one layer has name '')."""
+        prefix = f"{self.name}." if self.name else ""
+        out = [(prefix + "weight", self.module.weight)]
         if self.has_bias:
-            out.append((f"{self.name}.bias", self.module.bias))
+            out.append((prefix + "bias", self.module.bias))
         return out
 
     def matrix_to_params(self, mat: torch.Tensor) -> list[torch.Tensor]:
