@@ -1,0 +1,128 @@
+"""Shared benchmark plumbing: rank correlations, timing, peak memory, result files."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from msif_lite.config import describe_run, fast_mode
+from msif_lite.storage import atomic_write_json, atomic_write_text
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share the mean rank), as Spearman's ρ needs."""
+    x = x.double().flatten()
+    order = x.argsort()
+    r = torch.empty_like(x)
+    r[order] = torch.arange(len(x), dtype=torch.float64)
+    uniq, inverse = torch.unique(x, return_inverse=True)
+    if len(uniq) < len(x):  # average the ranks within each tie group
+        sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, r)
+        counts = torch.bincount(inverse, minlength=len(uniq)).double()
+        r = (sums / counts)[inverse]
+    return r
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two score vectors."""
+    return float(torch.corrcoef(torch.stack([a.double().flatten(), b.double().flatten()]))[0, 1])
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's ρ = Pearson correlation of the average ranks."""
+    return pearson(ranks(a), ranks(b))
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: fall back to the lifetime maximum
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakMemory:
+    """Peak memory of a block: resident-set growth above the level at entry (sampled every
+    `interval` s in a thread) on the CPU, `torch.cuda.max_memory_allocated` on a GPU."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_mb())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._start = self._peak = _rss_mb()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda0 = torch.cuda.memory_allocated()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_mb())
+        self.peak_mb = self._peak - self._start
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._cuda0) / 2**20
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds` (synchronises CUDA so GPU time is counted)."""
+
+    def __enter__(self) -> Timer:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self._t0
+
+
+def environment() -> dict:
+    """Where a result was measured (goes into every results JSON)."""
+    return {
+        "device": describe_run(),
+        "mode": "fast" if fast_mode() else "full",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str], floatfmt: str = ".3g") -> str:
+    """A GitHub markdown table of `rows` (dicts) restricted to `columns`."""
+
+    def fmt(v) -> str:
+        return format(v, floatfmt) if isinstance(v, float) else str(v)
+
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |\n"
+                          for r in rows)  # fmt: skip
+
+
+def write_results(name: str, payload: dict, markdown: str, out_dir: str | Path = "results") -> Path:
+    """Atomically write results/<name>.json (payload + environment) and results/<name>.md."""
+    out = Path(out_dir)
+    atomic_write_json(out / f"{name}.json", {**payload, "environment": environment()})
+    atomic_write_text(out / f"{name}.md", markdown)
+    return out / f"{name}.json"
