@@ -2,7 +2,7 @@
 
     msif-lite trace "Where was Ludrur Draethund born?"     # the main job
     msif-lite trace "..." --json --method single_stage -k 5
-    msif-lite bench engine | accuracy | fact-tracing        # write results/*.json + *.md
+    msif-lite bench engine | accuracy | fact-tracing | retrieval  # results/*.json + *.md
     msif-lite world --preset ci-fast --out runs/ci-fast     # generate, tokenize, train
 
 Offline by default: nothing is fetched from a model hub.
@@ -21,6 +21,7 @@ BENCHES = {
     "engine": "msif_lite.bench.engine",
     "accuracy": "msif_lite.bench.accuracy",
     "fact-tracing": "msif_lite.bench.fact_tracing",
+    "retrieval": "msif_lite.bench.retrieval",
 }
 
 

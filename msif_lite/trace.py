@@ -60,6 +60,13 @@ def check_encodable(tokenizer, text: str, max_positions: int) -> list[int]:
     return ids
 
 
+def retrieval_text(prompt: str, answer: str | None = None) -> str:
+    """The text embedded for candidate selection: the question (and the answer, if known)
+    without the QA scaffolding ('Question:', 'Answer:')."""
+    q = prompt.replace("Question:", "").replace("Answer:", "").strip()
+    return f"{q} {answer.strip()}" if answer else q
+
+
 def true_sources(shipped: Shipped, prompt: str) -> set[str] | None:
     """Ground-truth source documents when the prompt is one of the world's questions."""
     world = shipped.world
@@ -98,8 +105,8 @@ def trace(
     pairs = [(p.prompt, p.answer) for p in shipped.world.finetune_qa]
     att = Attributor(shipped.pretrained, shipped.finetuned, shipped.tokenizer, docs, pairs,
                      config or AttributionConfig(), alpha=shipped.alpha)  # fmt: skip
-    query_text = f"{prompt} {q.answer}".replace("Question:", "").replace("\nAnswer:", "")
-    cand = [d for d, _ in att.embedding_index.search([query_text], n_candidates)[0]]
+    text = retrieval_text(prompt, q.answer)
+    cand = [d for d, _ in att.embedding_index.search([text], n_candidates)[0]]
     if not cand:
         raise ValueError("the candidate set is empty: raise n_candidates.")
     scores = att.scores(method, [q], cand)[0]

@@ -1,0 +1,71 @@
+"""Recall of the true sources among the top-k retrieved candidates (Notebook 08).
+
+Influence can only rank what candidate selection lets through, so this measures, on the
+world's pre-training-only queries, the fraction of each query's true source documents found
+in the top-k documents of all-MiniLM-L6-v2 (faiss) and of BM25, for k in {10, 50, 100, 500},
+querying with the question alone and with the question plus its answer.
+
+    msif-lite bench retrieval [--preset default] [--out results]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import matplotlib
+
+from msif_lite.bench.common import Timer, markdown_table, write_results
+from msif_lite.config import fast_mode
+from msif_lite.retrieval import BM25Index, EmbeddingIndex, plot_recall_curve, recall_at_k
+from msif_lite.trace import retrieval_text
+from msif_lite.world import World, load_world
+
+KS = (10, 50, 100, 500)
+
+
+def recall_curves(world: World, cache_dir: str = ".cache/msif/embeddings") -> dict:
+    """{method: {k: recall}} for embedding / BM25 retrieval, question with and without answer."""
+    ids = [d.doc_id for d in world.documents]
+    texts = [d.text for d in world.documents]
+    emb = EmbeddingIndex.build_or_load(cache_dir, ids, texts, progress=False)
+    bm25 = BM25Index(ids, texts)
+    truth = [set(q.source_doc_ids) for q in world.queries]
+    k = min(max(KS), len(ids))
+    out = {}
+    for with_answer in (False, True):
+        qs = [retrieval_text(q.prompt, q.answer if with_answer else None) for q in world.queries]
+        tag = "question+answer" if with_answer else "question"
+        for name, hits in (("embedding", emb.search(qs, k)), ("bm25", bm25.search_many(qs, k))):
+            retrieved = [[d for d, _ in row] for row in hits]
+            out[f"{name} ({tag})"] = recall_at_k(retrieved, truth, KS)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="msif-lite bench retrieval", description=__doc__)
+    p.add_argument("--preset", default="ci-fast" if fast_mode() else "default")
+    p.add_argument("--world", help="world directory (default data/world/<preset>)")
+    p.add_argument("--out", default="results")
+    a = p.parse_args(argv)
+    from msif_lite.shipped import data_dir
+
+    world = load_world(a.world or data_dir() / "world" / a.preset)
+    with Timer() as t:
+        curves = recall_curves(world)
+    rows = [{"method": m, **{f"recall@{k}": r[k] for k in KS}} for m, r in curves.items()]
+    md = (
+        f"# Recall of true sources among retrieved candidates ({world.preset} world, "
+        f"{len(world.queries)} queries, {len(world.documents)} documents)\n\n"
+        + markdown_table(rows, ["method"] + [f"recall@{k}" for k in KS])
+    )
+    payload = {"preset": world.preset, "n_queries": len(world.queries),
+               "n_documents": len(world.documents), "ks": list(KS),
+               "recall": {m: {str(k): v for k, v in r.items()} for m, r in curves.items()},
+               "seconds": t.seconds}  # fmt: skip
+    path = write_results("retrieval_recall", payload, md, a.out)
+    matplotlib.use("Agg")
+    fig = plot_recall_curve(curves)
+    fig.savefig(path.with_suffix(".png"), dpi=110, bbox_inches="tight")
+    print(md)
+    return 0
