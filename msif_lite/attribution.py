@@ -188,7 +188,7 @@ class Attributor:
         """prompt + ' ' + answer + eos with the loss on the answer tokens only."""
         p = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a = self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
-        if not a:
+        if not answer.strip() or not a:
             raise ValueError(
                 f"the answer {answer!r} has no tokens, so there is nothing to attribute: "
                 "give each question a non-empty answer."
