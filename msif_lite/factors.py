@@ -388,7 +388,7 @@ def fit_lambda(
     for cap in source:
         n_seq += cap.n_sequences
         for i, (x, f) in enumerate(zip(cap.layers, factors.layers)):
-            rot = torch.einsum("bto,bti->boi", x.ds @ f.q_s, x.a @ f.q_a)
+            rot = torch.bmm((x.ds @ f.q_s).transpose(1, 2), x.a @ f.q_a)  # Q_Sᵀ DW_n Q_A
             sums[i] = sums[i].to(rot.device).add_(rot.square().sum(0))
     if n_seq == 0:
         raise ValueError("the data loader yielded no batches; Λ needs at least one example.")

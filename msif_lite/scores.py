@@ -93,9 +93,10 @@ def pairwise_scores(
         cap = capture_batch(model, task, batch, modules, dtype=dtype)
         per_layer = []
         for m, x in zip(modules, cap.layers):
-            dw = x.per_sequence_grad()
-            check_finite({m.name: dw}, "candidate gradients")
-            per_layer.append(torch.einsum("qoi,boi->qb", pre[m.name], dw))
+            dw = x.per_sequence_grad().reshape(cap.n_sequences, -1)
+            per_layer.append(pre[m.name].reshape(len(pre[m.name]), -1) @ dw.T)  # (Q, B)
+        # NaN/inf in a candidate gradient reaches its scores: check (Q, B), not (B, P)
+        check_finite(dict(zip([m.name for m in modules], per_layer)), "candidate scores")
         cols.append(torch.stack(per_layer, -1) if by_module else sum(per_layer))
     if not cols:
         raise ValueError(
@@ -161,4 +162,5 @@ def per_token_scores(
         ds_p = torch.einsum("bto,qoi->qbti", x.ds, pre[m.name])
         s = (ds_p * x.a).sum(-1)
         total = s if total is None else total + s
+    check_finite({"per-token scores": total}, "scores")
     return total.masked_fill(~cap.mask, 0.0)
