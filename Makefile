@@ -28,7 +28,7 @@ demo: setup
 test: setup
 	MSIF_FAST=1 $(BIN)/python -m pytest tests
 	MSIF_FAST=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env notebooks
-	$(BIN)/ruff check msif_lite tests benchmarks
+	$(BIN)/ruff check msif_lite tests benchmarks tools
 
 lint: setup
-	$(BIN)/ruff check msif_lite tests benchmarks
+	$(BIN)/ruff check msif_lite tests benchmarks tools

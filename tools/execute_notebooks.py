@@ -1,0 +1,81 @@
+"""Execute notebooks top to bottom in a fresh kernel and store clean outputs.
+
+    python tools/execute_notebooks.py notebooks/03_kfac.ipynb [...]   # full mode (stored)
+    MSIF_FAST=1 python tools/execute_notebooks.py --check notebooks/*.ipynb  # fast, not saved
+
+Stored outputs must come from a real run and hold no absolute paths, timings or memory
+addresses: progress bars (stderr streams with carriage returns / it/s) are dropped, the
+repository path is replaced by '<repo>', and widget state is not saved. Run times per
+notebook and mode are merged into notebooks/run_times.json (for the README table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[1]
+PROGRESS = re.compile(r"\r|it/s\]|s/it\]|\d+%\|")
+ADDRESS = re.compile(r" at 0x[0-9a-f]{6,}")
+
+
+def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Drop progress-bar streams; scrub absolute paths and memory addresses."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                if PROGRESS.search(out.get("text", "")):
+                    continue
+            if out.get("output_type") == "stream":
+                out["text"] = ADDRESS.sub("", out["text"].replace(str(REPO), "<repo>"))
+            for key, value in out.get("data", {}).items():
+                if key.startswith("text/") and isinstance(value, str):
+                    out["data"][key] = ADDRESS.sub("", value.replace(str(REPO), "<repo>"))
+            kept.append(out)
+        cell["outputs"] = kept
+        cell.get("metadata", {}).pop("execution", None)
+    nb.metadata.pop("widgets", None)
+    return nb
+
+
+def execute(path: Path, save: bool, timeout: int) -> float:
+    nb = nbformat.read(path, as_version=4)
+    t0 = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    seconds = time.perf_counter() - t0
+    if save:
+        nbformat.write(clean(nb), path)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("notebooks", nargs="+", type=Path)
+    p.add_argument("--check", action="store_true", help="execute only; do not save outputs")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    a = p.parse_args(argv)
+    mode = "fast" if os.environ.get("MSIF_FAST", "0") not in ("", "0") else "full"
+    times_path = REPO / "notebooks" / "run_times.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    for path in a.notebooks:
+        s = execute(path, save=not a.check, timeout=a.timeout)
+        print(f"{path.name}: {mode} mode, {s:.0f} s", flush=True)
+        times.setdefault(path.name, {})[mode] = round(s)
+    times_path.write_text(json.dumps(dict(sorted(times.items())), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
