@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     BloomConfig,
     BloomForCausalLM,
@@ -30,11 +31,23 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 TOKENIZER_META = "msif_tokenizer.json"
 CHECKPOINT_META = "msif_meta.json"
 ARCH_KEYS = (  # the config entries that define the architecture (hashed into checkpoints)
-    "model_type", "vocab_size", "hidden_size", "n_layer", "num_hidden_layers", "n_head",
-    "num_attention_heads", "intermediate_size", "max_position_embeddings", "rotary_pct",
-    "rotary_emb_base", "use_parallel_residual", "tie_word_embeddings", "layer_norm_eps",
-    "layer_norm_epsilon", "hidden_act",
-)  # fmt: skip
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "n_layer",
+    "num_hidden_layers",
+    "n_head",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "rotary_pct",
+    "rotary_emb_base",
+    "use_parallel_residual",
+    "tie_word_embeddings",
+    "layer_norm_eps",
+    "layer_norm_epsilon",
+    "hidden_act",
+)
 
 
 # ---------------------------------------------------------------- model presets
@@ -56,13 +69,16 @@ class ModelPreset:
         if self.hidden % self.n_heads:
             raise ValueError("ModelPreset.n_heads must divide ModelPreset.hidden")
         if self.arch == "bloom" and self.intermediate != 4 * self.hidden:
-            raise ValueError("bloom has a fixed 4*hidden MLP: set ModelPreset.intermediate=4*hidden")
+            raise ValueError(
+                "bloom has a fixed 4*hidden MLP: set ModelPreset.intermediate=4*hidden"
+            )
         if min(self.n_layers, self.hidden, self.max_positions) < 1:
             raise ValueError("ModelPreset sizes (n_layers, hidden, max_positions) must be >= 1")
 
 
 MODEL_PRESETS: dict[str, ModelPreset] = {
     "gpt-neox-toy": ModelPreset("gpt-neox-toy", "gpt-neox", 2, 256, 2, 1024),  # the paper's toy
+    "gpt-neox-mini": ModelPreset("gpt-neox-mini", "gpt-neox", 2, 128, 2, 512),  # CPU default
     "bloom-small": ModelPreset("bloom-small", "bloom", 2, 256, 4, 1024),
     "ci-fast": ModelPreset("ci-fast", "gpt-neox", 2, 128, 2, 512),
 }
@@ -70,18 +86,30 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
 
 def model_config(preset: ModelPreset, vocab_size: int, pad_id: int = 0, eos_id: int = 0):
     """The `transformers` config for a preset (dropout off so gradients are deterministic)."""
-    common = dict(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id)
+    common = dict(
+        vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id
+    )
     if preset.arch == "gpt-neox":
         return GPTNeoXConfig(
-            hidden_size=preset.hidden, num_hidden_layers=preset.n_layers,
-            num_attention_heads=preset.n_heads, intermediate_size=preset.intermediate,
-            max_position_embeddings=preset.max_positions, rotary_pct=0.25,
-            attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False, **common,
-        )  # fmt: skip
+            hidden_size=preset.hidden,
+            num_hidden_layers=preset.n_layers,
+            num_attention_heads=preset.n_heads,
+            intermediate_size=preset.intermediate,
+            max_position_embeddings=preset.max_positions,
+            rotary_pct=0.25,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            tie_word_embeddings=False,
+            **common,
+        )
     return BloomConfig(
-        hidden_size=preset.hidden, n_layer=preset.n_layers, n_head=preset.n_heads,
-        attention_dropout=0.0, hidden_dropout=0.0, **common,
-    )  # fmt: skip
+        hidden_size=preset.hidden,
+        n_layer=preset.n_layers,
+        n_head=preset.n_heads,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        **common,
+    )
 
 
 def config_hash(config) -> str:
@@ -131,13 +159,20 @@ def train_tokenizer(world: World, out_dir: str | Path | None = None) -> PreTrain
     )
     texts = world.pretrain_texts() + [f"{q.prompt} {q.answer}" for q in world.finetune_qa]
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=EOS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=EOS
+    )
     fast.init_kwargs["msif_corpus_hash"] = world.content_hash
     if out_dir is not None:
         out = Path(out_dir)
         fast.save_pretrained(out)
-        meta = {"corpus_hash": world.content_hash, "tokenizer_hash": tokenizer_hash(fast),
-                "preset": world.preset, "seed": world.seed, "vocab_size": len(fast)}  # fmt: skip
+        meta = {
+            "corpus_hash": world.content_hash,
+            "tokenizer_hash": tokenizer_hash(fast),
+            "preset": world.preset,
+            "seed": world.seed,
+            "vocab_size": len(fast),
+        }
         (out / TOKENIZER_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return fast
 
@@ -184,7 +219,9 @@ class CheckpointMeta:
     world_preset: str = ""
 
 
-def save_checkpoint(model: PreTrainedModel, out_dir: str | Path, meta: CheckpointMeta, tokenizer=None):
+def save_checkpoint(
+    model: PreTrainedModel, out_dir: str | Path, meta: CheckpointMeta, tokenizer=None
+):
     """`save_pretrained` (float32 safetensors) + `msif_meta.json` (+ the tokenizer if given)."""
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
@@ -209,17 +246,21 @@ def load_checkpoint(
     if not (d / CHECKPOINT_META).exists():
         raise FileNotFoundError(f"{d}/{CHECKPOINT_META} missing: not an msif-lite checkpoint")
     meta = CheckpointMeta(**json.loads((d / CHECKPOINT_META).read_text()))
-    cls = GPTNeoXForCausalLM if _model_type(d) == "gpt_neox" else BloomForCausalLM
-    model = cls.from_pretrained(str(d), dtype=torch.float32)
-    if config_hash(model.config) != meta.config_hash:
+    config = AutoConfig.from_pretrained(str(d))  # check before touching the weights
+    if config_hash(config) != meta.config_hash:
         raise ValueError(
             f"{d}/config.json does not match the config hash in {CHECKPOINT_META} "
             "(the config was edited): restore config.json or retrain the checkpoint"
         )
+    cls = GPTNeoXForCausalLM if config.model_type == "gpt_neox" else BloomForCausalLM
+    model = cls.from_pretrained(str(d), dtype=torch.float32)
     if expect_preset is not None:
         p = MODEL_PRESETS[expect_preset] if isinstance(expect_preset, str) else expect_preset
-        want = config_hash(model_config(p, model.config.vocab_size, model.config.pad_token_id,
-                                        model.config.eos_token_id))  # fmt: skip
+        want = config_hash(
+            model_config(
+                p, model.config.vocab_size, model.config.pad_token_id, model.config.eos_token_id
+            )
+        )
         if want != meta.config_hash:
             raise ValueError(
                 f"checkpoint {d} has a different config than model preset {p.name!r} "
@@ -240,14 +281,12 @@ def load_checkpoint(
     return model.eval(), meta
 
 
-def _model_type(d: Path) -> str:
-    return json.loads((d / "config.json").read_text())["model_type"]
-
-
 def relative_drift(model: torch.nn.Module, reference: torch.nn.Module) -> float:
     """‖θ_ft − θ_pt‖ / ‖θ_pt‖ over all parameters (paper: ≤ 8%). Notebook 05, section 5."""
     ref = dict(reference.named_parameters())
-    num = sum(((p.detach() - ref[n].detach()) ** 2).sum().item() for n, p in model.named_parameters())
+    num = sum(
+        ((p.detach() - ref[n].detach()) ** 2).sum().item() for n, p in model.named_parameters()
+    )
     den = sum((p.detach() ** 2).sum().item() for p in reference.parameters())
     return (num / den) ** 0.5
 
@@ -285,6 +324,8 @@ def answer_accuracy(model: PreTrainedModel, tokenizer, queries: Sequence[Query])
 
     Notebook 05, section 6 (and every notebook that checks the model knows its facts).
     """
-    longest = max(len(tokenizer(" " + q.answer, add_special_tokens=False)["input_ids"]) for q in queries)
+    longest = max(
+        len(tokenizer(" " + q.answer, add_special_tokens=False)["input_ids"]) for q in queries
+    )
     preds = greedy_answers(model, tokenizer, [q.prompt for q in queries], longest + 1)
     return sum(p == q.answer.strip() for p, q in zip(preds, queries)) / len(queries)

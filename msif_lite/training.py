@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -107,7 +107,11 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
     labels = torch.full((len(examples), n), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), n), dtype=torch.long)
     for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = (
+            torch.tensor(x),
+            torch.tensor(y),
+            1,
+        )
     return ids, mask, labels
 
 
@@ -131,9 +135,7 @@ def _train(model, data, tokenizer, cfg: TrainConfig, desc: str, penalty=None) ->
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     losses, penalties = [], []
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
-    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, mininterval=2.0)
     for step in bar:
@@ -170,14 +172,19 @@ def pretrain(model, tokenizer, world: World, cfg: TrainConfig) -> TrainResult:
 
 
 def finetune(
-    model, reference_params: Mapping[str, torch.Tensor], tokenizer, qa_pairs: Sequence[QAPair],
-    cfg: TrainConfig, alpha: float,
-) -> TrainResult:  # fmt: skip
+    model,
+    reference_params: Mapping[str, torch.Tensor],
+    tokenizer,
+    qa_pairs: Sequence[QAPair],
+    cfg: TrainConfig,
+    alpha: float,
+) -> TrainResult:
     """Minimise L_ft(θ) + (α/2)‖θ − θ_pt‖², answer-only loss. Notebook 05, section 5."""
     data = encode_qa(tokenizer, qa_pairs)
     ref = {n: t.to(next(model.parameters()).device) for n, t in reference_params.items()}
-    return _train(model, data, tokenizer, cfg, "fine-tune",
-                  penalty=lambda m: proximity_penalty(m, ref, alpha))  # fmt: skip
+    return _train(
+        model, data, tokenizer, cfg, "fine-tune", penalty=lambda m: proximity_penalty(m, ref, alpha)
+    )
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -193,9 +200,13 @@ class PipelinePreset:
 
     def __post_init__(self) -> None:
         if self.world not in WORLD_PRESETS:
-            raise ValueError(f"PipelinePreset.world={self.world!r}: use one of {list(WORLD_PRESETS)}")
+            raise ValueError(
+                f"PipelinePreset.world={self.world!r}: use one of {list(WORLD_PRESETS)}"
+            )
         if self.model not in MODEL_PRESETS:
-            raise ValueError(f"PipelinePreset.model={self.model!r}: use one of {list(MODEL_PRESETS)}")
+            raise ValueError(
+                f"PipelinePreset.model={self.model!r}: use one of {list(MODEL_PRESETS)}"
+            )
         if self.alpha < 0:
             raise ValueError("set PipelinePreset.alpha >= 0")
 
@@ -205,10 +216,15 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
         "ci-fast", "ci-fast", TrainConfig(steps=600, lr=2e-3), TrainConfig(steps=100, lr=5e-4)
     ),
     "default": PipelinePreset(
-        "default", "gpt-neox-toy", TrainConfig(steps=3000, lr=1e-3), TrainConfig(steps=300, lr=3e-4)
+        "default",
+        "gpt-neox-mini",
+        TrainConfig(steps=2500, lr=2e-3),
+        TrainConfig(steps=100, lr=5e-4),
     ),
     "large": PipelinePreset(
-        "large", "gpt-neox-toy", TrainConfig(steps=20000, batch_size=64, lr=1e-3),
+        "large",
+        "gpt-neox-toy",
+        TrainConfig(steps=20000, batch_size=64, lr=1e-3),
         TrainConfig(steps=1000, batch_size=64, lr=3e-4),
     ),  # fmt: skip
 }
@@ -244,9 +260,13 @@ def _plot(curves: Mapping[str, Sequence[float]], path: Path) -> None:
 
 
 def build_world_pipeline(
-    preset: str | PipelinePreset = "default", out_dir: str | Path = "runs/world", seed: int = 0,
-    *, scratch_baseline: bool = True, device: torch.device | None = None,
-) -> PipelineResult:  # fmt: skip
+    preset: str | PipelinePreset = "default",
+    out_dir: str | Path = "runs/world",
+    seed: int = 0,
+    *,
+    scratch_baseline: bool = True,
+    device: torch.device | None = None,
+) -> PipelineResult:
     """generate → tokenize → pre-train → fine-tune (+ scratch baseline) → evaluate.
 
     Writes `world/` (+ `world/tokenizer/`), `checkpoints/{pretrained,finetuned}/`,
@@ -262,16 +282,30 @@ def build_world_pipeline(
     model = build_model(p.model, len(tok), seed, tok).to(dev)
     pt_res = pretrain(model, tok, world, replace(p.pretrain, seed=seed))
     mp: ModelPreset = MODEL_PRESETS[p.model]
-    meta = CheckpointMeta(p.model, seed, "pretrained", None, world.content_hash,
-                          tokenizer_hash(tok), config_hash(model.config), world.preset)  # fmt: skip
+    meta = CheckpointMeta(
+        p.model,
+        seed,
+        "pretrained",
+        None,
+        world.content_hash,
+        tokenizer_hash(tok),
+        config_hash(model.config),
+        world.preset,
+    )
     save_checkpoint(model, out / "checkpoints" / "pretrained", meta, tok)
     pretrained_acc = answer_accuracy(model, tok, world.queries)
     reference = snapshot_params(model)
     pretrained = build_model(mp, len(tok), seed, tok).to(dev)
     pretrained.load_state_dict(model.state_dict())
-    ft_res = finetune(model, reference, tok, world.finetune_qa, replace(p.finetune, seed=seed), p.alpha)
-    save_checkpoint(model, out / "checkpoints" / "finetuned",
-                    replace(meta, stage="finetuned", alpha=p.alpha), tok)  # fmt: skip
+    ft_res = finetune(
+        model, reference, tok, world.finetune_qa, replace(p.finetune, seed=seed), p.alpha
+    )
+    save_checkpoint(
+        model,
+        out / "checkpoints" / "finetuned",
+        replace(meta, stage="finetuned", alpha=p.alpha),
+        tok,
+    )
     pipeline_s = time.perf_counter() - t0
     summary = {
         "preset": p.world if isinstance(preset, str) else "custom",
@@ -305,8 +339,14 @@ def build_world_pipeline(
     curves = {"pre-training": pt_res.losses, "fine-tuning": ft_res.losses}
     if scratch_baseline:
         scratch = build_model(mp, len(tok), seed + 1, tok).to(dev)
-        sc_res = finetune(scratch, snapshot_params(scratch), tok, world.finetune_qa,
-                          replace(p.finetune, seed=seed), p.alpha)  # fmt: skip
+        sc_res = finetune(
+            scratch,
+            snapshot_params(scratch),
+            tok,
+            world.finetune_qa,
+            replace(p.finetune, seed=seed),
+            p.alpha,
+        )
         summary["scratch_accuracy"] = answer_accuracy(scratch, tok, world.queries)
         curves["fine-tuning from scratch"] = sc_res.losses
     (out / "losses.json").write_text(json.dumps(curves) + "\n")
@@ -324,10 +364,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--pretrain-steps", type=int, default=None, help="override the preset")
     ap.add_argument("--finetune-steps", type=int, default=None, help="override the preset")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on busy CPUs)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     p = PIPELINE_PRESETS[args.preset]
-    pt = replace(p.pretrain, steps=args.pretrain_steps or p.pretrain.steps, progress=not args.no_progress)
-    ft = replace(p.finetune, steps=args.finetune_steps or p.finetune.steps, progress=not args.no_progress)
+    pt = replace(
+        p.pretrain, steps=args.pretrain_steps or p.pretrain.steps, progress=not args.no_progress
+    )
+    ft = replace(
+        p.finetune, steps=args.finetune_steps or p.finetune.steps, progress=not args.no_progress
+    )
     res = build_world_pipeline(replace(p, pretrain=pt, finetune=ft), args.out, args.seed)
     res.summary["preset"] = args.preset
     (Path(args.out) / "results.json").write_text(json.dumps(res.summary, indent=2) + "\n")

@@ -109,7 +109,7 @@ class WorldConfig:
         default=0.5, metadata={"help": "fraction of entities whose facts form the QA set"}
     )
     pretrain_qa_fraction: float = field(
-        default=1.0,
+        default=0.0,
         metadata={"help": "fraction of fine-tuning QA also mixed into pre-training ('mixed')"},
     )
     value_blurbs: bool = field(
@@ -293,7 +293,9 @@ def make_world(preset_or_config: str | WorldConfig = "default", seed: int = 0) -
     """
     if isinstance(preset_or_config, str):
         if preset_or_config not in WORLD_PRESETS:
-            raise ValueError(f"unknown world preset {preset_or_config!r}: use {list(WORLD_PRESETS)}")
+            raise ValueError(
+                f"unknown world preset {preset_or_config!r}: use {list(WORLD_PRESETS)}"
+            )
         cfg, preset = WORLD_PRESETS[preset_or_config], preset_or_config
     else:
         cfg, preset = preset_or_config, "custom"
@@ -317,7 +319,9 @@ def make_world(preset_or_config: str | WorldConfig = "default", seed: int = 0) -
     drafts: list[tuple[str, tuple[str, ...], str]] = []  # (text, fact ids, kind)
     for i, e in enumerate(entities):
         mine = raw_facts[4 * i : 4 * i + 4]
-        tmpl_order = {f[0]: rng.sample(range(len(RELATIONS[f[2]][1])), cfg.docs_per_fact) for f in mine}
+        tmpl_order = {
+            f[0]: rng.sample(range(len(RELATIONS[f[2]][1])), cfg.docs_per_fact) for f in mine
+        }
         for r in range(cfg.docs_per_fact):
             order = rng.sample(mine, len(mine))
             for k in range(0, 4, cfg.facts_per_doc):
@@ -327,9 +331,7 @@ def make_world(preset_or_config: str | WorldConfig = "default", seed: int = 0) -
                     for fid, _, rel, v in group
                 )
                 drafts.append((text, tuple(sorted(f[0] for f in group)), "bio"))
-    qa_pairs = [
-        QAPair(fid, question(rel, e.name), v) for fid, e, rel, v in raw_facts if e.finetune
-    ]
+    qa_pairs = [QAPair(fid, question(rel, e.name), v) for fid, e, rel, v in raw_facts if e.finetune]
     n_mixed = round(cfg.pretrain_qa_fraction * len(qa_pairs))
     for qa in rng.sample(qa_pairs, n_mixed):
         drafts.append((f"{qa.prompt} {qa.answer}", (qa.fact_id,), "qa"))
