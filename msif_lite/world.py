@@ -301,11 +301,13 @@ def make_world(preset_or_config: str | WorldConfig = "default", seed: int = 0) -
         cfg, preset = preset_or_config, "custom"
     rng = random.Random(f"msif-world-{seed}")
     names: set[str] = set()
+    used_parts: set[str] = set()
     while len(names) < cfg.n_entities:
         cand = _name(rng)
         parts = set(cand.lower().split())
-        if not any(parts & set(n.lower().split()) for n in names):  # no shared name parts
+        if len(parts) == 2 and not parts & used_parts:  # no name part shared between people
             names.add(cand)
+            used_parts |= parts
     name_list = sorted(names)
     rng.shuffle(name_list)
     n_ft = max(1, min(cfg.n_entities - 1, round(cfg.finetune_fraction * cfg.n_entities)))

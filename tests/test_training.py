@@ -26,12 +26,11 @@ from msif_lite.lm import (  # noqa: E402
     train_tokenizer,
 )
 from msif_lite.training import (  # noqa: E402
-    PIPELINE_PRESETS,
     TrainConfig,
-    build_world_pipeline,
     collate,
     encode_qa,
     finetune,
+    main,
     pretrain,
     proximity_penalty,
     snapshot_params,
@@ -168,27 +167,24 @@ def test_train_config_validation_names_the_setting():
 
 
 @pytest.mark.slow
-def test_ci_fast_pipeline_end_to_end(tmp_path):
-    p = PIPELINE_PRESETS["ci-fast"]
-    p = replace(
-        p,
-        pretrain=replace(p.pretrain, steps=250, progress=False),
-        finetune=replace(p.finetune, steps=40, progress=False),
-    )
-    res = build_world_pipeline(p, tmp_path, seed=0)
-    s = res.summary
+def test_ci_fast_pipeline_end_to_end_via_cli(tmp_path):
+    argv = ["--preset", "ci-fast", "--out", str(tmp_path), "--pretrain-steps", "250",
+            "--finetune-steps", "40", "--no-progress"]  # fmt: skip
+    s = main(argv)
     for key in ("finetuned_accuracy", "scratch_accuracy", "relative_drift", "chance_accuracy"):
         assert key in s
+    assert s["preset"] == "ci-fast" and s["pretrain_steps"] == 250
     assert s["relative_drift"] < 0.08
+    assert json.loads((tmp_path / "results.json").read_text()) == s
+    world = load_world(tmp_path / "world")
+    tok = load_tokenizer(tmp_path / "world" / "tokenizer", expect_world=world)
     for stage in ("pretrained", "finetuned"):
-        model, meta = load_checkpoint(
-            tmp_path / "checkpoints" / stage,
-            expect_world=res.world,
-            expect_preset="ci-fast",
-            expect_tokenizer=res.tokenizer,
+        ckpt = tmp_path / "checkpoints" / stage
+        _, meta = load_checkpoint(
+            ckpt, expect_world=world, expect_preset="ci-fast", expect_tokenizer=tok
         )
         assert meta.stage == stage
-    assert (tmp_path / "losses.png").exists() and (tmp_path / "results.json").exists()
+    assert (tmp_path / "losses.png").exists() and (tmp_path / "losses.json").exists()
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data"
