@@ -159,6 +159,18 @@ def test_finetune_stays_close_and_accuracy_is_a_fraction(world_and_tok):
     assert 0.0 <= acc <= 1.0
 
 
+def test_training_is_reproducible_from_seeds(world_and_tok):
+    world, tok = world_and_tok
+    cfg = TrainConfig(steps=3, batch_size=8, warmup=1, progress=False)
+    runs = []
+    for _ in range(2):
+        model = build_model(TINY, len(tok), seed=7, tokenizer=tok)
+        res = pretrain(model, tok, world, cfg)
+        runs.append((res.losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
 def test_train_config_validation_names_the_setting():
     with pytest.raises(ValueError, match="TrainConfig.steps"):
         TrainConfig(steps=0)
