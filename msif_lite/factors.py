@@ -77,12 +77,9 @@ class FactorConfig:
             raise ValueError(f"fisher must be 'sampled' or 'empirical', got {self.fisher!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
-        if self.max_batches is not None and (
-            not isinstance(self.max_batches, int) or self.max_batches < 1
-        ):
-            raise ValueError(
-                f"max_batches must be None or a positive int, got {self.max_batches!r}"
-            )
+        if self.max_batches is not None and not (isinstance(self.max_batches, int)
+                                                 and self.max_batches >= 1):
+            raise ValueError(f"max_batches must be None or an int >= 1, not {self.max_batches!r}")
         if self.factor_dtype not in ("float32", "float64", "auto"):
             raise ValueError(
                 f"factor_dtype must be 'float32', 'float64' or 'auto', got {self.factor_dtype!r}"
@@ -162,9 +159,16 @@ class EigenFactors:
         return (self.q_s * self.eig_s) @ self.q_s.T
 
 
-class _FactorsMixin:
+@dataclass(frozen=True)
+class _Factors:
     """Shared record keeping and storage of KFACFactors / EKFACFactors."""
 
+    layers: tuple
+    fisher: FisherType
+    n_sequences: int
+    n_tokens: int
+    config: FactorConfig
+    timings: FitTimings = FitTimings()
     _KIND: ClassVar[str] = ""
     _TENSORS: ClassVar[tuple[str, ...]] = ()
 
@@ -231,30 +235,20 @@ class _FactorsMixin:
 
 
 @dataclass(frozen=True)
-class KFACFactors(_FactorsMixin):
+class KFACFactors(_Factors):
     """K-FAC factors of all tracked layers (Notebook 03 §Kronecker factors)."""
 
     layers: tuple[KroneckerFactors, ...]
-    fisher: FisherType
-    n_sequences: int
-    n_tokens: int
-    config: FactorConfig
-    timings: FitTimings = FitTimings()
     _KIND: ClassVar[str] = "kfac_factors"
     _TENSORS: ClassVar[tuple[str, ...]] = ("A", "S")
     _LAYER: ClassVar[type] = KroneckerFactors
 
 
 @dataclass(frozen=True)
-class EKFACFactors(_FactorsMixin):
+class EKFACFactors(_Factors):
     """Eigenbases (+ EK-FAC eigenvalues once fitted) of all tracked layers (Notebook 04)."""
 
     layers: tuple[EigenFactors, ...]
-    fisher: FisherType
-    n_sequences: int
-    n_tokens: int
-    config: FactorConfig
-    timings: FitTimings = FitTimings()
     _KIND: ClassVar[str] = "ekfac_factors"
     _TENSORS: ClassVar[tuple[str, ...]] = ("q_a", "eig_a", "q_s", "eig_s", "lam")
     _LAYER: ClassVar[type] = EigenFactors
