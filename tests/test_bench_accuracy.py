@@ -1,0 +1,87 @@
+"""`msif-lite bench accuracy` (Experiment 1) end to end on a tiny world and a tiny GPT-NeoX.
+
+Checks the JSON schema, that the ground truth is a converged CG solve (recomputed residual),
+and orderings that hold by construction: CG's own iterates approach the ground truth, so
+the larger CG budget agrees with it at least as well as the smaller one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from msif_lite.bench.accuracy import choose_documents, main  # noqa: E402
+from msif_lite.lm import (  # noqa: E402
+    CheckpointMeta,
+    ModelPreset,
+    build_model,
+    config_hash,
+    save_checkpoint,
+    tokenizer_hash,
+    train_tokenizer,
+)
+from msif_lite.training import TrainConfig, pretrain  # noqa: E402
+from msif_lite.world import make_world  # noqa: E402
+
+TINY = ModelPreset("tiny", "gpt-neox", n_layers=1, hidden=32, n_heads=2, intermediate=64)
+METHODS = ("ekfac", "ekfac_mlp", "kfac", "grad_dot", "cg_2", "cg_12", "lissa_5", "lissa_20")
+FIELDS = ("spearman_mean", "spearman_std", "pearson_mean", "fit_s", "score_s", "peak_mem_mb")
+
+
+@pytest.fixture(scope="module")
+def tiny_shipped(tmp_path_factory):
+    """world/ + checkpoints/{pretrained,finetuned} laid out as load_shipped expects."""
+    root = tmp_path_factory.mktemp("shipped")
+    world = make_world("ci-fast", 0)
+    world.save(root / "world")
+    tok = train_tokenizer(world, root / "world" / "tokenizer")
+    model = build_model(TINY, len(tok), 0, tok)
+    pretrain(model, tok, world, TrainConfig(steps=30, lr=3e-3, warmup=5, progress=False))
+    meta = CheckpointMeta("tiny", 0, "pretrained", None, world.content_hash,
+                          tokenizer_hash(tok), config_hash(model.config), world.preset)  # fmt: skip
+    save_checkpoint(model, root / "ck" / "pretrained", meta, tok)
+    ft = CheckpointMeta(**{**meta.__dict__, "stage": "finetuned", "alpha": 0.01})
+    save_checkpoint(model, root / "ck" / "finetuned", ft, tok)
+    return root, world
+
+
+def test_candidates_include_the_true_sources_and_are_deterministic(tiny_shipped):
+    _, world = tiny_shipped
+    q, cands, fit = choose_documents(world, 3, 30, 8, seed=0)
+    assert len(q) == 3 and len(cands) == 30 and len(fit) == 8
+    assert {d for x in q for d in x.source_doc_ids} <= set(cands)
+    assert (q, cands, fit) == choose_documents(world, 3, 30, 8, seed=0)
+
+
+def test_accuracy_bench_end_to_end(tiny_shipped, tmp_path, monkeypatch):
+    root, _ = tiny_shipped
+    monkeypatch.setenv("MSIF_FAST", "1")
+    argv = ["--world", str(root / "world"), "--checkpoints", str(root / "ck"),
+            "--out", str(tmp_path), "--queries", "3", "--candidates", "30", "--fit", "8",
+            "--cg", "2", "12", "--lissa", "5", "20", "--power-iters", "5", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads((tmp_path / "accuracy.json").read_text())
+    assert set(out) >= {"methods", "ground_truth", "setup", "paper", "environment"}
+    assert set(out["methods"]) == set(METHODS)
+    for name, r in out["methods"].items():
+        for f in FIELDS:
+            assert isinstance(r[f], float) and math.isfinite(r[f]), (name, f)
+        assert -1.0 <= r["spearman_mean"] <= 1.0 and len(r["spearman_per_query"]) == 3
+    for name in ("cg_2", "cg_12", "lissa_5", "lissa_20"):
+        assert out["methods"][name]["fit_s"] == 0.0  # iterative: all the cost is in score_s
+    gt = out["ground_truth"]
+    assert gt["all_converged"] and max(gt["relative_residual"]) < gt["converged_below"] <= 1e-6
+    assert len(gt["iterations"]) == 3 and max(gt["iterations"]) <= gt["max_iter"]
+    m = out["methods"]
+    assert m["cg_12"]["spearman_mean"] >= m["cg_2"]["spearman_mean"] - 1e-9
+    s = out["setup"]
+    assert s["n_queries"] == 3 and s["n_candidates"] == 30 and s["n_fit_sequences"] == 8
+    assert s["damping"] > 0 and s["lissa_scale"] >= s["lambda_max"] + s["damping"]
+    assert out["paper"]["spearman"]["ekfac"] == 0.612
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "| ekfac |" in md and "0.612" in md and "Ground truth" in md
