@@ -99,7 +99,10 @@ class LayerRecorder:
                     "weights); exclude it with FactorConfig(exclude=...) or find_modules."
                 )
             self.inputs[i] = args[0].detach()
+            if not output.requires_grad:  # frozen model: make s a leaf we can differentiate to
+                output = output.detach().requires_grad_(True)
             self.outputs[i] = output
+            return output
 
         return hook
 

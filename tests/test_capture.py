@@ -154,3 +154,13 @@ def test_covariances_lm_equal_explicit_token_sums(arch):
         S = sum(sum(torch.outer(t, t) for t in r[m.name][1]) for r in ref) / 5
         torch.testing.assert_close(kfac.layer(m.name).A, A, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(kfac.layer(m.name).S, S, atol=ATOL, rtol=RTOL)
+
+
+def test_frozen_model_still_gives_gradients(mlp):
+    ref = per_sequence_grads(mlp.model, mlp.task, (mlp.x, mlp.y), mlp.modules)
+    mlp.model.requires_grad_(False)
+    try:
+        ours = per_sequence_grads(mlp.model, mlp.task, (mlp.x, mlp.y), mlp.modules)
+    finally:
+        mlp.model.requires_grad_(True)
+    assert_grads_close(ours, ref)
