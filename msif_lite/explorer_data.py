@@ -1,0 +1,285 @@
+"""The cached computations behind the result explorer (Notebook 07 §Exploring results).
+
+Everything expensive is done once and reused: the EK-FAC factors and candidate gradients
+are the Attributor's (fitted / computed once, cached on disk); here each query's gradient
+∇m(q) is memoised, the preconditioned query P·∇m is memoised per (method, damping, α) (the
+fine-tuning stage (H_ft + αI)⁻¹ per α only), and so are the ranked scores and per-token
+scores. Moving a damping or α slider therefore only re-preconditions one query (a few
+small matrix products per layer) and re-dots it with the cached candidate gradients.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from msif_lite.attribution import METHODS, Attributor
+from msif_lite.ihvp import Damping, EKFACIHVP
+from msif_lite.modules import Grads
+from msif_lite.scores import per_token_scores, precondition
+from msif_lite.trace import as_prompt, retrieval_text
+
+CURVATURE_METHODS = ("multi_stage", "single_stage", "finetune_only")
+TEXT_METHODS = ("embedding", "bm25")
+
+
+@dataclass(frozen=True)
+class ExplorerQuery:
+    """A question, the answer being attributed, and its true source documents if known."""
+
+    prompt: str
+    answer: str
+    true_sources: frozenset[str] | None = None
+
+    @property
+    def label(self) -> str:
+        q = self.prompt.replace("Question:", "").replace("Answer:", "").strip()
+        return f"{q} → {self.answer}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a ranking was computed with; settings a method ignores are None (cache key)."""
+
+    method: str
+    damping: float | None = None  # heuristic factor: λ = damping · mean(Λ) per layer
+    alpha: float | None = None
+
+    @classmethod
+    def make(cls, method: str, damping: float, alpha: float) -> Settings:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+        if not (damping > 0 and alpha > 0):
+            raise ValueError("damping and α must be > 0")
+        return cls(method, float(damping) if method in CURVATURE_METHODS else None,
+                   float(alpha) if method == "multi_stage" else None)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """The top candidates of one query under one setting (scores: higher = more helpful)."""
+
+    query: ExplorerQuery
+    settings: Settings
+    doc_ids: list[str]
+    scores: list[float]
+    by_layer: torch.Tensor | None  # (k, L) per tracked layer (gradient methods only)
+    n_candidates: int
+    seconds: float
+
+    def is_true(self, doc_id: str) -> bool | None:
+        t = self.query.true_sources
+        return None if t is None else doc_id in t
+
+
+def layer_of(module_name: str) -> str:
+    """'gpt_neox.layers.3.mlp.dense_h_to_4h' → '3' (the first number in the name)."""
+    m = re.search(r"\.(\d+)\.", module_name)
+    return m.group(1) if m else "other"
+
+
+class ExplorerData:
+    """Cached rankings, per-layer splits and per-token scores for the explorer widget.
+
+    Candidate gradients of the current pool stay in memory up to `memory_budget_mb`.
+    `stats` counts the real computations (query gradients, preconditionings, candidate
+    scorings, per-token passes) so tests can check that cached views recompute nothing.
+    """
+
+    def __init__(
+        self,
+        attributor: Attributor,
+        queries: Sequence[ExplorerQuery],
+        *,
+        n_candidates: int | None = 50,
+        truth: Callable[[str], set[str] | None] | None = None,
+        memory_budget_mb: float = 1024,
+    ):
+        if not queries:
+            raise ValueError("no queries to explore: pass queries=[...] (prompt, answer)")
+        self.att, self.queries = attributor, list(queries)
+        self.n_candidates, self._truth = n_candidates, truth
+        self.alpha0 = attributor.ms_config.alpha
+        self.stats: Counter[str] = Counter()
+        self._memo: dict[tuple, object] = {}
+        self.memory_budget_mb = memory_budget_mb
+        self._matrices: dict[int, tuple] = {}
+
+    def _cached(self, key: tuple, make: Callable[[], object]):
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    # ------------------------------------------------------------------ queries
+    def query_for_text(self, question: str, answer: str | None = None) -> ExplorerQuery:
+        """A typed question: the fine-tuned model's greedy answer unless one is given."""
+        prompt = as_prompt(question)
+        for q in self.queries:
+            if q.prompt.strip() == prompt.strip() and (not answer or answer == q.answer):
+                return q
+        if not answer or not answer.strip():
+            from msif_lite.lm import greedy_answers
+
+            answer = greedy_answers(self.att.finetuned, self.att.tokenizer, [prompt])[0]
+        if not answer.strip():
+            raise ValueError("the fine-tuned model gives an empty answer: type an answer")
+        truth = self._truth(prompt) if self._truth else None
+        return ExplorerQuery(prompt, answer.strip(), None if truth is None else frozenset(truth))
+
+    def candidates(self, q: ExplorerQuery) -> list[str]:
+        """All documents, or the `n_candidates` nearest (all-MiniLM-L6-v2) ∪ true sources."""
+        def make() -> list[str]:
+            ids = self.att.doc_ids
+            if self.n_candidates is None or self.n_candidates >= len(ids):
+                return list(ids)
+            hits = self.att.embedding_index.search([retrieval_text(q.prompt, q.answer)],
+                                                   self.n_candidates)[0]  # fmt: skip
+            out = [d for d, _ in hits]
+            return out + sorted(set(q.true_sources or ()) - set(out))
+
+        return self._cached(("cands", q), make)
+
+    def _query_grads(self, q: ExplorerQuery, at: str) -> Grads:
+        def make() -> Grads:
+            self.stats["query_grads"] += 1
+            return self.att.query_grads([q], at)
+
+        return self._cached(("qg", q, at), make)
+
+    # ------------------------------------------------------------------ preconditioning
+    def preconditioned(self, q: ExplorerQuery, s: Settings) -> Grads:
+        """P·∇m for a gradient method under settings `s` (memoised)."""
+        att = self.att
+
+        def make() -> Grads:
+            self.stats["precondition"] += 1
+            damp = Damping(heuristic_factor=s.damping) if s.damping is not None else None
+            if s.method == "multi_stage":
+                a = s.alpha
+                ft = self._cached(("ft-stage", q, a), lambda: precondition(
+                    self._query_grads(q, "finetuned"),
+                    EKFACIHVP(att.finetune_factors, Damping(absolute=a))))  # fmt: skip
+                pre = precondition(ft, EKFACIHVP(att.pretrain_factors, damp))
+                scale = a if att.ms_config.include_alpha else 1.0
+                return {k: v * scale for k, v in pre.items()}
+            if s.method == "single_stage":
+                return precondition(self._query_grads(q, "pretrained"),
+                                    EKFACIHVP(att.pretrain_factors, damp))  # fmt: skip
+            if s.method == "finetune_only":
+                return precondition(self._query_grads(q, "finetuned"),
+                                    EKFACIHVP(att.finetune_factors, damp))  # fmt: skip
+            return self._query_grads(q, "finetuned")
+
+        return self._cached(("pre", q, s), make)
+
+    def _store_and_modules(self, method: str):
+        att = self.att
+        if method == "finetune_only":
+            return att.finetuned_store, att.finetuned, att.ft_modules
+        return att.pretrained_store, att.pretrained, att.modules
+
+    def _renamed(self, method: str, pre: Grads) -> Grads:
+        if method != "finetune_only":
+            return pre
+        return {f.name: pre[m.name] for m, f in zip(self.att.modules, self.att.ft_modules)}
+
+    def _cosine_scale(self, q: ExplorerQuery, doc_ids: Sequence[str]) -> torch.Tensor:
+        """1 / (‖∇m(q)‖ ‖∇ℓ(z)‖) per document (grad_cosine), candidate norms memoised."""
+        qg = self._query_grads(q, "finetuned")
+        qn = sum(v.double().pow(2).sum((-2, -1)) for v in qg.values()).sqrt()[0]
+
+        def norm(d: str) -> float:
+            if ("norm", d) not in self._memo:
+                mat = self._candidate_matrix("grad_dot", self.candidates(q))
+                pool = self.candidates(q)
+                if mat is not None and d in pool:
+                    i = pool.index(d)
+                    self._memo[("norm", d)] = float(sum(v[i].double().pow(2).sum()
+                                                        for v in mat.values()).sqrt())
+                else:
+                    store = self.att.pretrained_store
+                    self._memo[("norm", d)] = float(store.norms([self.att.candidate(d)])[0])
+            return self._memo[("norm", d)]
+
+        norms = torch.tensor([norm(d) for d in doc_ids], dtype=torch.float64)
+        return 1.0 / (qn * norms).clamp_min(1e-30)
+
+    # ------------------------------------------------------------------ scores
+    def _candidate_matrix(self, method: str, cands: Sequence[str]) -> Grads | None:
+        """Candidate gradients flattened to (N, P) per layer, kept in memory (the last pool
+        per model) when they fit in `memory_budget_mb`; None = score from the disk cache."""
+        store, _, modules = self._store_and_modules(method)
+        size = sum(m.numel for m in modules) * torch.finfo(store.dtype).bits // 8 * len(cands)
+        if size > self.memory_budget_mb * 2**20:
+            return None
+        key = (id(store), tuple(cands))
+        if self._matrices.get(id(store), (None,))[0] != key:
+            g = store.grads([self.att.candidate(d) for d in cands])
+            self._matrices[id(store)] = (key, {k: v.reshape(len(cands), -1) for k, v in
+                                               g.items()})  # fmt: skip
+        return self._matrices[id(store)][1]
+
+    def all_scores(self, q: ExplorerQuery, s: Settings) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N,) scores of every candidate and (N, L) per-layer scores (None for text methods)."""
+
+        def make():
+            self.stats["scores"] += 1
+            cands = self.candidates(q)
+            if s.method in TEXT_METHODS:
+                return self.att.scores(s.method, [q], cands)[0].double(), None
+            store, _, modules = self._store_and_modules(s.method)
+            pre = self._renamed(s.method, self.preconditioned(q, s))
+            mat = self._candidate_matrix(s.method, cands)
+            if mat is None:
+                layers = store.scores(pre, [self.att.candidate(d) for d in cands],
+                                      by_module=True)[0].double()  # fmt: skip
+            else:
+                layers = torch.stack([(mat[m.name] @ pre[m.name].reshape(-1).to(
+                    mat[m.name].dtype)).double() for m in modules], -1)  # fmt: skip
+            if s.method == "grad_cosine":
+                layers = layers * self._cosine_scale(q, cands)[:, None]
+            return layers.sum(-1), layers
+
+        return self._cached(("scores", q, s), make)
+
+    def ranked(self, q: ExplorerQuery, s: Settings, k: int = 10) -> Ranked:
+        """The top-k candidates of `q` under `s`, best first."""
+        t0 = time.perf_counter()
+        scores, layers = self.all_scores(q, s)
+        cands = self.candidates(q)
+        order = scores.argsort(descending=True)[:k].tolist()
+        return Ranked(q, s, [cands[i] for i in order], [float(scores[i]) for i in order],
+                      None if layers is None else layers[order], len(cands),
+                      time.perf_counter() - t0)  # fmt: skip
+
+    def token_scores(
+        self, q: ExplorerQuery, s: Settings, doc_ids: Sequence[str]
+    ) -> dict[str, tuple[list[str], list[float]]]:
+        """doc_id → (tokens, per-token scores summing to the document's score); {} for the
+        text-similarity methods, which have no per-token split."""
+        if s.method in TEXT_METHODS:
+            return {}
+        todo = [d for d in doc_ids if ("tok", q, s, d) not in self._memo]
+        if todo:
+            self.stats["per_token"] += 1
+            _, model, modules = self._store_and_modules(s.method)
+            pre = self._renamed(s.method, self.preconditioned(q, s))
+            cands = [self.att.candidate(d) for d in todo]
+            tok = per_token_scores(model, self.att.task, pre, self.att.collate(cands), modules)
+            tok = tok[0].double()
+            if s.method == "grad_cosine":
+                tok = tok * self._cosine_scale(q, todo)[:, None]
+            decode = self.att.tokenizer.decode
+            for b, c in enumerate(cands):
+                words = [decode([i]) for i in c.input_ids]
+                self._memo[("tok", q, s, c.doc_id)] = (words, tok[b, : len(words)].tolist())
+        return {d: self._memo[("tok", q, s, d)] for d in doc_ids}
+
+    def layer_names(self) -> list[tuple[str, str]]:
+        """(layer, group) for each tracked module, in score order."""
+        return [(layer_of(m.name), m.group) for m in self.att.modules]

@@ -1,0 +1,45 @@
+"""A tiny world saved the way the shipped one is (ci-fast world + tokenizer, an untrained
+ci-fast model and a slightly perturbed copy as its "fine-tune"), for tests that need
+`load_shipped` without the real checkpoints (the same recipe as `tests/test_trace.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from msif_lite.lm import CheckpointMeta, build_model, config_hash, save_checkpoint, tokenizer_hash
+from msif_lite.lm import train_tokenizer as make_tokenizer
+from msif_lite.shipped import Shipped, load_shipped
+from msif_lite.world import make_world
+
+TINY_ALPHA = 0.01
+
+
+def build_tiny_shipped(root: str | Path) -> Path:
+    """Write `<root>/world` and `<root>/ckpt/{pretrained,finetuned}`; returns `root`."""
+    root = Path(root)
+    world = make_world("ci-fast", seed=0)
+    world.save(root / "world")
+    tok = make_tokenizer(world, root / "world" / "tokenizer")
+    torch.manual_seed(0)
+    pt = build_model("ci-fast", len(tok), 0, tok)
+    ft = copy.deepcopy(pt)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    meta = CheckpointMeta("ci-fast", 0, "pretrained", None, world.content_hash,
+                          tokenizer_hash(tok), config_hash(pt.config), "ci-fast")  # fmt: skip
+    save_checkpoint(pt, root / "ckpt" / "pretrained", meta, tok)
+    meta_ft = CheckpointMeta("ci-fast", 0, "finetuned", TINY_ALPHA, world.content_hash,
+                             tokenizer_hash(tok), config_hash(ft.config), "ci-fast")  # fmt: skip
+    save_checkpoint(ft, root / "ckpt" / "finetuned", meta_ft, tok)
+    return root
+
+
+def load_tiny(root: str | Path) -> Shipped:
+    """Load what `build_tiny_shipped(root)` wrote."""
+    root = Path(root)
+    return load_shipped(world_dir=root / "world", checkpoint_dir=root / "ckpt")
