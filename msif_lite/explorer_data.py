@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from msif_lite.attribution import METHODS, Attributor
-from msif_lite.ihvp import Damping, EKFACIHVP
+from msif_lite.ihvp import EKFACIHVP, Damping
 from msif_lite.modules import Grads
 from msif_lite.scores import per_token_scores, precondition
 from msif_lite.trace import as_prompt, retrieval_text
