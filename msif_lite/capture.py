@@ -164,6 +164,7 @@ def capture_batch(
     ds_all = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
     n = task.batch_size(batch)
     mask = task.token_mask(batch)
+    padded = mask is not None and not bool(mask.all())
     layers = []
     for m, x, s, ds in zip(modules, rec.inputs, outputs, ds_all):
         a = _as_tokens(x, n)
@@ -180,7 +181,7 @@ def capture_batch(
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
         cast = dtype or s.dtype
         a, ds = a.to(cast), ds.to(cast)
-        if not bool(mask.all()):  # exact zeros at padding (torch.where: even NaN there → 0)
+        if padded:  # exact zeros at padding (torch.where: even NaN there → 0)
             keep = mask.unsqueeze(-1).bool()
             a = torch.where(keep, a, torch.zeros((), dtype=cast, device=a.device))
             ds = torch.where(keep, ds, torch.zeros((), dtype=cast, device=ds.device))
