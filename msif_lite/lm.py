@@ -113,7 +113,7 @@ def model_config(preset: ModelPreset, vocab_size: int, pad_id: int = 0, eos_id: 
 
 
 def config_hash(config) -> str:
-    """sha256 of the architecture-defining config entries (`ARCH_KEYS`)."""
+    """sha256 of the architecture-defining config entries (`ARCH_KEYS`). Notebook 05 §7."""
     d = config.to_dict()
     arch = {k: d[k] for k in ARCH_KEYS if k in d}
     return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()
@@ -133,12 +133,13 @@ def build_model(
 
 
 def n_params(model: torch.nn.Module) -> int:
+    """Number of parameters, Σ_p numel(p) (Notebook 05 §3)."""
     return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- tokenizer
 def tokenizer_hash(tokenizer: PreTrainedTokenizerFast) -> str:
-    """sha256 of the tokenizer's serialised vocabulary and merges."""
+    """sha256 of the tokenizer's serialised vocabulary and merges. Notebook 05 §2."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
@@ -178,7 +179,7 @@ def train_tokenizer(world: World, out_dir: str | Path | None = None) -> PreTrain
 
 
 def load_tokenizer(tok_dir: str | Path, expect_world: World | None = None):
-    """`AutoTokenizer.from_pretrained(dir)` plus the corpus-hash check against a world."""
+    """`AutoTokenizer.from_pretrained(dir)` + the corpus-hash check. Notebook 05 §2."""
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     meta_path = Path(tok_dir) / TOKENIZER_META
     if meta_path.exists():
@@ -189,7 +190,7 @@ def load_tokenizer(tok_dir: str | Path, expect_world: World | None = None):
 
 
 def check_tokenizer(tokenizer, world: World) -> None:
-    """Raise ValueError when the tokenizer was trained on another corpus than `world`."""
+    """Raise ValueError when the tokenizer was trained on another corpus. Notebook 05 §2."""
     got = tokenizer.init_kwargs.get("msif_corpus_hash")
     if got is None:
         raise ValueError(
@@ -222,7 +223,7 @@ class CheckpointMeta:
 def save_checkpoint(
     model: PreTrainedModel, out_dir: str | Path, meta: CheckpointMeta, tokenizer=None
 ):
-    """`save_pretrained` (float32 safetensors) + `msif_meta.json` (+ the tokenizer if given)."""
+    """`save_pretrained` (float32 safetensors) + `msif_meta.json` (+ tokenizer). Notebook 05 §7."""
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
@@ -297,7 +298,7 @@ def greedy_answers(
     model: PreTrainedModel, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8
 ) -> list[str]:
     """Greedy-decode after each prompt, stopping at newline or eos; prompts of equal token
-    length are batched together (no padding needed)."""
+    length are batched together (no padding needed). Notebook 05 §6."""
     model.eval()
     dev = next(model.parameters()).device
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]

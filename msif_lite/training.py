@@ -81,7 +81,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def encode_documents(tokenizer, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per document: text + eos, loss on every token."""
+    """(input_ids, labels) per document: text + eos, loss on every token. Notebook 05 §4."""
     out = []
     for t in texts:
         ids = tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -90,7 +90,7 @@ def encode_documents(tokenizer, texts: Sequence[str]) -> list[tuple[list[int], l
 
 
 def encode_qa(tokenizer, pairs: Sequence[QAPair]) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per QA pair: prompt + ' ' + answer + eos; labels = −100 on prompt."""
+    """(ids, labels) per QA pair: prompt + ' ' + answer + eos; labels −100 on prompt (NB 05 §5)."""
     out = []
     for qa in pairs:
         p = tokenizer(qa.prompt, add_special_tokens=False)["input_ids"]
@@ -116,14 +116,14 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
 
 
 def snapshot_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of every parameter: θ_pt for the proximity penalty."""
+    """Detached copies of every parameter: θ_pt for the proximity penalty. Notebook 05 §5."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def proximity_penalty(
     model: torch.nn.Module, reference_state: Mapping[str, torch.Tensor], alpha: float
 ) -> torch.Tensor:
-    """(α/2)‖θ − θ_pt‖² summed over all parameters; its gradient is α(θ − θ_pt)."""
+    """(α/2)‖θ − θ_pt‖² over all parameters; gradient α(θ − θ_pt). Notebook 05 §5."""
     total = sum(((p - reference_state[n]) ** 2).sum() for n, p in model.named_parameters())
     return 0.5 * alpha * total
 
@@ -232,7 +232,7 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
 
 @dataclass
 class PipelineResult:
-    """Everything the pipeline measured; `summary()` is what `results/world.json` holds."""
+    """Everything the pipeline measured; `summary` is what `results/world.json` holds."""
 
     world: World
     tokenizer: object

@@ -280,7 +280,7 @@ def _render(template: str, name: str, value: str) -> str:
 
 
 def question(relation: str, name: str) -> str:
-    """The QA prompt for (relation, entity): 'Question: ...\\nAnswer:'."""
+    """The QA prompt for (relation, entity): 'Question: ...\\nAnswer:'. Notebook 05 §1."""
     return f"Question: {RELATIONS[relation][2].format(name=name)}\nAnswer:"
 
 
@@ -361,7 +361,7 @@ def _tuples(row: dict) -> dict:
 
 
 def load_world(in_dir: str | Path) -> World:
-    """Read a world written by `World.save`; verifies the manifest's content hash."""
+    """Read a world written by `World.save`; checks the content hash. Notebook 05 §1."""
     d = Path(in_dir)
     if not (d / "world.json").exists():
         raise FileNotFoundError(f"{d}/world.json missing: run make_world(...).save({str(d)!r})")
@@ -390,7 +390,7 @@ def load_world(in_dir: str | Path) -> World:
 
 
 def states_fact(text: str, name: str, relation: str, value: str) -> bool:
-    """True when `text` renders (name, relation, value) with one of the relation's templates."""
+    """True when `text` renders (name, relation, value) with a relation template (Notebook 05)."""
     for tmpl in RELATIONS[relation][1]:
         if _render(tmpl, name, value) in text:
             return True
