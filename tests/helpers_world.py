@@ -43,3 +43,34 @@ def load_tiny(root: str | Path) -> Shipped:
     """Load what `build_tiny_shipped(root)` wrote."""
     root = Path(root)
     return load_shipped(world_dir=root / "world", checkpoint_dir=root / "ckpt")
+
+
+def explorer_notebook(tiny_root: str | Path, cache_dir: str | Path, k: int = 5):
+    """A notebook that opens the explorer on the tiny world in one call (what a learner's
+    Notebook 07 cell does), ending with a claim."""
+    import nbformat
+
+    tests_dir = Path(__file__).resolve().parent
+    setup = (
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        f"sys.path.insert(0, {str(tests_dir)!r})\n"
+        "from helpers_world import load_tiny\n"
+        "from msif_lite.attribution import AttributionConfig\n"
+        "from msif_lite.explorer import open_explorer\n"
+        f"shipped = load_tiny({str(tiny_root)!r})\n"
+        f"config = AttributionConfig(cache_dir={str(cache_dir)!r}, progress=False, "
+        "max_fit_batches=2)"
+    )
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}  # fmt: skip
+    nb.cells = [
+        nbformat.v4.new_code_cell(setup),
+        nbformat.v4.new_code_cell(
+            f"explorer = open_explorer(shipped, config=config, candidates_k={k}, "
+            "n_candidates=None)\nexplorer"
+        ),
+        nbformat.v4.new_code_cell("assert explorer.view.doc_ids, 'the explorer ranks documents'"),
+    ]
+    return nb
