@@ -391,7 +391,7 @@ def fit_convex(model: nn.Module, task: Task, batch, l2: float, weights: Tensor |
     sizes = [p.numel() for _, p in named]
     theta = trainable_vector(model)
     wrapped, n = _OutputOf(model, task), task.batch_size(batch)
-    w = torch.ones(n, dtype=theta.dtype) if weights is None else weights.to(theta.dtype)
+    w = (torch.ones(n, dtype=theta.dtype) if weights is None else weights).to(theta)
 
     def unpack(t: Tensor) -> dict[str, Tensor]:
         return {_key(k): c.view_as(p) for (k, p), c in zip(named, t.split(sizes))}
@@ -438,7 +438,7 @@ def loo_changes(model: nn.Module, task: Task, train_batch, query_batch, l2: floa
     n, rows = task.batch_size(train_batch), []
     for i in indices:
         m = copy.deepcopy(model)
-        w = torch.ones(n)
+        w = torch.ones(n, dtype=torch.float64)
         w[i] = 0.0
         fit_convex(m, task, train_batch, l2, w, tol=tol)
         with torch.no_grad():
