@@ -277,6 +277,17 @@ def _batches(loader: Iterable, config: FactorConfig, desc: str):
         yield batch
 
 
+def _generators(config: FactorConfig, batch_seeds: Sequence[int] | None):
+    """Generator for the j-th batch: one stream seeded with config.seed (default), or, with
+    `batch_seeds`, a fresh torch.Generator().manual_seed(batch_seeds[j]) per batch, so the
+    draws of a batch do not depend on which batches precede it (sharding across processes)."""
+    gen = torch.Generator().manual_seed(config.seed)
+    j = 0
+    while True:
+        yield gen if batch_seeds is None else torch.Generator().manual_seed(batch_seeds[j])
+        j += 1
+
+
 def _modules(model, config, modules):
     return list(modules) if modules is not None else find_modules(
         model, config.include, config.exclude)
@@ -290,25 +301,28 @@ def fit_covariances(
     modules: Sequence[TrackedModule] | None = None,
     *,
     cache: list[BatchCapture] | None = None,
+    batch_seeds: Sequence[int] | None = None,
 ) -> KFACFactors:
     """A = (1/N_tok) Σ ā āᵀ, S = (1/N_seq) Σ_n Σ_t Ds Dsᵀ over `loader` (Notebook 03
     §Kronecker factors). Sampled labels come from torch.Generator().manual_seed(config.seed).
 
     `cache`: a list to append each batch's captures to while they fit in
     config.cache_activations_mb (it is cleared if they do not), for `fit_lambda` to reuse.
+    `batch_seeds`: seed of each batch's own label generator instead of the config.seed stream
+    (used by msif_lite.distributed so that sampled labels do not depend on the sharding).
     """
     t0 = time.perf_counter()
     modules = _modules(model, config, modules)
     dtype = config.dtype_for(model)
-    gen = torch.Generator().manual_seed(config.seed)
+    gens = _generators(config, batch_seeds)
     a_sum = [None] * len(modules)
     s_sum = [None] * len(modules)
     n_seq = n_tok = 0
     budget = config.cache_activations_mb * 2**20
     used, caching = 0, cache is not None and budget > 0
     for batch in _batches(loader, config, "covariances"):
-        cap = capture_batch(model, task, batch, modules, labels=config.labels, generator=gen,
-                            dtype=dtype)
+        cap = capture_batch(model, task, batch, modules, labels=config.labels,
+                            generator=next(gens), dtype=dtype)
         n_seq += cap.n_sequences
         n_tok += cap.n_tokens
         for i, x in enumerate(cap.layers):
@@ -339,9 +353,17 @@ def fit_eigenbasis(kfac: KFACFactors) -> EKFACFactors:
     §Eigenbasis); round-off negative eigenvalues are clamped to 0. Stored in the factor dtype."""
     t0 = time.perf_counter()
     layers = []
+    threads = torch.get_num_threads()
     for x in kfac.layers:
-        ea, qa = torch.linalg.eigh(x.A.double())
-        es, qs = torch.linalg.eigh(x.S.double())
+        # CPU eigh of these (≤ few-k) matrices gains little from threads but suffers badly
+        # from OpenMP oversubscription on a busy machine (10x seen): run it on one thread.
+        if x.A.device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            ea, qa = torch.linalg.eigh(x.A.double())
+            es, qs = torch.linalg.eigh(x.S.double())
+        finally:
+            torch.set_num_threads(threads)
         dt = x.A.dtype
         layers.append(EigenFactors(x.name, qa.to(dt), ea.clamp_min(0).to(dt), qs.to(dt),
                                    es.clamp_min(0).to(dt)))
@@ -359,11 +381,12 @@ def fit_lambda(
     modules: Sequence[TrackedModule] | None = None,
     *,
     cache: Sequence[BatchCapture] | None = None,
+    batch_seeds: Sequence[int] | None = None,
 ) -> EKFACFactors:
     """Λ = (1/N_seq) Σ_n (Q_Sᵀ DW_n Q_A)^⊙2, from rotated tokens ã = Q_Aᵀā, d̃s = Q_SᵀDs:
     Q_Sᵀ DW_n Q_A = Σ_t d̃s_t ã_tᵀ (Notebook 04 §Eigenvalue correction). Uses `cache` (the
     covariance pass's captures) when given and non-empty, else one more pass over `loader`
-    with the same seeded labels."""
+    with the same seeded labels (the same `batch_seeds` as `fit_covariances`, if any)."""
     t0 = time.perf_counter()
     config = config or factors.config
     names = factors.module_names
@@ -371,12 +394,12 @@ def fit_lambda(
         by_name = {m.name: m for m in find_modules(model, None, None)}
         modules = [by_name[n] for n in names]
     dtype = factors.layers[0].q_a.dtype
-    gen = torch.Generator().manual_seed(config.seed)
+    gens = _generators(config, batch_seeds)
     sums = [torch.zeros(x.shape, dtype=dtype) for x in factors.layers]
     n_seq = 0
     source = cache if cache else (
-        capture_batch(model, task, b, modules, labels=config.labels, generator=gen, dtype=dtype)
-        for b in _batches(loader, config, "eigenvalue correction"))
+        capture_batch(model, task, b, modules, labels=config.labels, generator=g, dtype=dtype)
+        for b, g in zip(_batches(loader, config, "eigenvalue correction"), gens))
     if cache:
         source = tqdm(cache, desc="eigenvalue correction (cached)", disable=not config.progress)
     for cap in source:
@@ -402,12 +425,17 @@ def fit_ekfac(
     loader: Iterable,
     config: FactorConfig = FactorConfig(),
     modules: Sequence[TrackedModule] | None = None,
+    *,
+    batch_seeds: Sequence[int] | None = None,
 ) -> EKFACFactors:
-    """Covariances → eigenbases → Λ (Notebooks 03–04), timing each stage in `.timings`."""
+    """Covariances → eigenbases → Λ (Notebooks 03–04), timing each stage in `.timings`.
+    `batch_seeds`: per-batch label seeds (see `fit_covariances`; default: one stream)."""
     modules = _modules(model, config, modules)
     cache: list[BatchCapture] = []
-    kfac = fit_covariances(model, task, loader, config, modules, cache=cache)
+    kfac = fit_covariances(model, task, loader, config, modules, cache=cache,
+                           batch_seeds=batch_seeds)
     eig = fit_eigenbasis(kfac)
-    out = fit_lambda(model, task, loader, eig, config, modules, cache=cache)
+    out = fit_lambda(model, task, loader, eig, config, modules, cache=cache,
+                     batch_seeds=batch_seeds)
     cache.clear()
     return out
