@@ -121,8 +121,8 @@ def fit_ekfac_distributed(
     if not is_distributed():
         return fit_ekfac(model, task, items, config, modules, batch_seeds=seeds)
     rank, world = rank_and_world()
-    _check_same(modules=[(m.name, m.shape) for m in modules], config=config,
-                n_batches=len(items))
+    _check_same(modules=[(m.name, m.shape) for m in modules],
+                config=config.settings([m.name for m in modules]), n_batches=len(items))
     if not items:
         raise ValueError("the data loader yielded no batches; factors need at least one example.")
     idx = shard_range(len(items), rank, world)

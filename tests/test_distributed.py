@@ -42,7 +42,7 @@ def _cfg(fisher: str) -> FactorConfig:
 
 def _mlp_case(size: int):
     s = make_mlp()
-    return s.model, s.task, s.batches(size), s.modules, s.batches(5)[0], s.batches(3)
+    return s.model, s.task, s.batches(size), s.modules, s.batches(5)[0], s.batches(size)
 
 
 def _lm_case():
@@ -54,6 +54,7 @@ def _lm_case():
 
 CASES = {"mlp": lambda: _mlp_case(4), "lm": _lm_case, "empty": lambda: _mlp_case(10)}
 # mlp: 3 batches (4, 4, 2) → shards of 1 and 2 batches; empty: 1 batch → rank 0 has none
+# (of the fitting batches and of the candidate batches alike)
 
 
 def _scores(fit, score, case, fisher: str):
@@ -80,6 +81,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                                   modules if rank == 0 else modules[:1])
         except ValueError as e:
             res["mismatch"] = str(e)
+        try:  # progress may differ across ranks, the seed may not
+            cfg = dataclasses.replace(_cfg("sampled"), seed=rank, progress=rank == 0)
+            fit_ekfac_distributed(model, task, batches, cfg, modules)
+        except ValueError as e:
+            res["config"] = str(e)
         torch.save(res, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -143,9 +149,10 @@ def test_two_processes_match_one(ranks, case, fisher):
             assert torch.equal(getattr(a, t), getattr(b, t))
 
 
-def test_mismatched_modules_raise_on_every_rank(ranks):
+def test_mismatched_modules_or_config_raise_on_every_rank(ranks):
     for r in range(WORLD):
         assert "ranks [1] passed different modules" in ranks[r]["mismatch"]
+        assert "ranks [1] passed different config" in ranks[r]["config"]
 
 
 @pytest.mark.parametrize("fisher", FISHERS)
