@@ -21,6 +21,7 @@ of a second forward + backward pass.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterable, Sequence
@@ -71,6 +72,19 @@ class FactorConfig:
     cache_activations_mb: float = _help(
         "memory budget (MiB) for keeping the covariance pass's (ā, Ds) to reuse in the Λ pass; "
         "0 always recomputes them", 2048.0)
+    autocast_dtype: Literal["bfloat16", "float16"] | None = _help(
+        "run the forward/backward passes under torch.autocast in this dtype (None: off); the "
+        "captured (ā, Ds) and the factors stay in factor_dtype, eigh in float64", None)
+    max_tokens: int | None = _help(
+        "token budget of each pass: stop before the batch after the one that reaches it "
+        "(counted with task.token_mask; None: no budget)", None)
+    offload: bool = _help(
+        "keep finished factors in CPU memory: A, S after the covariance pass; each layer's "
+        "eigh on the model's device then back; Λ stored on the CPU (scoring moves a layer "
+        "to the device only while applying it)", False)
+
+    # fields added later: left out of `settings` at their defaults (old fingerprints hold)
+    _NEW_FIELDS: ClassVar[dict] = {"autocast_dtype": None, "max_tokens": None}
 
     def __post_init__(self) -> None:
         if self.fisher not in ("sampled", "empirical"):
@@ -84,6 +98,12 @@ class FactorConfig:
             raise ValueError(
                 f"factor_dtype must be 'float32', 'float64' or 'auto', got {self.factor_dtype!r}"
             )
+        if self.autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError("autocast_dtype must be None, 'bfloat16' or 'float16', "
+                             f"got {self.autocast_dtype!r}")
+        if self.max_tokens is not None and not (isinstance(self.max_tokens, int)
+                                                and self.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be None or an int >= 1, not {self.max_tokens!r}")
         if not self.cache_activations_mb >= 0:
             raise ValueError(f"cache_activations_mb must be >= 0, got {self.cache_activations_mb}")
         for name in ("include", "exclude"):  # lists → tuples, so the config stays hashable
@@ -104,6 +124,10 @@ class FactorConfig:
         d = dataclasses.asdict(self)
         d.pop("progress")
         d.pop("cache_activations_mb")
+        d.pop("offload")
+        for k, default in self._NEW_FIELDS.items():
+            if d[k] == default:
+                d.pop(k)
         d["modules"] = list(module_names)
         return config_fingerprint(d)
 
@@ -267,14 +291,30 @@ def _check(name: str, what: str, t: torch.Tensor) -> None:
         )
 
 
-def _batches(loader: Iterable, config: FactorConfig, desc: str):
+def _batches(loader: Iterable, config: FactorConfig, desc: str, task: Task | None = None):
+    """The batches of one pass: at most config.max_batches, and none after the batch that
+    brings the real-token count (task.token_mask) to config.max_tokens."""
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if config.max_batches is not None and total is not None:
         total = min(total, config.max_batches)
+    seen = 0
     for i, batch in enumerate(tqdm(loader, desc=desc, total=total, disable=not config.progress)):
         if config.max_batches is not None and i >= config.max_batches:
             break
+        if config.max_tokens is not None and seen >= config.max_tokens:
+            break
+        if config.max_tokens is not None and task is not None:
+            mask = task.token_mask(batch)
+            seen += task.batch_size(batch) if mask is None else int(mask.sum())
         yield batch
+
+
+def _autocast(config: FactorConfig, model: nn.Module):
+    """torch.autocast(<model's device type>, config.autocast_dtype), or nothing."""
+    if config.autocast_dtype is None:
+        return contextlib.nullcontext()
+    dev = next(model.parameters()).device.type
+    return torch.autocast(dev, dtype=getattr(torch, config.autocast_dtype))
 
 
 def _generators(config: FactorConfig, batch_seeds: Sequence[int] | None):
@@ -320,9 +360,10 @@ def fit_covariances(
     n_seq = n_tok = 0
     budget = config.cache_activations_mb * 2**20
     used, caching = 0, cache is not None and budget > 0
-    for batch in _batches(loader, config, "covariances"):
-        cap = capture_batch(model, task, batch, modules, labels=config.labels,
-                            generator=next(gens), dtype=dtype)
+    for batch in _batches(loader, config, "covariances", task):
+        with _autocast(config, model):
+            cap = capture_batch(model, task, batch, modules, labels=config.labels,
+                                generator=next(gens), dtype=dtype)
         n_seq += cap.n_sequences
         n_tok += cap.n_tokens
         for i, x in enumerate(cap.layers):
@@ -343,18 +384,25 @@ def fit_covariances(
         A, S = a / max(n_tok, 1), s / n_seq
         _check(m.name, "covariance A", A)
         _check(m.name, "covariance S", S)
+        if config.offload:
+            A, S = A.cpu(), S.cpu()
         layers.append(KroneckerFactors(m.name, A, S))
     timings = FitTimings(covariance_s=time.perf_counter() - t0)
     return KFACFactors(tuple(layers), config.fisher, n_seq, n_tok, config, timings)
 
 
-def fit_eigenbasis(kfac: KFACFactors) -> EKFACFactors:
+def fit_eigenbasis(kfac: KFACFactors, device: torch.device | str | None = None) -> EKFACFactors:
     """A = Q_A diag(eig_A) Q_Aᵀ, S = Q_S diag(eig_S) Q_Sᵀ by float64 `eigh` (Notebook 04
-    §Eigenbasis); round-off negative eigenvalues are clamped to 0. Stored in the factor dtype."""
+    §Eigenbasis); round-off negative eigenvalues are clamped to 0. Stored in the factor dtype.
+    `device`: where to run each eigh (default: where the factors are); with config.offload
+    the results go back to the CPU one layer at a time."""
     t0 = time.perf_counter()
     layers = []
     threads = torch.get_num_threads()
+    offload = kfac.config.offload
     for x in kfac.layers:
+        if device is not None:
+            x = KroneckerFactors(x.name, x.A.to(device), x.S.to(device))
         # CPU eigh of these (≤ few-k) matrices gains little from threads but suffers badly
         # from OpenMP oversubscription on a busy machine (10x seen): run it on one thread.
         if x.A.device.type == "cpu":
@@ -365,8 +413,11 @@ def fit_eigenbasis(kfac: KFACFactors) -> EKFACFactors:
         finally:
             torch.set_num_threads(threads)
         dt = x.A.dtype
-        layers.append(EigenFactors(x.name, qa.to(dt), ea.clamp_min(0).to(dt), qs.to(dt),
-                                   es.clamp_min(0).to(dt)))
+        out = [qa.to(dt), ea.clamp_min(0).to(dt), qs.to(dt), es.clamp_min(0).to(dt)]
+        del ea, qa, es, qs
+        if offload:
+            out = [t.cpu() for t in out]
+        layers.append(EigenFactors(x.name, *out))
     timings = dataclasses.replace(kfac.timings, eigendecomposition_s=time.perf_counter() - t0)
     return EKFACFactors(tuple(layers), kfac.fisher, kfac.n_sequences, kfac.n_tokens,
                         kfac.config, timings)
@@ -397,15 +448,24 @@ def fit_lambda(
     gens = _generators(config, batch_seeds)
     sums = [torch.zeros(x.shape, dtype=dtype) for x in factors.layers]
     n_seq = 0
-    source = cache if cache else (
-        capture_batch(model, task, b, modules, labels=config.labels, generator=g, dtype=dtype)
-        for b, g in zip(_batches(loader, config, "eigenvalue correction"), gens))
+
+    def recompute():
+        for b, g in zip(_batches(loader, config, "eigenvalue correction", task), gens):
+            with _autocast(config, model):
+                yield capture_batch(model, task, b, modules, labels=config.labels, generator=g,
+                                    dtype=dtype)
+
+    source = cache if cache else recompute()
+    bases = [(f.q_s, f.q_a) for f in factors.layers]
+    if config.offload:  # the bases visit the model's device for this pass only
+        dev = next(model.parameters()).device
+        bases = [(qs.to(dev), qa.to(dev)) for qs, qa in bases]
     if cache:
         source = tqdm(cache, desc="eigenvalue correction (cached)", disable=not config.progress)
     for cap in source:
         n_seq += cap.n_sequences
-        for i, (x, f) in enumerate(zip(cap.layers, factors.layers)):
-            rot = torch.bmm((x.ds @ f.q_s).transpose(1, 2), x.a @ f.q_a)  # Q_Sᵀ DW_n Q_A
+        for i, (x, (q_s, q_a)) in enumerate(zip(cap.layers, bases)):
+            rot = torch.bmm((x.ds @ q_s).transpose(1, 2), x.a @ q_a)  # Q_Sᵀ DW_n Q_A
             sums[i] = sums[i].to(rot.device).add_(rot.square().sum(0))
     if n_seq == 0:
         raise ValueError("the data loader yielded no batches; Λ needs at least one example.")
@@ -413,6 +473,8 @@ def fit_lambda(
     for f, s in zip(factors.layers, sums):
         lam = s / n_seq
         _check(f.name, "EK-FAC eigenvalues Λ", lam)
+        if config.offload:
+            lam = lam.cpu()
         layers.append(dataclasses.replace(f, lam=lam))
     timings = dataclasses.replace(factors.timings, lambda_s=time.perf_counter() - t0)
     return EKFACFactors(tuple(layers), factors.fisher, factors.n_sequences, factors.n_tokens,
@@ -434,7 +496,8 @@ def fit_ekfac(
     cache: list[BatchCapture] = []
     kfac = fit_covariances(model, task, loader, config, modules, cache=cache,
                            batch_seeds=batch_seeds)
-    eig = fit_eigenbasis(kfac)
+    eig = fit_eigenbasis(kfac, next(model.parameters()).device if config.offload else None)
+    del kfac  # A and S are not needed once the eigenbases exist
     out = fit_lambda(model, task, loader, eig, config, modules, cache=cache,
                      batch_seeds=batch_seeds)
     cache.clear()
