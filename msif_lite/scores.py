@@ -73,12 +73,15 @@ def pairwise_scores(
     by_module: bool = False,
     progress: bool = True,
     preconditioned: bool = False,
+    rank: int | None = None,
 ) -> torch.Tensor:
     """I[q, n] = Σ_l ⟨P_{q,l}, DW_{n,l}⟩ with P = (G + λI)⁻¹∇m(q): (Q, N), or (Q, N, L)
     per layer with `by_module` (layers in `modules` order; summing over L gives the total).
 
     `query_grads_or_batch`: a query batch, or query gradients ∇m (Grads); with
-    `preconditioned=True`, Grads that are already P = precondition(∇m, ihvp)."""
+    `preconditioned=True`, Grads that are already P = precondition(∇m, ihvp).
+    `rank`: score with the rank-r truncated SVD of each layer's P (msif_lite.lowrank;
+    Notebook 09), never forming the candidates' DW."""
     queries = _as_query_grads(model, task, query_grads_or_batch, modules)
     if preconditioned:
         if not isinstance(query_grads_or_batch, Mapping):
@@ -87,6 +90,14 @@ def pairwise_scores(
         pre = queries
     else:
         pre = precondition(queries, ihvp)
+    if rank is not None:
+        if by_module:
+            raise ValueError("by_module=True needs full-rank queries (rank=None)")
+        from msif_lite.lowrank import pairwise_scores_lowrank, truncate
+
+        low = truncate(pre, rank)
+        del pre
+        return pairwise_scores_lowrank(model, task, low, candidates, modules, progress=progress)
     cols = []
     for batch in tqdm(candidates, desc="pairwise scores", disable=not progress):
         dtype = pre[modules[0].name].dtype
