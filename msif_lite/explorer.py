@@ -40,8 +40,8 @@ CSS = """<style>
 .msif-x .msif-doc {white-space: pre-wrap; overflow-wrap: anywhere; margin-top: 2px;}
 .msif-x .msif-true {color: #1a7f37; font-weight: bold;}
 .msif-x .msif-tok {border-radius: 2px;}
-.msif-x table {width: 100%; table-layout: fixed; border-collapse: collapse;}
-.msif-x td {padding: 1px 4px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap;}
+.msif-x .msif-grid {display: grid; grid-template-columns: max-content minmax(0, 1fr)
+  max-content; gap: 2px 8px; align-items: center; margin: 4px 0;}
 </style>"""
 
 
@@ -92,12 +92,14 @@ def layers_html(r: Ranked, row: int, layers: Sequence[tuple[str, str]]) -> str:
     if r.by_layer is None or not r.doc_ids:
         return ('<div class="msif-x msif-layers"><i>no per-layer split: text-similarity '
                 "methods do not use the model's gradients</i></div>")  # fmt: skip
-    v = r.by_layer[row].tolist()
-    peak = max(abs(x) for x in v) or 1.0
-    total = sum(v)
+    sums: dict[tuple[str, str], float] = {}
+    for key, x in zip(layers, r.by_layer[row].tolist()):
+        sums[key] = sums.get(key, 0.0) + x  # modules of one layer and group together
+    peak = max(abs(x) for x in sums.values()) or 1.0
+    total = sum(sums.values())
     groups: dict[str, float] = {}
     rows = []
-    for (layer, group), x in zip(layers, v):
+    for (layer, group), x in sums.items():
         groups[group] = groups.get(group, 0.0) + x
         w = 50 * abs(x) / peak
         left = 50 if x >= 0 else 50 - w
@@ -105,8 +107,7 @@ def layers_html(r: Ranked, row: int, layers: Sequence[tuple[str, str]]) -> str:
                f'<div style="position: absolute; left: 50%; width: 1px; height: 11px; '
                f'background: #999"></div><div style="position: absolute; left: {left:.1f}%; '
                f'width: {w:.1f}%; height: 11px; background: {GROUP_COLOURS[group]}"></div></div>')
-        rows.append(f'<tr><td style="width: 6.5em">layer {layer} {group}</td><td>{bar}</td>'
-                    f'<td style="width: 5.5em; text-align: right">{_fmt(x)}</td></tr>')
+        rows.append(f"<span>{layer} · {group}</span>{bar}<span>{x:+.3g}</span>")
     share = " · ".join(
         f'<span style="color: {GROUP_COLOURS[g]}">■</span> {g} {_fmt(x)}'
         + (f" ({100 * x / total:.0f}%)" if abs(total) > 1e-300 else "")
@@ -114,7 +115,8 @@ def layers_html(r: Ranked, row: int, layers: Sequence[tuple[str, str]]) -> str:
     )
     return (f'<div class="msif-x msif-layers">{CSS}<div>score {_fmt(total)} of '
             f"<code>{html.escape(r.doc_ids[row])}</code> by layer (bars to the right help)"
-            f"</div><table>{''.join(rows)}</table><div>{share}</div></div>")  # fmt: skip
+            f'</div><div class="msif-grid"><b>layer · part</b><b>contribution</b><b>score</b>'
+            f"{''.join(rows)}</div><div>{share}</div></div>")  # fmt: skip
 
 
 def _describe(r: Ranked, alpha0: float) -> str:
@@ -136,7 +138,8 @@ class Explorer(widgets.VBox):
         wide = widgets.Layout(flex="1 1 300px", min_width="0", width="auto")
         style = {"description_width": "initial"}
         self.query = widgets.Dropdown(options=self._options(), value=0, description="query",
-                                      layout=wide, style=style)  # fmt: skip
+                                      layout=widgets.Layout(flex="1 1 auto", min_width="0",
+                                                            width="auto"), style=style)
         self.question = widgets.Text(placeholder="…or type a question, press Enter",
                                      continuous_update=False, layout=wide)  # fmt: skip
         self.answer = widgets.Text(placeholder="answer (blank: the model's)",
@@ -163,7 +166,8 @@ class Explorer(widgets.VBox):
         row = widgets.Layout(flex_flow="row wrap", width="100%", align_items="center")
         super().__init__(
             [
-                widgets.HBox([self.query, self.question, self.answer], layout=row),
+                widgets.HBox([self.query], layout=row),
+                widgets.HBox([self.question, self.answer], layout=row),
                 self.method,
                 widgets.HBox([self.damping, self.alpha], layout=row),
                 self.status,

@@ -274,9 +274,9 @@ class ExplorerData:
             tok = tok[0].double()
             if s.method == "grad_cosine":
                 tok = tok * self._cosine_scale(q, todo)[:, None]
-            decode = self.att.tokenizer.decode
+            tk = self.att.tokenizer
             for b, c in enumerate(cands):
-                words = [decode([i]) for i in c.input_ids]
+                words = [" ⟨eos⟩" if i == tk.eos_token_id else tk.decode([i]) for i in c.input_ids]
                 self._memo[("tok", q, s, c.doc_id)] = (words, tok[b, : len(words)].tolist())
         return {d: self._memo[("tok", q, s, d)] for d in doc_ids}
 

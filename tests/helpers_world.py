@@ -63,7 +63,7 @@ def explorer_notebook(tiny_root: str | Path, cache_dir: str | Path, k: int = 5):
         "max_fit_batches=2)"
     )
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
                                  "language": "python"}  # fmt: skip
     nb.cells = [
         nbformat.v4.new_code_cell(setup),

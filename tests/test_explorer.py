@@ -61,8 +61,8 @@ def test_opens_with_a_ranked_list_scores_and_true_sources(explorer):
     marked = explorer.ranked_view.value.count("✓ true source")
     assert marked == sum(d in truth for d in v.doc_ids)
     assert "multi-stage" in explorer.status.value and "188 candidates" in explorer.status.value
-    assert "layer 0 attention" in explorer.layers_view.value
-    assert "layer 1 mlp" in explorer.layers_view.value
+    assert "0 · attention" in explorer.layers_view.value
+    assert "1 · mlp" in explorer.layers_view.value
 
 
 def test_query_method_damping_and_alpha_change_the_ranking(explorer):
