@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/msif-lite demo
+	$(BIN)/msif-lite trace "Where was Lind Xozae born?"
 
 test: setup
 	MSIF_FAST=1 $(BIN)/python -m pytest tests

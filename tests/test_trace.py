@@ -8,41 +8,25 @@ import json
 
 import pytest
 import torch
+from helpers_world import build_tiny_shipped, load_tiny
 
 from msif_lite.attribution import METHODS, AttributionConfig, Attributor, check_same_architecture
 from msif_lite.cli import main
-from msif_lite.lm import CheckpointMeta, build_model, config_hash, save_checkpoint, tokenizer_hash
+from msif_lite.lm import build_model
 from msif_lite.lm import train_tokenizer as make_tokenizer
-from msif_lite.shipped import load_shipped
 from msif_lite.trace import as_prompt, trace
 from msif_lite.world import make_world
 
 
 @pytest.fixture(scope="module")
 def tiny_shipped(tmp_path_factory):
-    """ci-fast world + tokenizer + an untrained ci-fast model and a perturbed 'fine-tune'
-    (weights do not matter for plumbing), saved through save_pretrained."""
-    root = tmp_path_factory.mktemp("shipped")
-    world = make_world("ci-fast", seed=0)
-    world.save(root / "world")
-    tok = make_tokenizer(world, root / "world" / "tokenizer")
-    torch.manual_seed(0)
-    pt = build_model("ci-fast", len(tok), 0, tok)
-    ft = copy.deepcopy(pt)
-    with torch.no_grad():
-        for p in ft.parameters():
-            p.add_(1e-3 * torch.randn_like(p))
-    meta = CheckpointMeta("ci-fast", 0, "pretrained", None, world.content_hash,
-                          tokenizer_hash(tok), config_hash(pt.config), "ci-fast")  # fmt: skip
-    save_checkpoint(pt, root / "ckpt" / "pretrained", meta, tok)
-    meta_ft = CheckpointMeta("ci-fast", 0, "finetuned", 0.01, world.content_hash,
-                             tokenizer_hash(tok), config_hash(ft.config), "ci-fast")  # fmt: skip
-    save_checkpoint(ft, root / "ckpt" / "finetuned", meta_ft, tok)
-    return root
+    """ci-fast world + tokenizer + an untrained model and a perturbed 'fine-tune' (weights do
+    not matter for plumbing), saved through save_pretrained like the shipped data."""
+    return build_tiny_shipped(tmp_path_factory.mktemp("shipped"))
 
 
 def _shipped(root):
-    return load_shipped(world_dir=root / "world", checkpoint_dir=root / "ckpt")
+    return load_tiny(root)
 
 
 def _cfg(tmp_path, **kw) -> AttributionConfig:
