@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -86,7 +86,8 @@ def layer_of(module_name: str) -> str:
 class ExplorerData:
     """Cached rankings, per-layer splits and per-token scores for the explorer widget.
 
-    Candidate gradients of the current pool stay in memory up to `memory_budget_mb`.
+    Candidate gradients of the current pool stay in memory up to `memory_budget_mb`;
+    query-gradient-sized results are kept for the `max_gradients` most recent settings.
     `stats` counts the real computations (query gradients, preconditionings, candidate
     scorings, per-token passes) so tests can check that cached views recompute nothing.
     """
@@ -99,6 +100,7 @@ class ExplorerData:
         n_candidates: int | None = 50,
         truth: Callable[[str], set[str] | None] | None = None,
         memory_budget_mb: float = 1024,
+        max_gradients: int = 32,
     ):
         if not queries:
             raise ValueError("no queries to explore: pass queries=[...] (prompt, answer)")
@@ -109,8 +111,20 @@ class ExplorerData:
         self._memo: dict[tuple, object] = {}
         self.memory_budget_mb = memory_budget_mb
         self._matrices: dict[int, tuple] = {}
+        self._grads: OrderedDict[tuple, Grads] = OrderedDict()
+        self.max_gradients = max_gradients
 
     def _cached(self, key: tuple, make: Callable[[], object]):
+        """Memoise make(); gradient-sized entries (query gradients, preconditioned ones)
+        are kept for the `max_gradients` most recently used keys only."""
+        if key[0] in ("qg", "ft-stage", "pre"):
+            if key in self._grads:
+                self._grads.move_to_end(key)
+            else:
+                self._grads[key] = make()
+                while len(self._grads) > self.max_gradients:
+                    self._grads.popitem(last=False)
+            return self._grads[key]
         if key not in self._memo:
             self._memo[key] = make()
         return self._memo[key]
