@@ -1,0 +1,174 @@
+"""Memory plans: prediction vs measurement on small BLOOMs (within 20%), check_fits, and the
+FactorConfig options the plan describes (autocast, token budget, offload, partitions).
+
+Measured: `measure_peak` (the torch CPU allocator's running total in a torch.profiler trace,
+i.e. tensor bytes) of each stage, plus the tensor bytes the stage inherits (the captured
+batches cached for Λ, the factors of earlier stages), which is what `MemoryPlan.peak` counts.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+from transformers import BloomConfig, BloomForCausalLM
+
+from msif_lite.factors import (
+    FactorConfig,
+    fit_covariances,
+    fit_eigenbasis,
+    fit_ekfac,
+    fit_lambda,
+)
+from msif_lite.ihvp import EKFACIHVP
+from msif_lite.memory import (
+    MemoryOptions,
+    WontFitError,
+    check_fits,
+    fit_partitioned,
+    measure_peak,
+    nbytes,
+    predict,
+)
+from msif_lite.modules import find_modules
+from msif_lite.multistage import MultiStageConfig, MultiStageIHVP
+from msif_lite.scores import pairwise_scores, query_gradients
+from msif_lite.tasks import LanguageModelingTask, TokenBatch
+
+TASK = LanguageModelingTask()
+
+
+def _model(d=128, L=2, H=4, V=4000):
+    torch.manual_seed(0)
+    cfg = BloomConfig(hidden_size=d, n_layer=L, n_head=H, vocab_size=V, attention_dropout=0.0,
+                      hidden_dropout=0.0)  # fmt: skip
+    return BloomForCausalLM(cfg).eval()
+
+
+def _batches(V, B, T, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, V, (B, T), generator=g) for _ in range(n)]
+    return [TokenBatch(x, torch.ones_like(x), x.clone()) for x in ids]
+
+
+def measure_stages(model, batches, queries, cfg: FactorConfig, rank=None) -> dict[str, int]:
+    """Peak tensor bytes of each stage, run as fit_ekfac runs them, then multi-stage scoring."""
+    mods = find_modules(model, cfg.include, cfg.exclude)
+    cache, out = [], {}
+    out["covariance"], kfac = measure_peak(
+        lambda: fit_covariances(model, TASK, batches, cfg, mods, cache=cache))
+    held = nbytes(kfac) + nbytes(cache)
+    p, eig = measure_peak(partial(fit_eigenbasis, kfac))
+    out["eigendecomposition"] = p + held
+    del kfac
+    held = nbytes(eig) + nbytes(cache)
+    p, ek = measure_peak(partial(fit_lambda, model, TASK, batches, eig, cfg, mods, cache=cache))
+    out["lambda"] = p + held
+    cache.clear()
+    del eig
+    ft = copy.deepcopy(ek)  # stands in for the fine-tuning stage's factors
+    ihvp = MultiStageIHVP.from_factors(ft, ek, MultiStageConfig(alpha=1.0))
+
+    def score():
+        qg = query_gradients(model, TASK, queries, mods)
+        return pairwise_scores(model, TASK, qg, batches, ihvp, mods, progress=False, rank=rank)
+
+    p, _ = measure_peak(score)
+    out["scoring"] = p + nbytes(ek) + nbytes(ft)
+    return out
+
+
+CASES = {
+    "all layers": dict(),
+    "mlp, no cache": dict(include="mlp", cache_activations_mb=0.0),
+    "bf16 autocast, rank 4": dict(autocast_dtype="bfloat16", query_rank=4),
+    "wider, 3 blocks, 16 queries": dict(d=256, L=3, n_queries=16, include="mlp"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prediction_within_20_percent(case):
+    kw = dict(CASES[case])
+    d, L = kw.pop("d", 128), kw.pop("L", 2)
+    V, B, T, n, Q, Tq = 4000, 4, 128, 3, kw.pop("n_queries", 8), 32
+    model = _model(d, L, 4, V)
+    batches, queries = _batches(V, B, T, n), _batches(V, Q, Tq, 1, seed=1)[0]
+    rank = kw.pop("query_rank", None)
+    cfg = FactorConfig(progress=False, **kw)
+    opts = MemoryOptions(batch_size=B, seq_len=T, fit_tokens=B * T * n, n_queries=Q,
+                         query_len=Tq, query_rank=rank, **kw)  # fmt: skip
+    plan = predict(model.config, opts, device="cpu")
+    measured = measure_stages(model, batches, queries, cfg, rank)
+    for stage, m in measured.items():
+        assert abs(plan.peak[stage] / m - 1) < 0.2, (stage, plan.peak[stage], m, str(plan))
+
+
+def test_plan_from_config_equals_plan_from_model_and_prints():
+    model = _model(64, 2, 4, 1000)
+    a = predict(model.config, MemoryOptions(), device="cpu")
+    b = predict(model, MemoryOptions(), device="cpu")
+    assert a.peak == b.peak and a.stored == b.stored
+    text = str(a)
+    for stage in ("covariance", "eigendecomposition", "lambda", "scoring", "stored"):
+        assert stage in text
+
+
+def test_options_move_the_prediction_the_right_way():
+    cfg = _model(64, 2, 4, 1000).config
+    base = predict(cfg, MemoryOptions(seq_len=128), device="cuda")
+    mlp = predict(cfg, MemoryOptions(seq_len=128, include="mlp"), device="cuda")
+    off = predict(cfg, MemoryOptions(seq_len=128, offload=True), device="cuda")
+    low = predict(cfg, MemoryOptions(seq_len=128, query_rank=2), device="cuda")
+    parts = predict(cfg, MemoryOptions(seq_len=128, partitions=4, cache_activations_mb=0),
+                    device="cuda")  # fmt: skip
+    assert mlp.stored["EK-FAC per stage"] < base.stored["EK-FAC per stage"]
+    assert off.peak["scoring"] < base.peak["scoring"]
+    assert off.peak["eigendecomposition"] < base.peak["eigendecomposition"]
+    assert low.stored["queries"] < base.stored["queries"]
+    assert parts.terms["covariance"]["A,S"] < base.terms["covariance"]["A,S"]
+    # on a CPU, offloading to the CPU saves nothing
+    assert predict(cfg, MemoryOptions(offload=True), device="cpu").peak == predict(
+        cfg, MemoryOptions(), device="cpu").peak
+
+
+def test_bloom560m_shape_without_weights():
+    cfg = BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+    plan = predict(cfg, MemoryOptions(batch_size=4, seq_len=512), device="cuda")
+    assert len(plan.shape.layers) == 96
+    assert 2.0e9 < plan.shape.weights_bytes < 2.5e9  # 559M float32 parameters
+    mlp = predict(cfg, MemoryOptions(include="mlp"), device="cuda")
+    assert len(mlp.shape.layers) == 48
+
+
+def test_check_fits_refuses_and_names_options():
+    cfg = _model(64, 2, 4, 1000).config
+    plan = predict(cfg, MemoryOptions(batch_size=64, seq_len=512), device="cpu")
+    check_fits(plan, "cpu", available=10 * plan.max_peak)
+    with pytest.raises(WontFitError, match="batch_size=32.*predict\\(\\) again"):
+        check_fits(plan, "cpu", available=plan.peak["covariance"] // 2)
+
+
+def test_factor_options_token_budget_autocast_offload_partitions():
+    model = _model(32, 2, 2, 500)
+    batches = _batches(500, 2, 16, 5)
+    base = FactorConfig(progress=False)
+    assert base.settings(["x"]) == FactorConfig(progress=False, offload=True).settings(["x"])
+    f = fit_ekfac(model, TASK, batches, FactorConfig(progress=False, max_tokens=40))
+    assert f.n_tokens == 64 and f.n_sequences == 4  # stops after the batch reaching 40
+    full = fit_ekfac(model, TASK, batches, base)
+    off = fit_ekfac(model, TASK, batches, FactorConfig(progress=False, offload=True))
+    for a, b in zip(full.layers, off.layers):
+        assert torch.equal(a.lam, b.lam) and a.lam.device.type == "cpu"
+    bf = fit_ekfac(model, TASK, batches, FactorConfig(progress=False, autocast_dtype="bfloat16"))
+    assert bf.layers[0].lam.dtype == torch.float32
+    rel = (bf.layers[0].lam - full.layers[0].lam).norm() / full.layers[0].lam.norm()
+    assert rel < 0.2
+    parts = fit_partitioned(model, TASK, batches, base, partitions=3)
+    assert parts.module_names == full.module_names
+    for a, b in zip(full.layers, parts.layers):
+        torch.testing.assert_close(a.lam, b.lam)
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        FactorConfig(autocast_dtype="int8")
+    EKFACIHVP(parts)  # usable as any EK-FAC
