@@ -16,6 +16,7 @@ import argparse
 import random
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,21 +52,22 @@ PAPER_ROW = {"cg_small": None, "cg_large": "cg_1000", "lissa_small": "lissa_2000
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="msif-lite bench accuracy", description=__doc__.split("\n")[0])
-    p.add_argument("--queries", type=int, default=pick(10, 4), help="world queries (default 10)")
+    p.add_argument("--queries", type=int, default=pick(10, 3), help="world queries (default 10)")
     p.add_argument("--candidates", type=int, default=pick(500, 40), help="candidate documents")
-    p.add_argument("--fit", type=int, default=pick(32, 8), help="documents G is fitted on")
-    p.add_argument("--damping-rel", type=float, default=pick(0.1, 1.0),
+    p.add_argument("--fit", type=int, default=pick(64, 8), help="documents G is fitted on")
+    p.add_argument("--damping-rel", type=float, default=pick(10.0, 300.0),
                    help="λ = this × trace(G)/P (the mean GGN eigenvalue)")
     p.add_argument("--damping", type=float, help="absolute λ (overrides --damping-rel)")
     p.add_argument("--tol", type=float, default=1e-7, help="ground-truth CG tolerance")
     p.add_argument("--converged-below", type=float, default=1e-6,
                    help="a query counts as converged when its recomputed residual is below this")
-    p.add_argument("--max-iter", type=int, default=pick(2000, 500), help="ground-truth CG cap")
-    p.add_argument("--cg", type=int, nargs=2, default=pick([10, 40], [2, 8]), help="CG budgets")
-    p.add_argument("--lissa", type=int, nargs=2, default=pick([100, 400], [10, 40]),
+    p.add_argument("--max-iter", type=int, default=pick(1000, 500), help="ground-truth CG cap")
+    p.add_argument("--cg", type=int, nargs=2, default=pick([10, 30], [2, 8]), help="CG budgets")
+    p.add_argument("--lissa", type=int, nargs=2, default=pick([50, 200], [5, 20]),
                    help="LiSSA depths")
     p.add_argument("--power-iters", type=int, default=pick(20, 8), help="for λ_max(G)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="default", help="shipped world/checkpoints")
     p.add_argument("--world", help="world directory (default data/world/<preset>)")
@@ -176,6 +178,9 @@ def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
         hutch = hutchinson_mean_eig(matvec, n_params, args.queries, args.seed, dtype)
         top = lambda_max(matvec, n_params, args.power_iters, args.seed, dtype)
     spectrum_s = t.seconds
+    if progress:
+        print(f"  λ = {lam:.3g} = {lam / mean_eig:.3g} × trace(G)/P; Hutchinson trace(G)/P = "
+              f"{hutch:.3g}, EK-FAC {mean_eig:.3g}; λ_max(G) ≈ {top:.3g}", flush=True)
     gt = ConjugateGradientIHVP(matvec, mods, lam, max_iter=args.max_iter, tol=args.tol,
                                progress=progress)  # fmt: skip
     score("ground_truth", gt)
@@ -208,8 +213,10 @@ def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
         warnings.warn("ground-truth CG did not converge for every query; see the JSON",
                       stacklevel=2)  # fmt: skip
     n_tok = sum(int(b.attention_mask.sum()) for b in fit_b)
+    arch = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
     setup = {
         "model": model_label, "n_params_tracked": n_params,
+        "architecture": {k: getattr(model.config, k, None) for k in arch},
         "layers": [m.name for m in mods], "mlp_layers": [m.name for m in mlp],
         "queries": [q.fact_id for q in queries], "n_queries": len(queries),
         "n_candidates": len(cand_ids),
@@ -260,13 +267,38 @@ def markdown(payload: dict) -> str:
     )
 
 
+def plot(payload: dict, path: Path) -> None:
+    """Spearman vs the ground truth per method (mean ± std over queries), paper's beside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(payload["methods"])
+    ours = [payload["methods"][n]["spearman_mean"] for n in names]
+    err = [payload["methods"][n]["spearman_std"] for n in names]
+    paper = [payload["paper"]["spearman"].get(n, float("nan")) for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh(names, ours, xerr=err, color="tab:blue", label="msif-lite")
+    ax.plot(paper, names, "k|", markersize=14, mew=2, label="paper (same method)")
+    ax.set(xlabel="Spearman ρ vs exact-GGN CG", xlim=(min(0.0, *ours), 1.0))
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`msif-lite bench accuracy`: run, then write <out>/accuracy.json and .md."""
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shipped = load_shipped(args.preset, world_dir=args.world, checkpoint_dir=args.checkpoints)
-    label = f"{shipped.root} (pretrained, θ_pt)"
+    label = f"{shipped.finetuned_meta.preset} ({shipped.root.name} checkpoints, pretrained θ_pt)"
     payload = run(shipped, args, label)
     path = write_results("accuracy", payload, markdown(payload), args.out)
+    plot(payload, path.with_suffix(".png"))
     print(markdown(payload))
     print(f"wrote {path}")
     return 0
