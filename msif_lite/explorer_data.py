@@ -86,7 +86,7 @@ def layer_of(module_name: str) -> str:
 class ExplorerData:
     """Cached rankings, per-layer splits and per-token scores for the explorer widget.
 
-    Candidate gradients of the current pool stay in memory up to `memory_budget_mb`;
+    Candidate gradients stay in memory up to `memory_budget_mb` (at least one pool);
     query-gradient-sized results are kept for the `max_gradients` most recent settings.
     `stats` counts the real computations (query gradients, preconditionings, candidate
     scorings, per-token passes) so tests can check that cached views recompute nothing.
@@ -110,7 +110,7 @@ class ExplorerData:
         self.stats: Counter[str] = Counter()
         self._memo: dict[tuple, object] = {}
         self.memory_budget_mb = memory_budget_mb
-        self._matrices: dict[int, tuple] = {}
+        self._docs: OrderedDict[tuple, Grads] = OrderedDict()
         self._grads: OrderedDict[tuple, Grads] = OrderedDict()
         self.max_gradients = max_gradients
 
@@ -206,37 +206,31 @@ class ExplorerData:
         """1 / (‖∇m(q)‖ ‖∇ℓ(z)‖) per document (grad_cosine), candidate norms memoised."""
         qg = self._query_grads(q, "finetuned")
         qn = sum(v.double().pow(2).sum((-2, -1)) for v in qg.values()).sqrt()[0]
-
-        def norm(d: str) -> float:
-            if ("norm", d) not in self._memo:
-                mat = self._candidate_matrix("grad_dot", self.candidates(q))
-                pool = self.candidates(q)
-                if mat is not None and d in pool:
-                    i = pool.index(d)
-                    self._memo[("norm", d)] = float(sum(v[i].double().pow(2).sum()
-                                                        for v in mat.values()).sqrt())
-                else:
-                    store = self.att.pretrained_store
-                    self._memo[("norm", d)] = float(store.norms([self.att.candidate(d)])[0])
-            return self._memo[("norm", d)]
-
-        norms = torch.tensor([norm(d) for d in doc_ids], dtype=torch.float64)
-        return 1.0 / (qn * norms).clamp_min(1e-30)
+        todo = [d for d in doc_ids if ("norm", d) not in self._memo]
+        for d, g in zip(todo, self._doc_grads("grad_dot", todo)):
+            self._memo[("norm", d)] = float(sum(v.double().pow(2).sum() for v in g.values()))
+        norms = torch.tensor([self._memo[("norm", d)] for d in doc_ids], dtype=torch.float64)
+        return 1.0 / (qn * norms.sqrt()).clamp_min(1e-30)
 
     # ------------------------------------------------------------------ scores
-    def _candidate_matrix(self, method: str, cands: Sequence[str]) -> Grads | None:
-        """Candidate gradients flattened to (N, P) per layer, kept in memory (the last pool
-        per model) when they fit in `memory_budget_mb`; None = score from the disk cache."""
+    def _doc_grads(self, method: str, doc_ids: Sequence[str]) -> list[Grads]:
+        """Each document's gradient (per layer), from memory, else from the store (disk
+        cache, computed once); up to `memory_budget_mb` of documents stay in memory."""
         store, _, modules = self._store_and_modules(method)
-        size = sum(m.numel for m in modules) * torch.finfo(store.dtype).bits // 8 * len(cands)
-        if size > self.memory_budget_mb * 2**20:
-            return None
-        key = (id(store), tuple(cands))
-        if self._matrices.get(id(store), (None,))[0] != key:
-            g = store.grads([self.att.candidate(d) for d in cands])
-            self._matrices[id(store)] = (key, {k: v.reshape(len(cands), -1) for k, v in
-                                               g.items()})  # fmt: skip
-        return self._matrices[id(store)][1]
+        per_doc = sum(m.numel for m in modules) * torch.finfo(store.dtype).bits // 8
+        keep = max(len(doc_ids), int(self.memory_budget_mb * 2**20 // max(per_doc, 1)))
+        missing = [d for d in dict.fromkeys(doc_ids) if (id(store), d) not in self._docs]
+        if missing:
+            g = store.grads([self.att.candidate(d) for d in missing])
+            for i, d in enumerate(missing):
+                self._docs[(id(store), d)] = {k: v[i] for k, v in g.items()}
+        out = []
+        for d in doc_ids:
+            self._docs.move_to_end((id(store), d))
+            out.append(self._docs[(id(store), d)])
+        while len(self._docs) > keep:
+            self._docs.popitem(last=False)
+        return out
 
     def all_scores(self, q: ExplorerQuery, s: Settings) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N,) scores of every candidate and (N, L) per-layer scores (None for text methods)."""
@@ -246,15 +240,14 @@ class ExplorerData:
             cands = self.candidates(q)
             if s.method in TEXT_METHODS:
                 return self.att.scores(s.method, [q], cands)[0].double(), None
-            store, _, modules = self._store_and_modules(s.method)
+            _, _, modules = self._store_and_modules(s.method)
             pre = self._renamed(s.method, self.preconditioned(q, s))
-            mat = self._candidate_matrix(s.method, cands)
-            if mat is None:
-                layers = store.scores(pre, [self.att.candidate(d) for d in cands],
-                                      by_module=True)[0].double()  # fmt: skip
-            else:
-                layers = torch.stack([(mat[m.name] @ pre[m.name].reshape(-1).to(
-                    mat[m.name].dtype)).double() for m in modules], -1)  # fmt: skip
+            flat = {m.name: pre[m.name].reshape(-1) for m in modules}
+            layers = torch.tensor(
+                [[float(g[m.name].reshape(-1) @ flat[m.name].to(g[m.name].dtype))
+                  for m in modules] for g in self._doc_grads(s.method, cands)],
+                dtype=torch.float64,
+            )  # fmt: skip
             if s.method == "grad_cosine":
                 layers = layers * self._cosine_scale(q, cands)[:, None]
             return layers.sum(-1), layers
