@@ -22,6 +22,7 @@ BENCHES = {
     "accuracy": "msif_lite.bench.accuracy",
     "fact-tracing": "msif_lite.bench.fact_tracing",
     "retrieval": "msif_lite.bench.retrieval",
+    "bloom560m": "msif_lite.bench.bloom560m",
 }
 
 

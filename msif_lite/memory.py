@@ -230,7 +230,7 @@ def predict(model_config_or_model, options: MemoryOptions = MemoryOptions(),
         prev = per if n_batches > 1 else 0
         cache_prev = min((n_batches - 1) * per, int(budget // per) * per) if budget else prev
         cache_all = per * n_batches if fits else 0
-        cov = {"A,S": as_b, "cached batches": cache_prev, "forward+backward": act(B, T, g),
+        cov = {"A,S": as_b, "cached/previous batches": cache_prev, "forward+backward": act(B, T, g),
                "earlier groups": done}
         eig_peak, q_so_far = 0, 0
         for _, d, out in g:  # eigh of A then of S, layer by layer, as fit_eigenbasis runs

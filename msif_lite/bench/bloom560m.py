@@ -1,0 +1,208 @@
+"""Time and memory of every stage at the BLOOM-560m shape, predicted versus measured.
+
+`python benchmarks/bloom560m.py` (or `msif-lite bench bloom560m`) builds a randomly
+initialised BLOOM (random weights are fine for time and memory) and runs, on random tokens:
+the forward+backward floor (one plain training pass over the fit tokens), the covariance
+pass, the eigendecompositions, the Λ pass, and pairwise multi-stage scoring of 16 queries
+against the candidates. Before each stage it prints `msif_lite.memory.predict`'s plan and
+refuses (check_fits) when a stage would not fit. Writes results/bloom560m.json + .md.
+
+- With a GPU (torch.cuda.is_available()): the full shape — 24 blocks, hidden 1024, 16 heads,
+  vocabulary 250,880, all 96 linear layers, 1,000,000 fit tokens (2 × 977 sequences × 512),
+  bf16 autocast with float32 factors, 16 queries × 1,000 candidates. Target on one H200:
+  fit_s < 300 s and peak_mem_gib < 24.
+- On a CPU: a reduced size — 4 blocks, hidden 128, 4 heads, vocabulary 4,096, all 16 linear
+  layers, 8,192 fit tokens (16 batches of 4 × 128 tokens), float32 (no autocast), 16
+  queries × 32 candidates; one intra-op thread — recorded as such in the JSON (`size`).
+`--size full|reduced` overrides the choice. Time predictions: FLOPs per stage divided by the
+throughput the floor measured (eigh: a 512×512 float64 probe scaled by n³).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+
+import torch
+
+from msif_lite.bench.common import Timer, markdown_table, write_results
+from msif_lite.factors import FactorConfig, fit_covariances, fit_eigenbasis, fit_lambda
+from msif_lite.memory import GiB, MemoryOptions, check_fits, measure_peak, nbytes, predict
+from msif_lite.modules import find_modules
+from msif_lite.multistage import MultiStageConfig, MultiStageIHVP
+from msif_lite.scores import pairwise_scores, query_gradients
+from msif_lite.tasks import LanguageModelingTask, TokenBatch
+
+
+@dataclass(frozen=True)
+class Size:
+    """A benchmark shape."""
+
+    name: str
+    hidden: int
+    n_layer: int
+    n_head: int
+    vocab: int
+    seq_len: int
+    batch_size: int
+    fit_tokens: int
+    n_queries: int
+    query_len: int
+    n_candidates: int
+    autocast: str | None
+
+
+FULL = Size("full (BLOOM-560m shape)", 1024, 24, 16, 250880, 512, 4, 1_000_000, 16, 64, 1000,
+            "bfloat16")
+REDUCED = Size("reduced (CPU)", 128, 4, 4, 4096, 128, 4, 8192, 16, 32, 32, None)
+
+
+def _batches(size: Size, n_seq: int, seq_len: int, seed: int) -> list[TokenBatch]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n_seq, size.batch_size):
+        ids = torch.randint(0, size.vocab, (min(size.batch_size, n_seq - i), seq_len), generator=g)
+        out.append(TokenBatch(ids, torch.ones_like(ids), ids.clone()))
+    return out
+
+
+def _flops(model, size: Size, mods) -> dict[str, float]:
+    """Per-token FLOPs: forward F = 2·P_lin + 2·d·V + 4·L·T·d; a training step 3F; a capture
+    2F (no weight gradients); the factor GEMMs per tracked layer."""
+    p_lin = sum(m.in_features * m.out_features for m in find_modules(model, None, None))
+    f = 2 * p_lin + 4 * size.n_layer * size.seq_len * size.hidden
+    cov = sum(2 * (m.d_in**2 + m.out_features**2) for m in mods)
+    rot = sum(2 * (m.d_in**2 + m.out_features**2 + m.d_in * m.out_features) for m in mods)
+    dw = sum(2 * m.d_in * m.out_features for m in mods)
+    return {"floor": 3 * f, "covariance": 2 * f + cov, "lambda": 2 * f + rot,
+            "candidate": 2 * f + dw, "per_query_candidate": dw / size.seq_len}  # fmt: skip
+
+
+def _eigh_rate(device) -> float:
+    """Seconds per n³ of a float64 eigh on `device` (one 512×512 probe)."""
+    x = torch.randn(512, 512, dtype=torch.float64, device=device)
+    a = x @ x.T
+    torch.linalg.eigh(a)
+    with Timer() as t:
+        torch.linalg.eigh(a)
+    return t.seconds / 512**3
+
+
+def run(size: Size, device: torch.device, progress: bool = False) -> dict:
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    cfg = BloomConfig(vocab_size=size.vocab, hidden_size=size.hidden, n_layer=size.n_layer,
+                      n_head=size.n_head, attention_dropout=0.0, hidden_dropout=0.0)
+    opts = MemoryOptions(batch_size=size.batch_size, seq_len=size.seq_len,
+                         fit_tokens=size.fit_tokens, autocast_dtype=size.autocast,
+                         cache_activations_mb=0.0, n_queries=size.n_queries,
+                         query_len=size.query_len)  # fmt: skip
+    plan = predict(cfg, opts, device)  # from the config alone, before building anything
+    print(plan)
+    check_fits(plan, device, models_resident=1)
+    model = BloomForCausalLM(cfg).to(device).eval()
+    task, mods = LanguageModelingTask(), find_modules(model)
+    fcfg = FactorConfig(progress=progress, cache_activations_mb=0.0,
+                        autocast_dtype=size.autocast, max_tokens=size.fit_tokens)  # fmt: skip
+    n_seq = math.ceil(size.fit_tokens / size.seq_len)
+    fit = [b.to(device) for b in _batches(size, n_seq, size.seq_len, 0)]
+    cands = [b.to(device) for b in _batches(size, size.n_candidates, size.seq_len, 1)]
+    queries = _batches(replace(size, batch_size=size.n_queries), size.n_queries,
+                       size.query_len, 2)[0].to(device)  # fmt: skip
+    tokens = n_seq * size.seq_len
+    fl = _flops(model, size, mods)
+    cpu = device.type == "cpu"
+    mem_batches = fit[:2] if cpu else fit  # CPU: memory from a profiled 2-batch run
+
+    def floor(batches):
+        for b in batches:
+            with torch.autocast(device.type, dtype=getattr(torch, size.autocast or "float32"),
+                                enabled=size.autocast is not None):
+                task.loss(model, b).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    rows, measured = [], {}
+
+    def stage(name, fn, mem_fn, held=0, pred_s=float("nan")):
+        print(f"[{name}] predicted peak {plan.peak.get(name, 0) / GiB:.3f} GiB", flush=True)
+        with Timer() as t:  # GPU: max_memory_allocated costs nothing, so meter the timed run
+            peak, out = (0, fn()) if cpu else measure_peak(fn)
+        if cpu:  # the profiler slows a CPU run down: meter a separate 2-batch run
+            peak, _ = measure_peak(mem_fn)
+        measured[name] = (t.seconds, peak + held)
+        rows.append({"stage": name, "predicted_s": pred_s, "measured_s": t.seconds,
+                     "predicted_gib": plan.peak.get(name, float("nan")) / GiB,
+                     "measured_gib": (peak + held) / GiB})  # fmt: skip
+        return out
+
+    floor(fit[:1])  # warm-up (allocator, kernels) before anything is timed
+    with Timer() as t_floor:
+        floor(fit)
+    fl_peak, _ = measure_peak(lambda: floor(mem_batches))
+    rate = fl["floor"] * tokens / t_floor.seconds  # FLOP/s the floor achieved
+    rows.append({"stage": "forward+backward floor", "predicted_s": float("nan"),
+                 "measured_s": t_floor.seconds, "predicted_gib": float("nan"),
+                 "measured_gib": fl_peak / GiB})  # fmt: skip
+    eig_rate = _eigh_rate(device)
+    kfac = stage("covariance", lambda: fit_covariances(model, task, fit, fcfg, mods),
+                 lambda: fit_covariances(model, task, mem_batches, fcfg, mods),
+                 pred_s=fl["covariance"] * tokens / rate)
+    n3 = sum(m.d_in**3 + m.out_features**3 for m in mods)
+    eig = stage("eigendecomposition", partial(fit_eigenbasis, kfac), partial(fit_eigenbasis, kfac),
+                held=nbytes(kfac), pred_s=n3 * eig_rate)
+    del kfac
+    ek = stage("lambda", partial(fit_lambda, model, task, fit, eig, fcfg, mods),
+               partial(fit_lambda, model, task, mem_batches, eig, fcfg, mods),
+               held=nbytes(eig), pred_s=fl["lambda"] * tokens / rate)
+    del eig
+    ihvp = MultiStageIHVP.from_factors(copy.deepcopy(ek), ek, MultiStageConfig(alpha=1.0))
+
+    def score(cs):
+        qg = query_gradients(model, task, queries, mods)
+        return pairwise_scores(model, task, qg, cs, ihvp, mods, progress=progress)
+
+    c_tokens = size.n_candidates * size.seq_len
+    stage("scoring", lambda: score(cands), lambda: score(cands[:2]), held=2 * nbytes(ek),
+          pred_s=(fl["candidate"] + size.n_queries * fl["per_query_candidate"]) * c_tokens / rate)
+    fit_s = sum(measured[s][0] for s in ("covariance", "eigendecomposition", "lambda"))
+    peak = max(v[1] for v in measured.values())
+    return {
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if not cpu else ""),
+        "gpu": not cpu, "size": asdict(size), "fit_tokens": tokens, "fit_s": fit_s,
+        "peak_mem_gib": peak / GiB, "floor_s": t_floor.seconds, "stages": rows,
+        "tracked_layers": len(mods),
+        "memory_measured_by": "torch.cuda.max_memory_allocated" if not cpu else
+        "torch.profiler CPU allocator total, 2-batch run (+ factors held)",
+        "targets": {"fit_s": 300, "peak_mem_gib": 24, "apply_to": "full size on one H200"},
+        "note": "" if not cpu else "no GPU in this run: reduced size on CPU; run "
+        "`python benchmarks/bloom560m.py` on a GPU machine for the full BLOOM-560m shape",
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=("auto", "full", "reduced"), default="auto")
+    p.add_argument("--out", default="results", help="results directory")
+    p.add_argument("--progress", action="store_true")
+    a = p.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu":
+        torch.set_num_threads(1)  # a shared 2-core machine: no OpenMP oversubscription
+    size = {"full": FULL, "reduced": REDUCED}.get(a.size, FULL if dev.type == "cuda" else REDUCED)
+    t0 = time.perf_counter()
+    res = run(size, dev, a.progress)
+    res["total_s"] = time.perf_counter() - t0
+    md = (f"# BLOOM-560m benchmark — {size.name}\n\nDevice: {res['device']}. "
+          f"{res['tracked_layers']} tracked linear layers, {res['fit_tokens']:,} fit tokens, "
+          f"fit_s (all factor stages) = {res['fit_s']:.1f} s, peak = "
+          f"{res['peak_mem_gib']:.3f} GiB. {res['note']}\n\n"
+          + markdown_table(res["stages"], ["stage", "predicted_s", "measured_s",
+                                           "predicted_gib", "measured_gib"]))  # fmt: skip
+    write_results("bloom560m", res, md, a.out)
+    print(md)
+    return res
