@@ -172,3 +172,15 @@ def test_factor_options_token_budget_autocast_offload_partitions():
     with pytest.raises(ValueError, match="autocast_dtype"):
         FactorConfig(autocast_dtype="int8")
     EKFACIHVP(parts)  # usable as any EK-FAC
+
+
+def test_bloom560m_bench_runs_at_a_tiny_size(tmp_path):
+    from msif_lite.bench.bloom560m import Size, run
+
+    tiny = Size("tiny", 32, 2, 2, 500, 32, 2, 256, 4, 16, 4, None)
+    res = run(tiny, torch.device("cpu"))
+    assert {"device", "fit_tokens", "fit_s", "peak_mem_gib"} <= set(res) and not res["gpu"]
+    stages = {r["stage"]: r for r in res["stages"]}
+    for st in ("covariance", "eigendecomposition", "lambda", "scoring"):
+        r = stages[st]
+        assert r["measured_s"] > 0 and abs(r["predicted_gib"] / r["measured_gib"] - 1) < 0.3
