@@ -135,11 +135,12 @@ def test_fast_bench_end_to_end(tmp_path, monkeypatch):
     assert r["alpha_sweep"]["10"]["alpha"] == pytest.approx(0.1)
     assert 0 <= r["layers"]["mlp_share"]["abs_all"] <= 1
     assert r["layers"]["all"] == r["methods"]["multi_stage"]
-    assert r["setup"]["n_queries_per_draw"] == min(10, len(world.queries))
+    assert r["setup"]["n_queries_per_draw"] == min(6, len(world.queries))
     assert r["setup"]["n_draws"] == 3 and r["setup"]["fast"] is True
     c = r["checks"]
     assert c["multistage_composition_max_rel_err"] < 1e-5
-    assert c["bf16_vs_fp32_spearman_min"] > 0.9
+    assert c["bf16_vs_fp32_spearman_min[heuristic]"] > 0.9
+    assert c["bf16_vs_fp32_spearman_min[0.001]"] > 0.9
     assert c["mlp_only_vs_mlp_part_max_rel_err"] < 1e-3
     for name in ("methods", "damping", "alpha"):
         assert (out / f"fact_tracing_{name}.png").stat().st_size > 1000

@@ -11,12 +11,14 @@ gradients at θ_pt are computed once for the union of all candidate sets (Gradie
 bfloat16 on disk under the cache and in memory) and serve grad_dot, grad_cosine,
 single_stage and every multi-stage sweep point; per-layer scores are kept, so the MLP-only
 score is the MLP part of the all-layer score (exact: EK-FAC is block-diagonal per layer;
-checked against a real include="mlp" Attributor). MSIF_FAST=1 shrinks everything.
+checked against a real include="mlp" Attributor). The multi-stage sweeps apply the EK-FAC
+factors in float64 (λ_pt = 1e-8 is singular in float32). MSIF_FAST=1 shrinks everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -29,10 +31,12 @@ from msif_lite.bench import tracing_metrics as tm
 from msif_lite.bench.common import Timer, spearman, write_results
 from msif_lite.capture import per_sequence_grads
 from msif_lite.config import fast_mode
+from msif_lite.factors import EigenFactors, EKFACFactors
 from msif_lite.gradstore import GradientStore
 from msif_lite.ihvp import EKFACIHVP, Damping
 from msif_lite.lm import greedy_answers
 from msif_lite.modules import Grads
+from msif_lite.retrieval import embed_texts
 from msif_lite.scores import precondition
 from msif_lite.shipped import Shipped, load_shipped
 
@@ -53,7 +57,7 @@ class BenchConfig:
     seed: int = 0
 
 
-FAST = BenchConfig(n_queries=10, n_draws=3, bm25_k=20, n_random=30, n_answer=15, embedding_k=40,
+FAST = BenchConfig(n_queries=6, n_draws=3, bm25_k=20, n_random=30, n_answer=15, embedding_k=40,
                    dampings=(1e-3, None), alpha_factors=(1.0, 10.0), n_check=2)  # fmt: skip
 GRAD_DTYPE = torch.bfloat16
 
@@ -89,15 +93,22 @@ class CandidateGrads:
         return sum(v.double().pow(2).sum(1) for v in self.g.values()).sqrt()
 
 
-def multistage_pre(att: Attributor, qg: Grads, alphas: Sequence[float],
+def as_float64(factors: EKFACFactors) -> EKFACFactors:
+    """The same EK-FAC factors in float64, so that tiny λ_pt (1e-8) stays invertible."""
+    return replace(factors, layers=tuple(
+        EigenFactors(x.name, x.q_a.double(), x.eig_a.double(), x.q_s.double(), x.eig_s.double(),
+                     x.lam.double()) for x in factors.layers))  # fmt: skip
+
+
+def multistage_pre(ft: EKFACFactors, pt: EKFACFactors, qg: Grads, alphas: Sequence[float],
                    dampings: Sequence[float | None]):  # fmt: skip
     """Yield (α, λ, P = α (H_pt + λI)⁻¹ (H_ft + αI)⁻¹ ∇m) for every α and every λ (the same
     composition as MultiStageIHVP with include_alpha; the fine-tuning stage is shared)."""
     for a in alphas:
-        ft = precondition(qg, EKFACIHVP(att.finetune_factors, Damping(absolute=a)))
+        ftp = precondition(qg, EKFACIHVP(ft, Damping(absolute=a)))
         for lam in dampings:
-            pt = EKFACIHVP(att.pretrain_factors, Damping(absolute=lam))
-            yield a, lam, {k: v * a for k, v in precondition(ft, pt).items()}
+            out = precondition(ftp, EKFACIHVP(pt, Damping(absolute=lam)))
+            yield a, lam, {k: v * a for k, v in out.items()}
 
 
 def build_draws(att: Attributor, world, cfg: BenchConfig) -> list[dict]:
@@ -139,9 +150,13 @@ def run(shipped: Shipped, cfg: BenchConfig, cache_dir: str = ".cache/msif",
     union = sorted({c for d in draws for cs in d["cands"] + d["emb"] for c in cs})
     col = {d: i for i, d in enumerate(union)}
     scores: dict[str, np.ndarray] = {}  # setting → (Q, N) or (Q, N, L)
+    emb = att.embedding_index  # queries embedded in one batch; same cosine as emb.scores
+    pos = {d: i for i, d in enumerate(emb.doc_ids)}
+    vecs = emb.index.reconstruct_batch(np.array([pos[d] for d in union]))
     for name, text_of in (("", lambda q: q.prompt), ("_qa", qa_text)):
-        for m, index in (("embedding", att.embedding_index), ("bm25", att.bm25_index)):
-            scores[m + name] = np.stack([index.scores(text_of(q), union) for q in qs])
+        texts = [text_of(q) for q in qs]
+        scores["embedding" + name] = embed_texts(emb.embedder, texts, progress=False) @ vecs.T
+        scores["bm25" + name] = np.stack([att.bm25_index.scores(t, union) for t in texts])
     cands = [att.candidate(d) for d in union]
     with Timer() as t:
         qg = att.query_grads(qs, "finetuned")
@@ -167,14 +182,21 @@ def run(shipped: Shipped, cfg: BenchConfig, cache_dir: str = ".cache/msif",
         scores["grad_cosine"] = (dot / (qn[:, None] * grads.norms()[None, :])).numpy()
     timings["grad_dot_s"] = t.seconds
     alpha = shipped.alpha
+    ft64, pt64 = as_float64(att.finetune_factors), as_float64(att.pretrain_factors)
     plan = [(f * alpha, list(cfg.dampings) if f == 1.0 else [None]) for f in cfg.alpha_factors]
     with Timer() as t:
         for a, lams in plan:
-            for a_, lam, pre in multistage_pre(att, qg, [a], lams):
+            for a_, lam, pre in multistage_pre(ft64, pt64, qg, [a], lams):
                 scores[f"ms|{a_:g}|{lam}"] = grads.scores(pre).numpy()
     timings["multi_stage_sweeps_s"] = t.seconds
-    checks = run_checks(att, qg, qs[: cfg.n_check], cands[: 4 * 16], store, alpha,
-                        scores[f"ms|{alpha:g}|None"][: cfg.n_check, : 4 * 16])  # fmt: skip
+    lam_min = min((x for x in cfg.dampings if x is not None), default=None)
+    ck_q = list(range(min(cfg.n_check, len(qs))))
+    ck_docs = sorted({d for j in ck_q for d in qs[j].source_doc_ids} | set(union[:48]))
+    ck_n = [col[d] for d in ck_docs]
+    checks = run_checks(att, ft64, pt64, {k: v[ck_q] for k, v in qg.items()}, [qs[j] for j in ck_q],
+                        [cands[i] for i in ck_n], alpha,
+                        {lam: scores[f"ms|{alpha:g}|{lam}"][ck_q][:, ck_n] for lam in
+                         {None, lam_min}})  # fmt: skip
     with Timer() as t:
         qg_pt = att.query_grads(qs, "pretrained")
         scores["single_stage"] = grads.scores(att.preconditioned("single_stage", {}, qg_pt)).sum(
@@ -238,7 +260,7 @@ def run(shipped: Shipped, cfg: BenchConfig, cache_dir: str = ".cache/msif",
         "candidate_retrieval_query": "question + answer (BM25 top-k and embedding top-k)",
         "baseline_query": "question only (Attributor.scores); *_qa rows: question + answer",
         "mrr_std": "sample std (ddof=1) over draws", "ties": "broken by a seeded random order",
-        "alpha_in_scores": True, "timings_s": timings,
+        "alpha_in_scores": True, "multi_stage_factor_dtype": "float64", "timings_s": timings,
     }  # fmt: skip
     return {
         "methods": {m: res[m] for m in methods},
@@ -254,30 +276,34 @@ def run(shipped: Shipped, cfg: BenchConfig, cache_dir: str = ".cache/msif",
     }
 
 
-def run_checks(att, qg, qs, cands, store, alpha, ms_scores) -> dict:
-    """Our multi-stage composition vs the Attributor's; bf16 vs float32 candidate gradients;
-    the MLP part of the all-layer score (float32) vs a real include='mlp' Attributor."""
+def run_checks(att, ft64, pt64, qg, qs, cands, alpha, ms_scores: dict) -> dict:
+    """Our multi-stage composition (float64 factors) vs the Attributor's; bf16 vs float32
+    candidate gradients (per λ_pt in `ms_scores`); the MLP part of the all-layer score
+    (float32 gradients) vs a real include='mlp' Attributor."""
     q = len(qs)
-    sub = {k: v[:q] for k, v in qg.items()}
-    ref = att.preconditioned("multi_stage", sub)
-    ours = next(multistage_pre(att, sub, [alpha], [None]))[2]
-    pre_err = max(float((ours[k] - ref[k]).abs().max() / ref[k].abs().max()) for k in ref)
+    ref = att.preconditioned("multi_stage", qg)
+    pres = {lam: p for _, lam, p in multistage_pre(ft64, pt64, qg, [alpha], list(ms_scores))}
+    out = {"multistage_composition_max_rel_err": max(
+        float((pres[None][k] - ref[k]).abs().max() / ref[k].abs().max()) for k in ref)}
     g32 = [per_sequence_grads(att.pretrained, att.task, att.collate(cands[i:i + 16]), att.modules)
            for i in range(0, len(cands), 16)]  # fmt: skip
-    s32 = torch.stack([torch.einsum("qoi,noi->qn", ref[m.name].double(),
-                                    torch.cat([g[m.name] for g in g32]).double())
-                       for m in att.modules], -1)  # fmt: skip
-    s16 = torch.from_numpy(ms_scores.sum(-1))
-    rho = [spearman(s16[i], s32.sum(-1)[i]) for i in range(q)]
+    g32 = {m.name: torch.cat([g[m.name] for g in g32]).double() for m in att.modules}
+    for lam, pre in pres.items():
+        s32 = torch.stack([torch.einsum("qoi,noi->qn", pre[m.name].double(), g32[m.name])
+                           for m in att.modules], -1)  # fmt: skip
+        s16 = torch.from_numpy(ms_scores[lam].sum(-1))
+        rho = [spearman(s16[i], s32.sum(-1)[i]) for i in range(q)]
+        tag = "heuristic" if lam is None else f"{lam:g}"
+        out |= {f"bf16_vs_fp32_spearman_min[{tag}]": min(rho),
+                f"bf16_vs_fp32_max_rel_err[{tag}]": float(
+                    (s16 - s32.sum(-1)).abs().max() / s32.sum(-1).abs().max())}  # fmt: skip
+        if lam is None:
+            part = s32[..., [i for i, m in enumerate(att.modules) if m.group == "mlp"]].sum(-1)
     mlp_att = Attributor(att.pretrained, att.finetuned, att.tokenizer, list(att.texts.items()),
                          att.finetune_pairs, replace(att.config, include="mlp"),
                          alpha=alpha)  # fmt: skip
     real = mlp_att.scores("multi_stage", qs, [c.doc_id for c in cands])
-    part = s32[..., [i for i, m in enumerate(att.modules) if m.group == "mlp"]].sum(-1)
-    return {
-        "multistage_composition_max_rel_err": pre_err,
-        "bf16_vs_fp32_spearman_min": min(rho), "bf16_vs_fp32_spearman_mean": float(np.mean(rho)),
-        "bf16_vs_fp32_max_rel_err": float((s16 - s32.sum(-1)).abs().max() / s32.abs().max()),
+    return out | {
         "mlp_only_vs_mlp_part_spearman_min": min(spearman(real[i], part[i]) for i in range(q)),
         "mlp_only_vs_mlp_part_max_rel_err": float((real - part).abs().max() / real.abs().max()),
         "n_queries": q, "n_candidates": len(cands),
@@ -292,10 +318,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=".cache/msif", help="factor/gradient cache")
     ap.add_argument("--out", default="results", help="where fact_tracing.* go")
     ap.add_argument("--progress", action="store_true", help="progress bars")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a busy 2-core machine, two "
+                         "threads spin-wait and run several times slower)")  # fmt: skip
     a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
     shipped = load_shipped(a.preset, world_dir=a.world, checkpoint_dir=a.checkpoints)
     cfg = FAST if fast_mode() else BenchConfig()
     payload = run(shipped, cfg, a.cache_dir, a.progress)
+    payload["setup"]["threads"] = a.threads
+    args = sys.argv[1:] if argv is None else list(argv)
+    payload["setup"]["command"] = " ".join(["msif-lite bench fact-tracing", *args])
     write_results("fact_tracing", payload, tm.markdown(payload), a.out)
     tm.plots(payload, a.out)
     print(tm.markdown(payload))
