@@ -111,6 +111,7 @@ class ExplorerData:
         self._memo: dict[tuple, object] = {}
         self.memory_budget_mb = memory_budget_mb
         self._docs: OrderedDict[tuple, Grads] = OrderedDict()
+        self._pools: OrderedDict[tuple, Grads] = OrderedDict()
         self._grads: OrderedDict[tuple, Grads] = OrderedDict()
         self.max_gradients = max_gradients
 
@@ -232,6 +233,21 @@ class ExplorerData:
             self._docs.popitem(last=False)
         return out
 
+    def _pool_matrix(self, method: str, cands: Sequence[str]) -> Grads:
+        """A pool's gradients as one (N, P_l) matrix per layer (the last 4 pools kept), so
+        a new setting costs one matrix-vector product per layer."""
+        store, _, modules = self._store_and_modules(method)
+        key = (id(store), tuple(cands))
+        if key in self._pools:
+            self._pools.move_to_end(key)
+        else:
+            docs = self._doc_grads(method, cands)
+            self._pools[key] = {m.name: torch.stack([g[m.name].reshape(-1) for g in docs])
+                                for m in modules}  # fmt: skip
+            while len(self._pools) > 4:
+                self._pools.popitem(last=False)
+        return self._pools[key]
+
     def all_scores(self, q: ExplorerQuery, s: Settings) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N,) scores of every candidate and (N, L) per-layer scores (None for text methods)."""
 
@@ -242,12 +258,9 @@ class ExplorerData:
                 return self.att.scores(s.method, [q], cands)[0].double(), None
             _, _, modules = self._store_and_modules(s.method)
             pre = self._renamed(s.method, self.preconditioned(q, s))
-            flat = {m.name: pre[m.name].reshape(-1) for m in modules}
-            layers = torch.tensor(
-                [[float(g[m.name].reshape(-1) @ flat[m.name].to(g[m.name].dtype))
-                  for m in modules] for g in self._doc_grads(s.method, cands)],
-                dtype=torch.float64,
-            )  # fmt: skip
+            mat = self._pool_matrix(s.method, cands)
+            layers = torch.stack([(mat[m.name] @ pre[m.name].reshape(-1).to(mat[m.name].dtype))
+                                  .double() for m in modules], -1)  # fmt: skip
             if s.method == "grad_cosine":
                 layers = layers * self._cosine_scale(q, cands)[:, None]
             return layers.sum(-1), layers
