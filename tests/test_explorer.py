@@ -91,8 +91,9 @@ def test_cached_scores_match_the_attributor(explorer):
     cands = data.candidates(q)
     for method in GRADIENT_METHODS:
         mine, layers = data.all_scores(q, Settings.make(method, 0.1, data.alpha0))
-        ref = data.att.scores(method, [q], cands)[0].double()
-        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+        ref = data.att.scores(method, [q], cands[:40])[0].double()
+        torch.testing.assert_close(mine[:40], ref, rtol=1e-4,
+                                   atol=1e-6 * float(ref.abs().max()))  # fmt: skip
         torch.testing.assert_close(layers.sum(-1), mine)
 
 

@@ -2,7 +2,8 @@
 the explorer, driven in headless Chromium (Playwright) at a laptop-sized window.
 
 Needs `playwright` (requirements/ci-browser.txt) and a Chromium binary: Debian's
-`chromium` package at /usr/bin/chromium, or $MSIF_CHROMIUM. Saves
+`chromium` package at /usr/bin/chromium, or $MSIF_CHROMIUM. Skipped without them, unless
+MSIF_REQUIRE_BROWSER=1 (CI), which makes their absence a failure. Saves
 results/explorer_screenshot.png (or $MSIF_SCREENSHOT_DIR/explorer_screenshot.png).
 """
 
@@ -60,10 +61,13 @@ def _quiet_lab_settings(settings_dir: Path) -> None:
 @pytest.fixture
 def lab(tmp_path):
     """JupyterLab serving a temp dir with the explorer notebook; stopped in all cases."""
+    missing = None
     if sync_playwright is None:
-        pytest.skip("playwright is not installed: pip install -r requirements/ci-browser.txt")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set MSIF_CHROMIUM)")
+        missing = "playwright is not installed: pip install -r requirements/ci-browser.txt"
+    elif not Path(CHROMIUM).exists():
+        missing = f"no Chromium at {CHROMIUM}: apt-get install chromium (or set MSIF_CHROMIUM)"
+    if missing:  # CI sets MSIF_REQUIRE_BROWSER=1 so that a missing install fails loudly
+        (pytest.fail if os.environ.get("MSIF_REQUIRE_BROWSER") == "1" else pytest.skip)(missing)
     root = tmp_path / "lab"
     root.mkdir()
     tiny = build_tiny_shipped(tmp_path / "tiny")
