@@ -28,6 +28,7 @@ GPU; on the CPU the peak of the torch CPU allocator's running total recorded by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -77,6 +78,7 @@ class MemoryOptions:
     query_len: int = _help("tokens per query", 64)
     query_rank: int | None = _help("rank r of low-rank preconditioned queries (None: full)", None)
     stages: int = _help("EK-FACs held while scoring: 2 multi-stage, 1 single-stage", 2)
+    padded: bool = _help("batches contain padding (capture then copies Ds once more)", False)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "fit_tokens", "partitions", "n_queries",
@@ -210,8 +212,10 @@ def predict(model_config_or_model, options: MemoryOptions = MemoryOptions(),
     def act(b, t, layers, autocast=True):
         c_v, c_d, c_h, c_k = coef if autocast else ACTIVATIONS.get((s.model_type, None),
                                                                     DEFAULT_ACTIVATIONS)
+        pad = sum(b * t * out * e for _, _, out in layers) if o.padded else 0
         return int(4 * (c_v * b * t * s.vocab + c_d * s.n_layers * b * t * s.hidden
-                        + c_h * s.n_layers * b * s.heads * t * t) + c_k * kept(b, t, layers))
+                        + c_h * s.n_layers * b * s.heads * t * t) + c_k * kept(b, t, layers)
+                   + pad)
 
     B, T = o.batch_size, o.seq_len
     n_batches = max(1, math.ceil(o.fit_tokens / (B * T)))
@@ -317,13 +321,15 @@ def device_bytes(device: torch.device | str) -> int:
 
 
 def check_fits(plan: MemoryPlan, device: torch.device | str, *, available: int | None = None,
-               models_resident: int = 0, headroom: float = 0.9) -> None:
+               models_resident: int = 0, headroom: float = 0.9,
+               stages: Sequence[str] = STAGES) -> None:
     """Raise `WontFitError` naming the options to change when a stage's peak exceeds
     `headroom` × the free memory (`available` bytes, default: what `device_bytes` reports).
-    `models_resident`: models still to be loaded onto the device (their weights count)."""
+    `models_resident`: models still to be loaded onto the device (their weights count);
+    `stages`: which stages to check (e.g. only the fitting ones)."""
     free = device_bytes(device) if available is None else available
     limit = headroom * free - models_resident * plan.shape.weights_bytes
-    bad = [st for st in STAGES if plan.peak[st] > limit]
+    bad = [st for st in stages if plan.peak[st] > limit]
     if not bad:
         return
     worst = max(bad, key=plan.peak.get)
@@ -351,6 +357,26 @@ def with_options(plan: MemoryPlan, model_config_or_model, **changes) -> MemoryPl
     return predict(model_config_or_model, replace(plan.options, **changes))
 
 
+@contextlib.contextmanager
+def _quiet_fds():
+    """Silence file descriptors 1 and 2 (the profiler's C++ start/stop banners)."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def measure_peak(fn: Callable[[], object]) -> tuple[int, object]:
     """(peak bytes allocated above the level at entry while `fn()` runs, its result).
 
@@ -365,8 +391,14 @@ def measure_peak(fn: Callable[[], object]) -> tuple[int, object]:
         return torch.cuda.max_memory_allocated() - start, out
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_fds():
+        prof.__enter__()
+    try:
         out = fn()
+    finally:
+        with _quiet_fds():
+            prof.__exit__(None, None, None)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
