@@ -76,6 +76,16 @@ def test_mlp_shares_hand_computed():
     assert s["signed_true"] == pytest.approx(3 / 8, abs=1e-15)
 
 
+def test_pairwise_auc_hand_computed():
+    s = np.array([3.0, 1.0, 2.0, 1.0, 0.0])
+    assert tm.pairwise_auc(s, [0], [1, 2, 4]) == 1.0
+    # true {2, 3} vs {1, 4}: 2>1, 2>4, 3=1 (½), 3>4 → 3.5 / 4
+    assert tm.pairwise_auc(s, [2, 3], [1, 4]) == 3.5 / 4
+    assert tm.pairwise_auc(s, [4], [0, 1]) == 0.0
+    with pytest.raises(ValueError):
+        tm.pairwise_auc(s, [], [1])
+
+
 def test_draw_candidates_and_phrases():
     ids = [f"d{i}" for i in range(50)]
     c = tm.draw_candidates(["d1", "d2"], ["d3", "d4"], ids, ["d2", "d5", "d6"],
@@ -145,3 +155,5 @@ def test_fast_bench_end_to_end(tmp_path, monkeypatch):
     for name in ("methods", "damping", "alpha"):
         assert (out / f"fact_tracing_{name}.png").stat().st_size > 1000
     assert "| multi_stage |" in (out / "fact_tracing.md").read_text()
+    auc = r["analysis"]["auc_vs_distractors"]["multi_stage"]
+    assert auc and all(0 <= v <= 1 for v in auc.values())

@@ -242,7 +242,8 @@ def run(shipped: Shipped, cfg: BenchConfig, cache_dir: str = ".cache/msif",
     emb_c = {m: metrics(m, "emb") for m in methods}
     answered = greedy_answers(att.finetuned, att.tokenizer, [q.prompt for q in qs])
     correct = {j: a.strip() == world.queries[j].answer for j, a in zip(used, answered)}
-    analysis = tm.analysis(world, per_query, top1, correct)
+    full = {m: scores[m] for m in per_query} | {"multi_stage_mlp": scores["multi_stage_mlp"]}
+    analysis = tm.analysis(world, per_query, top1, correct, full, row, union)
     timings["total_s"] = time.perf_counter() - t_start
     n_c = [len(c) for d in draws for c in d["cands"]]
     emb_recall = [len(truth[j] & set(e)) / len(truth[j])
@@ -260,6 +261,8 @@ def run(shipped: Shipped, cfg: BenchConfig, cache_dir: str = ".cache/msif",
         "candidate_retrieval_query": "question + answer (BM25 top-k and embedding top-k)",
         "baseline_query": "question only (Attributor.scores); *_qa rows: question + answer",
         "mrr_std": "sample std (ddof=1) over draws", "ties": "broken by a seeded random order",
+        "heuristic_lambda_pt": {k: float(v) for k, v in EKFACIHVP(
+            att.pretrain_factors, Damping()).damping_values.items()},
         "alpha_in_scores": True, "multi_stage_factor_dtype": "float64", "timings_s": timings,
     }  # fmt: skip
     return {

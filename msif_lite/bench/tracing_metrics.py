@@ -147,16 +147,31 @@ def outranking_kind(doc: dict, query_fact: dict) -> str:
     return "other"
 
 
+def pairwise_auc(scores: np.ndarray, pos: Sequence[int], neg: Sequence[int]) -> float:
+    """P(score of a true source > score of a distractor) over all (pos, neg) pairs; ties
+    count 1/2 (the AUC of one query against one distractor class)."""
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("pairwise_auc needs at least one positive and one negative")
+    a, b = np.asarray(scores)[list(pos)][:, None], np.asarray(scores)[list(neg)][None, :]
+    return float(((a > b) + 0.5 * (a == b)).mean())
+
+
 # ---------------------------------------------------------------- analysis and report
-def analysis(world, per_query: dict, top1: dict, correct: dict[int, bool]) -> dict:
+def analysis(world, per_query: dict, top1: dict, correct: dict[int, bool],
+             full: dict[str, np.ndarray], rows: dict[int, int], union: list[str]) -> dict:
     """Per-query diagnostics: MRR by whether the fine-tuned model answers the query and by
-    relation, per-query multi-stage wins, and what kind of document each method ranks first
-    when it is not a true source. `per_query[m][j]`: RRs of query j over draws; `top1[m]`:
-    (query, first document) pairs over draws."""
+    relation, per-query multi-stage wins, what kind of document each method ranks first
+    when it is not a true source, and the AUC of true sources against each kind of
+    distractor over the whole scored corpus. `per_query[m][j]`: RRs of query j over draws;
+    `top1[m]`: (query, first document) pairs; `full[m]`: (Q, N) scores of `union`, query j
+    in row rows[j]."""
     facts = {f.fact_id: f for f in world.facts}
     docs = {d.doc_id: {"kind": d.kind, "entity_ids": {facts[f].entity_id for f in d.fact_ids},
                        "values": {facts[f].value for f in d.fact_ids}}
             for d in world.documents}  # fmt: skip
+    world_text = {d.doc_id: d.text for d in world.documents}
+    ent = {e.entity_id: e.name for e in world.entities}
+    names = {j: ent[facts[world.queries[j].fact_id].entity_id] for j in correct}
     qmrr = {m: {j: float(np.mean(v)) for j, v in pq.items()} for m, pq in per_query.items()}
     used = sorted(correct)
 
@@ -180,7 +195,29 @@ def analysis(world, per_query: dict, top1: dict, correct: dict[int, bool]) -> di
                                                         for j in used]))}
                            for m in qmrr if m != "multi_stage"},
         "top1": {},
+        "auc_vs_distractors": {},
+        "sources_contain_name_and_answer": float(np.mean([
+            contains_phrase(world_text[d], names[j]) and contains_phrase(world_text[d], a)
+            for j in used for a in [world.queries[j].answer]
+            for d in world.queries[j].source_doc_ids])),
     }  # fmt: skip
+    kinds_of: dict[int, dict[str, list[int]]] = {}
+    for j in used:
+        q, f = world.queries[j], facts[world.queries[j].fact_id]
+        groups: dict[str, list[int]] = {"true source": []}
+        for i, d in enumerate(union):
+            k = "true source" if d in q.source_doc_ids else outranking_kind(
+                docs[d], {"entity_id": f.entity_id, "value": f.value})
+            groups.setdefault(k, []).append(i)
+        kinds_of[j] = groups
+    for m, sc in full.items():
+        aucs: dict[str, list[float]] = {}
+        for j in used:
+            g = kinds_of[j]
+            for k, idx in g.items():
+                if k != "true source" and idx and g["true source"]:
+                    aucs.setdefault(k, []).append(pairwise_auc(sc[rows[j]], g["true source"], idx))
+        out["auc_vs_distractors"][m] = {k: float(np.mean(v)) for k, v in sorted(aucs.items())}
     for m, pairs in top1.items():
         kinds: dict[str, float] = {}
         for j, d in pairs:
@@ -235,7 +272,9 @@ def markdown(p: dict) -> str:
         f"retrieved: {p['embedding_candidates']['candidate_recall']:.3f})\n\n",
         markdown_table(_rows(p["embedding_candidates"], "method"), ["method", *cols]),
         f"\n## Analysis\n\nThe fine-tuned model answers {a['n_answered']} of the "
-        f"{a['n_scored']} scored queries correctly (greedy, exact match).\n\n",
+        f"{a['n_scored']} scored queries correctly (greedy, exact match). Share of true "
+        f"sources that contain the entity's name and the answer verbatim: "
+        f"{a['sources_contain_name_and_answer']:.3f}.\n\n",
         markdown_table([{"method": m, **{k: "-" if v is None else f"{v:.3f}"
                                           for k, v in g.items()}}
                         for m, g in a["mrr_by_answered"].items()],
@@ -249,6 +288,12 @@ def markdown(p: dict) -> str:
                         for m, g in a["top1"].items()],
                        ["method", "true source", "same entity, other fact",
                         "other entity, same answer", "value blurb", "other"]),
+        "\nAUC of true sources against each kind of distractor (all scored documents; 1 = "
+        "every true source above every such distractor, 0.5 = chance):\n\n",
+        markdown_table([{"method": m, **{k: f"{v:.3f}" for k, v in g.items()}}
+                        for m, g in a["auc_vs_distractors"].items()],
+                       ["method", "same entity, other fact", "other entity, same answer",
+                        "value blurb", "other"]),
         "\nPer query, multi-stage vs each method (fraction of queries with higher / lower "
         "mean RR):\n\n",
         markdown_table([{"method": m, **v} for m, v in a["multi_stage_vs"].items()],
