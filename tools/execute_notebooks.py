@@ -67,14 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     a = p.parse_args(argv)
     mode = "fast" if os.environ.get("MSIF_FAST", "0") not in ("", "0") else "full"
-    times_path = REPO / "notebooks" / "run_times.json"
-    times = json.loads(times_path.read_text()) if times_path.exists() else {}
     for path in a.notebooks:
         s = execute(path, save=not a.check, timeout=a.timeout)
         print(f"{path.name}: {mode} mode, {s:.0f} s", flush=True)
-        times.setdefault(path.name, {})[mode] = round(s)
-    times_path.write_text(json.dumps(dict(sorted(times.items())), indent=2) + "\n")
+        record_time(path.name, mode, s)
     return 0
+
+
+def record_time(name: str, mode: str, seconds: float) -> None:
+    """Merge one run time into notebooks/run_times.json, re-reading it just before writing
+    (other notebooks may have been executed meanwhile)."""
+    times_path = REPO / "notebooks" / "run_times.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    times.setdefault(name, {})[mode] = round(seconds)
+    tmp = times_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(sorted(times.items())), indent=2) + "\n")
+    os.replace(tmp, times_path)
 
 
 if __name__ == "__main__":
