@@ -33,15 +33,6 @@ SAMPLED = FactorConfig(fisher="sampled", progress=False)
 TIGHT = dict(rtol=1e-8, atol=1e-10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 problems run far faster single-threaded (and without contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def blocks(M: torch.Tensor, modules) -> list[torch.Tensor]:
     """The per-layer diagonal blocks of a (P, P) matrix in the `flatten` layout."""
     out, start = [], 0

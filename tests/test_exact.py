@@ -31,15 +31,6 @@ from msif_lite.tasks import ClassificationTask, LanguageModelingTask, make_token
 TIGHT = dict(rtol=1e-9, atol=1e-10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 problems run far faster single-threaded (and without contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- tiny problems
 def tiny_mlp(seed: int = 0, d: int = 4, h: int = 5, c: int = 3, n: int = 7, bias: bool = True):
     torch.manual_seed(seed)

@@ -30,15 +30,6 @@ N, D, C, L2, SEED = 100, 6, 5, 1e-2, 0
 REMOVED = list(range(0, N, 4))  # 25 leave-one-out retrainings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 problems run far faster single-threaded (and without contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a - a.mean(), b - b.mean()
     return float(a @ b / (a.norm() * b.norm()))
