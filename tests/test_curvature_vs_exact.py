@@ -123,7 +123,7 @@ def tiny_mlp(seed: int, steps: int = 50, n: int = 60):
 
 
 @pytest.fixture(scope="module")
-def trained(_one_thread):
+def trained():
     out = []
     for seed in range(3):
         model, task, x, y, modules = tiny_mlp(seed)

@@ -36,7 +36,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def problem(_one_thread):
+def problem():
     g = torch.Generator().manual_seed(SEED)
     x = torch.randn(N, D, generator=g, dtype=torch.float64)
     teacher = torch.randn(C, D, generator=g, dtype=torch.float64)
