@@ -157,3 +157,4 @@ def test_fast_bench_end_to_end(tmp_path, monkeypatch):
     assert "| multi_stage |" in (out / "fact_tracing.md").read_text()
     auc = r["analysis"]["auc_vs_distractors"]["multi_stage"]
     assert auc and all(0 <= v <= 1 for v in auc.values())
+    assert 0 <= r["analysis"]["true_source_score_positive"]["grad_dot"] <= 1

@@ -7,7 +7,8 @@
 - `recall_at_k`: |true ∩ top-k| / |true|;
 - `mean_std`: mean and sample standard deviation (ddof=1) over draws;
 - `draw_candidates`: BM25 top-k ∪ true sources ∪ random documents ∪ documents sharing the
-  answer string, the paper's candidate pool for one query.
+  answer string, the paper's candidate pool for one query;
+- `analysis`, `markdown`, `plots`: diagnostics and the results/fact_tracing.* report.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def rank_candidates(
-    scores: Sequence[float] | np.ndarray, candidates: Sequence[str],
-    rng: np.random.Generator | None = None,
-) -> list[str]:  # fmt: skip
+def rank_candidates(scores: Sequence[float] | np.ndarray, candidates: Sequence[str],
+                    rng: np.random.Generator | None = None) -> list[str]:  # fmt: skip
     """Candidates sorted by descending score; equal scores in a random (seeded) order."""
     s = np.asarray(scores, dtype=np.float64)
     if s.shape != (len(candidates),):
@@ -201,15 +200,19 @@ def analysis(world, per_query: dict, top1: dict, correct: dict[int, bool],
             for j in used for a in [world.queries[j].answer]
             for d in world.queries[j].source_doc_ids])),
     }  # fmt: skip
-    kinds_of: dict[int, dict[str, list[int]]] = {}
-    for j in used:
+    def kind(j: int, d: str) -> str:
         q, f = world.queries[j], facts[world.queries[j].fact_id]
-        groups: dict[str, list[int]] = {"true source": []}
+        if d in q.source_doc_ids:
+            return "true source"
+        return outranking_kind(docs[d], {"entity_id": f.entity_id, "value": f.value})
+
+    kinds_of: dict[int, dict[str, list[int]]] = {j: {"true source": []} for j in used}
+    for j in used:
         for i, d in enumerate(union):
-            k = "true source" if d in q.source_doc_ids else outranking_kind(
-                docs[d], {"entity_id": f.entity_id, "value": f.value})
-            groups.setdefault(k, []).append(i)
-        kinds_of[j] = groups
+            kinds_of[j].setdefault(kind(j, d), []).append(i)
+    out["true_source_score_positive"] = {m: float(np.mean(
+        [sc[rows[j], i] > 0 for j in used for i in kinds_of[j]["true source"]]))
+        for m, sc in full.items()}  # fmt: skip
     for m, sc in full.items():
         aucs: dict[str, list[float]] = {}
         for j in used:
@@ -219,16 +222,10 @@ def analysis(world, per_query: dict, top1: dict, correct: dict[int, bool],
                     aucs.setdefault(k, []).append(pairwise_auc(sc[rows[j]], g["true source"], idx))
         out["auc_vs_distractors"][m] = {k: float(np.mean(v)) for k, v in sorted(aucs.items())}
     for m, pairs in top1.items():
-        kinds: dict[str, float] = {}
+        out["top1"][m] = {}
         for j, d in pairs:
-            q = world.queries[j]
-            if d in q.source_doc_ids:
-                k = "true source"
-            else:
-                f = facts[q.fact_id]
-                k = outranking_kind(docs[d], {"entity_id": f.entity_id, "value": f.value})
-            kinds[k] = kinds.get(k, 0.0) + 1 / len(pairs)
-        out["top1"][m] = kinds
+            k = kind(j, d)
+            out["top1"][m][k] = out["top1"][m].get(k, 0.0) + 1 / len(pairs)
     return out
 
 
@@ -294,6 +291,9 @@ def markdown(p: dict) -> str:
                         for m, g in a["auc_vs_distractors"].items()],
                        ["method", "same entity, other fact", "other entity, same answer",
                         "value blurb", "other"]),
+        "\nShare of (query, true source) pairs with a positive score (gradient methods: the "
+        "formula says the source helps the answer): "
+        + ", ".join(f"{m} {v:.3f}" for m, v in a["true_source_score_positive"].items()) + ".\n",
         "\nPer query, multi-stage vs each method (fraction of queries with higher / lower "
         "mean RR):\n\n",
         markdown_table([{"method": m, **v} for m, v in a["multi_stage_vs"].items()],
@@ -320,10 +320,13 @@ def plots(p: dict, out_dir: str) -> list[str]:
     paths = []
     m = {**p["methods"], **p["methods_text_with_answer"]}
     fig, ax = plt.subplots(figsize=(8, 3.8))
+    colour = {"embedding": "tab:orange", "bm25": "tab:orange", "embedding_qa": "tab:gray",
+              "bm25_qa": "tab:gray", "multi_stage": "tab:red"}  # others: gradient methods
     ax.bar(list(m), [v["mrr_mean"] for v in m.values()],
-           yerr=[v["mrr_std"] for v in m.values()], capsize=4, color="tab:blue")
-    ax.set(title="Fact tracing: MRR per method (mean ± std over draws)", ylabel="MRR",
-           xlabel="method")  # fmt: skip
+           yerr=[v["mrr_std"] for v in m.values()], capsize=4,
+           color=[colour.get(k, "tab:blue") for k in m])  # fmt: skip
+    ax.set(title="Fact tracing: MRR per method (mean ± std over draws; grey: text "
+           "baselines given the answer)", ylabel="MRR", xlabel="method")  # fmt: skip
     ax.tick_params(axis="x", rotation=30)
     for name, sweep, xlabel, title, xkey in (
         ("methods", None, "", "", ""),
