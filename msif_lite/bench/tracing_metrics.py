@@ -318,15 +318,18 @@ def plots(p: dict, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
-    m = {**p["methods"], **p["methods_text_with_answer"]}
+    order = ("multi_stage", "single_stage", "finetune_only", "grad_dot", "grad_cosine",
+             "embedding", "bm25", "embedding_qa", "bm25_qa")
+    m = {k: {**p["methods"], **p["methods_text_with_answer"]}[k] for k in order}
     fig, ax = plt.subplots(figsize=(8, 3.8))
     colour = {"embedding": "tab:orange", "bm25": "tab:orange", "embedding_qa": "tab:gray",
               "bm25_qa": "tab:gray", "multi_stage": "tab:red"}  # others: gradient methods
     ax.bar(list(m), [v["mrr_mean"] for v in m.values()],
            yerr=[v["mrr_std"] for v in m.values()], capsize=4,
            color=[colour.get(k, "tab:blue") for k in m])  # fmt: skip
-    ax.set(title="Fact tracing: MRR per method (mean ± std over draws; grey: text "
-           "baselines given the answer)", ylabel="MRR", xlabel="method")  # fmt: skip
+    ax.set(title="Fact tracing: MRR per method (mean ± std over draws)\nred: multi-stage, "
+           "blue: gradient, orange: text, grey: text given the answer", ylabel="MRR",
+           xlabel="method", ylim=(0, 1.05))  # fmt: skip
     ax.tick_params(axis="x", rotation=30)
     for name, sweep, xlabel, title, xkey in (
         ("methods", None, "", "", ""),
@@ -346,7 +349,7 @@ def plots(p: dict, out_dir: str) -> list[str]:
                 ax.axhline(sweep["heuristic"]["mrr_mean"], ls="--", c="gray", label="heuristic")
             if xkey:
                 ax.axvline(p["setup"]["alpha_trained"], ls=":", c="gray", label="trained α")
-            ax.set(xscale="log", xlabel=xlabel, ylabel="MRR", title=title)
+            ax.set(xscale="log", xlabel=xlabel, ylabel="MRR", title=title, ylim=(0, 1))
             ax.legend()
         fig.tight_layout()
         path = f"{out_dir}/fact_tracing_{name}.png"
