@@ -97,6 +97,16 @@ class Timer:
         self.seconds = time.perf_counter() - self._t0
 
 
+def display_path(path: str | Path) -> str:
+    """A path as it may appear in committed results: relative to the repository (or the
+    working directory), never absolute."""
+    p = Path(path).resolve()
+    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if p.is_relative_to(base):
+            return str(p.relative_to(base))
+    return p.name
+
+
 def environment() -> dict:
     """Where a result was measured (goes into every results JSON)."""
     return {

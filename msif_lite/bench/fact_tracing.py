@@ -28,7 +28,7 @@ import torch
 
 from msif_lite.attribution import AttributionConfig, Attributor
 from msif_lite.bench import tracing_metrics as tm
-from msif_lite.bench.common import Timer, spearman, write_results
+from msif_lite.bench.common import Timer, display_path, spearman, write_results
 from msif_lite.capture import per_sequence_grads
 from msif_lite.config import fast_mode
 from msif_lite.factors import EigenFactors, EKFACFactors
@@ -250,7 +250,7 @@ def run(shipped: Shipped, cfg: BenchConfig, cache_dir: str = ".cache/msif",
                   for d in draws for j, e in zip(d["queries"], d["emb"])]  # fmt: skip
     setup = {
         **asdict(cfg), "fast": fast_mode(), "alpha_trained": alpha,
-        "model": shipped.finetuned_meta.preset, "checkpoints": str(shipped.root),
+        "model": shipped.finetuned_meta.preset, "checkpoints": display_path(shipped.root),
         "world_preset": world.preset, "n_documents": len(docs),
         "n_queries_available": len(world.queries),
         "n_queries_per_draw": len(draws[0]["queries"]), "n_queries_scored": len(used),
