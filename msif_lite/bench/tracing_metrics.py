@@ -157,13 +157,14 @@ def pairwise_auc(scores: np.ndarray, pos: Sequence[int], neg: Sequence[int]) -> 
 
 # ---------------------------------------------------------------- analysis and report
 def analysis(world, per_query: dict, top1: dict, correct: dict[int, bool],
-             full: dict[str, np.ndarray], rows: dict[int, int], union: list[str]) -> dict:
+             full: dict[str, np.ndarray] | None = None, rows: dict[int, int] | None = None,
+             union: list[str] | None = None) -> dict:
     """Per-query diagnostics: MRR by whether the fine-tuned model answers the query and by
     relation, per-query multi-stage wins, what kind of document each method ranks first
     when it is not a true source, and the AUC of true sources against each kind of
     distractor over the whole scored corpus. `per_query[m][j]`: RRs of query j over draws;
     `top1[m]`: (query, first document) pairs; `full[m]`: (Q, N) scores of `union`, query j
-    in row rows[j]."""
+    in row rows[j]. Without `full`/`rows`/`union` the corpus-wide AUCs are left out."""
     facts = {f.fact_id: f for f in world.facts}
     docs = {d.doc_id: {"kind": d.kind, "entity_ids": {facts[f].entity_id for f in d.fact_ids},
                        "values": {facts[f].value for f in d.fact_ids}}
@@ -206,6 +207,7 @@ def analysis(world, per_query: dict, top1: dict, correct: dict[int, bool],
             return "true source"
         return outranking_kind(docs[d], {"entity_id": f.entity_id, "value": f.value})
 
+    full, union = full or {}, union or []
     kinds_of: dict[int, dict[str, list[int]]] = {j: {"true source": []} for j in used}
     for j in used:
         for i, d in enumerate(union):
