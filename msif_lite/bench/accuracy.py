@@ -22,14 +22,7 @@ import torch
 from torch import nn
 
 from msif_lite.attribution import Attributor
-from msif_lite.bench.common import (
-    PeakMemory,
-    Timer,
-    markdown_table,
-    pearson,
-    spearman,
-    write_results,
-)
+from msif_lite.bench import common
 from msif_lite.config import pick
 from msif_lite.exact import ConjugateGradientIHVP, LissaIHVP, ggn_matvec
 from msif_lite.factors import FactorConfig, fit_covariances, fit_eigenbasis, fit_ekfac
@@ -109,8 +102,8 @@ def hutchinson_mean_eig(matvec: Callable, p: int, probes: int, seed: int, dtype)
 
 def correlations(scores: torch.Tensor, truth: torch.Tensor) -> dict:
     """Per-query Spearman and Pearson against the ground truth, mean ± std over queries."""
-    sp = torch.tensor([spearman(s, t) for s, t in zip(scores, truth)])
-    pe = torch.tensor([pearson(s, t) for s, t in zip(scores, truth)])
+    sp = torch.tensor([common.spearman(s, t) for s, t in zip(scores, truth)])
+    pe = torch.tensor([common.pearson(s, t) for s, t in zip(scores, truth)])
     std = (lambda x: float(x.std()) if len(x) > 1 else 0.0)  # noqa: E731
     return {"spearman_mean": float(sp.mean()), "spearman_std": std(sp),
             "pearson_mean": float(pe.mean()), "pearson_std": std(pe),
@@ -123,7 +116,8 @@ def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
     world, tok = shipped.world, shipped.tokenizer
     docs = [(d.doc_id, d.text) for d in world.documents]
     pairs = [(p.prompt, p.answer) for p in world.finetune_qa]
-    att = Attributor(shipped.pretrained, shipped.finetuned, tok, docs, pairs, alpha=1.0)
+    att = Attributor(shipped.pretrained, shipped.finetuned, tok, docs, pairs, alpha=1.0)  # only
+    # its tokenisation is used: documents = text + eos; questions = prompt + " " + answer + eos
     model: nn.Module = shipped.pretrained.double().eval()  # float64: CG residuals down to 1e-6
     task, dtype = LanguageModelingTask(), torch.float64
     queries, cand_ids, fit_ids = choose_documents(world, args.queries, args.candidates, args.fit,
@@ -145,14 +139,14 @@ def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
 
     def fitted(fn: Callable):
         """(factors, seconds, peak MiB) of one factor fit."""
-        with PeakMemory() as mem, Timer() as t:
+        with common.PeakMemory() as mem, common.Timer() as t:
             out = fn()
         return out, t.seconds, mem.peak_mb
 
     def score(name: str, ihvp, fit_s: float = 0.0, fit_mb: float = 0.0, modules=mods,
               grads=qg) -> None:  # fmt: skip
         """score_s: preconditioning the queries, P = (G+λI)⁻¹∇m, + scoring every candidate."""
-        with PeakMemory() as mem, Timer() as t, warnings.catch_warnings():
+        with common.PeakMemory() as mem, common.Timer() as t, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a budgeted CG warns that it did not converge
             with torch.no_grad():  # ggn_matvec's output would otherwise carry a graph
                 pre = precondition(grads, ihvp)
@@ -164,7 +158,7 @@ def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
             print(f"  {name}: fit {fit_s:.1f}s, score {t.seconds:.1f}s", flush=True)
 
     # ---- the exact G's scale first: λ is set relative to its mean eigenvalue trace(G)/P
-    with Timer() as t, torch.no_grad():
+    with common.Timer() as t, torch.no_grad():
         mean_eig = hutchinson_mean_eig(matvec, n_params, args.probes, args.seed, dtype)
         top = lambda_max(matvec, n_params, args.power_iters, args.seed, dtype)
     spectrum_s = t.seconds
@@ -241,10 +235,18 @@ def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
     return {"methods": results, "ground_truth": ground_truth, "setup": setup, "paper": PAPER}
 
 
+def ordered(names) -> list[str]:
+    """Table order: the curvature approximations, CG and LiSSA by budget, then grad_dot."""
+    kinds = ("ekfac", "ekfac_mlp", "kfac", "cg", "lissa", "grad")
+    return sorted(names, key=lambda n: (max(i for i, k in enumerate(kinds) if n.startswith(k)),
+                                        len(n), n))  # fmt: skip
+
+
 def markdown(payload: dict) -> str:
     """Our table with the paper's numbers beside it (DESIGN.md §3)."""
     rows, paper = [], payload["paper"]
-    for name, r in payload["methods"].items():
+    for name in ordered(payload["methods"]):
+        r = payload["methods"][name]
         kind, _, budget = name.partition("_")
         ref = name if name in paper["spearman"] else None
         if kind in ("cg", "lissa"):
@@ -269,8 +271,13 @@ def markdown(payload: dict) -> str:
         f"Ground truth: CG to tol {g['tol']:g}; iterations {min(g['iterations'])}–"
         f"{max(g['iterations'])}; worst relative residual {max(g['relative_residual']):.2e} "
         f"(all < {g['converged_below']:g}: {g['all_converged']}); {g['score_s']:.0f} s.\n\n"
-        + markdown_table(rows, cols, floatfmt=".3g")
-        + f"\nPaper: {paper['setup']}. Spearman/Pearson: mean ± std over queries.\n"
+        + common.markdown_table(rows, cols, floatfmt=".3g")
+        + f"\nSpearman/Pearson: mean ± std over queries, against the ground truth. fit_s: factor "
+        "fitting; score_s: preconditioning the queries (all of an iterative solver's cost) + "
+        "scoring the candidates. peak_MiB: resident-set growth during the method (memory an "
+        "earlier method freed and this one reused reads as ~0). Paper (DESIGN.md §3): "
+        f"{paper['setup']}; its CG/LiSSA rows are matched to ours by role (smaller/larger "
+        "budget), not by iteration count.\n"
     )
 
 
@@ -281,9 +288,7 @@ def plot(payload: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = ("ekfac", "ekfac_mlp", "kfac", "cg", "lissa", "grad")
-    names = sorted(payload["methods"], key=lambda n: (
-        next(i for i, o in enumerate(order) if n.startswith(o)), len(n), n))  # fmt: skip
+    names = ordered(payload["methods"])
     ours = [payload["methods"][n]["spearman_mean"] for n in names]
     err = [payload["methods"][n]["spearman_std"] for n in names]
     paper = [payload["paper"]["spearman"].get(n, float("nan")) for n in names]
@@ -306,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shipped = load_shipped(args.preset, world_dir=args.world, checkpoint_dir=args.checkpoints)
     label = f"{shipped.finetuned_meta.preset} ({shipped.root.name} checkpoints, pretrained θ_pt)"
     payload = run(shipped, args, label)
-    path = write_results("accuracy", payload, markdown(payload), args.out)
+    path = common.write_results("accuracy", payload, markdown(payload), args.out)
     plot(payload, path.with_suffix(".png"))
     print(markdown(payload))
     print(f"wrote {path}")
