@@ -18,9 +18,8 @@ sign convention I(z, q) = ∇m(q)ᵀ P ∇ℓ(z), m = −log p(answer | prompt).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, Protocol
@@ -325,6 +324,6 @@ class Attributor:
             "alpha": self.ms_config.alpha,
             "alpha_included_in_scores": self.ms_config.include_alpha,
             "layers": [m.name for m in self.modules],
-            "pretrain_damping": json.loads(json.dumps(self.config.pretrain_damping.__dict__)),
+            "pretrain_damping": asdict(self.config.pretrain_damping),
             "corpus_fingerprint": hashlib.sha256("\n".join(self.doc_ids).encode()).hexdigest(),
         }
