@@ -112,7 +112,9 @@ def ggn_matvec(
         vs = v.reshape(-1, v.shape[-1])
         tangents = _to_params(vs.to(next(iter(p0.values())).dtype), modules)
         total = torch.zeros_like(vs)
-        with _math_sdpa():
+        # no_grad: the untracked parameters (embeddings, norms) still require grad, and the
+        # torch.func transforms below ignore an outer no_grad, so G v carries no autograd graph
+        with _math_sdpa(), torch.no_grad():
             for batch in batches:
                 f = lambda p, b=batch: functional_call(wrapped, p, (b,))  # noqa: E731
                 dloss = grad(lambda o, b=batch: task.loss_from_output(o, b).sum())
@@ -140,7 +142,7 @@ def hessian_matvec(
         vs = v.reshape(-1, v.shape[-1])
         tangents = _to_params(vs.to(next(iter(p0.values())).dtype), modules)
         total = torch.zeros_like(vs)
-        with _math_sdpa():
+        with _math_sdpa(), torch.no_grad():  # as in ggn_matvec: no graph through the result
             for b in batches:
                 loss = lambda p, b=b: task.loss_from_output(functional_call(wrapped, p, (b,)), b)  # noqa: E731
                 g = grad(lambda p, loss=loss: loss(p).sum())
@@ -148,6 +150,26 @@ def hessian_matvec(
         return (total / n).reshape(v.shape)
 
     return matvec
+
+
+def block_diagonal(matvec: Matvec, modules: Sequence[TrackedModule]) -> Matvec:
+    """v ↦ diag(G_11, …, G_LL) v: the per-layer blocks of G only (Notebook 04 §block-diagonal).
+
+    What K-FAC and EK-FAC approximate; comparing it with the full G measures what dropping
+    the cross-layer blocks costs. One call of `matvec` on L·K masked copies of v (L layers).
+    """
+    sizes = [m.numel for m in modules]
+
+    def block_matvec(v: Tensor) -> Tensor:
+        vs = v.reshape(-1, v.shape[-1])
+        masked = torch.zeros(len(sizes), *vs.shape, dtype=vs.dtype)  # (L, K, P)
+        for layer, (lo, part) in enumerate(zip(vs.split(sizes, dim=-1), masked.unbind(0))):
+            part.split(sizes, dim=-1)[layer].copy_(lo)
+        out = matvec(masked.reshape(-1, vs.shape[-1])).reshape(masked.shape)
+        blocks = [out[layer].split(sizes, dim=-1)[layer] for layer in range(len(sizes))]
+        return torch.cat(blocks, dim=-1).reshape(v.shape)
+
+    return block_matvec
 
 
 def _dense(matvec: Matvec, modules: Sequence[TrackedModule], chunk: int) -> Tensor:

@@ -8,6 +8,8 @@ fine-tuned checkpoints, checking that all four belong together (content hashes).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from msif_lite.lm import CheckpointMeta, load_checkpoint, load_tokenizer
 from msif_lite.world import World, load_world
 
 DATA_ENV = "MSIF_DATA"
+
+
+TRAINED_CACHE = Path(".cache") / "trained"
 
 
 def data_dir() -> Path:
@@ -68,3 +73,33 @@ def load_shipped(
     pt, _ = load_checkpoint(cdir / "pretrained", expect_world=world, expect_tokenizer=tok)
     ft, meta = load_checkpoint(cdir / "finetuned", expect_world=world, expect_tokenizer=tok)
     return Shipped(world, tok, pt, ft, meta, cdir)
+
+
+def trained_pipeline(preset: str, cache: str | Path = TRAINED_CACHE) -> tuple[Path, Path]:
+    """(world dir, checkpoint dir) of a pipeline preset; trains it once if nothing is there.
+
+    Shipped presets come from `data/`. Others (e.g. `paper-toy`, the paper's Exp 1 shape,
+    ~5 min on 2 CPU cores) are trained by `build_world_pipeline` into `<cache>/<preset>`:
+    training is seeded and reproducible, and the result is moved into place only when
+    complete, so an interrupted run leaves nothing that loads. `load_shipped` then checks
+    that world, tokenizer and checkpoints belong together.
+    """
+    from msif_lite.training import PIPELINE_PRESETS, build_world_pipeline
+
+    if (data_dir() / "checkpoints" / preset).is_dir():
+        return data_dir() / "world" / preset, data_dir() / "checkpoints" / preset
+    if preset not in PIPELINE_PRESETS:
+        raise ValueError(f"no shipped checkpoints for {preset!r} and no pipeline preset of that "
+                         f"name; use one of {sorted(PIPELINE_PRESETS)} or pass --checkpoints")
+    root = Path(cache) / preset
+    if not (root / "results.json").is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=root.parent))
+        try:
+            print(f"training the {preset!r} pipeline once into {root} …", flush=True)
+            build_world_pipeline(preset, tmp, scratch_baseline=False)
+            shutil.rmtree(root, ignore_errors=True)  # a leftover without results.json
+            tmp.rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root / "world", root / "checkpoints"

@@ -221,6 +221,12 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
         TrainConfig(steps=2500, lr=2e-3),
         TrainConfig(steps=100, lr=5e-4),
     ),
+    "paper-toy": PipelinePreset(
+        "default",
+        "gpt-neox-toy",
+        TrainConfig(steps=2500, lr=1e-3),
+        TrainConfig(steps=100, lr=5e-4),
+    ),  # the default world on the paper's Exp 1 shape (hidden 256); `bench accuracy` uses it
     "large": PipelinePreset(
         "large",
         "gpt-neox-toy",

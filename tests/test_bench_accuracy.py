@@ -85,3 +85,21 @@ def test_accuracy_bench_end_to_end(tiny_shipped, tmp_path, monkeypatch):
     assert out["paper"]["spearman"]["ekfac"] == 0.612
     md = (tmp_path / "accuracy.md").read_text()
     assert "| ekfac |" in md and "0.612" in md and "Ground truth" in md
+
+
+def test_accuracy_bench_block_diagonal_reference(tiny_shipped, tmp_path, monkeypatch):
+    """--block-truth adds the exact block-diagonal solve and scores every method against it."""
+    root, _ = tiny_shipped
+    monkeypatch.setenv("MSIF_FAST", "1")
+    argv = ["--world", str(root / "world"), "--checkpoints", str(root / "ck"),
+            "--out", str(tmp_path), "--queries", "2", "--candidates", "20", "--fit", "4",
+            "--cg", "2", "4", "--lissa", "3", "6", "--power-iters", "4", "--block-truth",
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    m = json.loads((tmp_path / "accuracy.json").read_text())["methods"]
+    assert {"block_exact", "ekfac", "ekfac_mlp", "kfac", "grad_dot", "cg_4", "lissa_6"} <= set(m)
+    assert m["block_exact"]["relative_residual_max"] < 1e-6
+    assert m["block_exact"]["vs_block_exact"]["spearman_mean"] == pytest.approx(1.0)
+    for r in m.values():
+        assert -1.0 <= r["vs_block_exact"]["spearman_mean"] <= 1.0
+    assert "Spearman vs block_exact" in (tmp_path / "accuracy.md").read_text()

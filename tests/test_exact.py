@@ -18,10 +18,12 @@ from msif_lite.exact import (
     ConjugateGradientIHVP,
     DenseSolveIHVP,
     LissaIHVP,
+    block_diagonal,
     dense_ggn,
     dense_hessian,
     empirical_fisher,
     ggn_matvec,
+    hessian_matvec,
     influence_exact,
     per_example_flat_grads,
 )
@@ -116,6 +118,33 @@ def test_ggn_matvec_batched_and_split_batches():
     torch.testing.assert_close(mv(v[0]), G @ v[0], **TIGHT)
     summed = ggn_matvec(model, task, (x, y), modules, average=False)
     torch.testing.assert_close(summed(v[0]), x.shape[0] * (G @ v[0]), **TIGHT)
+
+
+@pytest.mark.parametrize("which", ["ggn", "hessian"])
+def test_matvec_result_carries_no_autograd_graph(which):
+    """Embeddings and norms are untracked but still require grad: G·v must not hold a graph."""
+    model, task, batch, modules = tiny_lm()
+    assert any(p.requires_grad for n, p in model.named_parameters() if "embed" in n)
+    make = ggn_matvec if which == "ggn" else hessian_matvec
+    P = sum(m.numel for m in modules)
+    out = make(model, task, batch, modules)(torch.randn(2, P, dtype=torch.float64))
+    assert not out.requires_grad and out.grad_fn is None
+
+
+def test_block_diagonal_matvec_keeps_only_the_per_layer_blocks():
+    """block_diagonal(G)·v = (G with every cross-layer block zeroed)·v, for 1 and K vectors."""
+    model, task, batch, modules = tiny_lm()
+    G = dense_ggn(model, task, batch, modules)
+    mask = torch.zeros_like(G)
+    start = 0
+    for m in modules:
+        mask[start : start + m.numel, start : start + m.numel] = 1
+        start += m.numel
+    assert len(modules) > 1 and (G * (1 - mask)).abs().max() > 1e-6  # cross blocks exist
+    mv = block_diagonal(ggn_matvec(model, task, batch, modules), modules)
+    v = torch.randn(3, G.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(mv(v), v @ (G * mask), **TIGHT)
+    torch.testing.assert_close(mv(v[1]), (G * mask) @ v[1], **TIGHT)
 
 
 def test_padding_tokens_do_not_change_ggn():

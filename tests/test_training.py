@@ -214,3 +214,32 @@ def test_shipped_default_checkpoints_know_their_world():
     assert (meta_pt.stage, meta_ft.stage) == ("pretrained", "finetuned")
     assert relative_drift(ft, pre) <= 0.08
     assert answer_accuracy(ft, tok, world.queries) >= 0.5
+
+
+def test_trained_pipeline_trains_once_and_never_leaves_a_partial_run(tmp_path, monkeypatch):
+    """A preset without shipped checkpoints is trained into the cache once; a failure mid-way
+    leaves nothing behind, so the next call trains again instead of loading half a run."""
+    import msif_lite.training as training
+    from msif_lite import shipped
+
+    monkeypatch.setenv("MSIF_DATA", str(tmp_path / "data"))  # nothing shipped here
+    calls = []
+
+    def fake_build(preset, out, scratch_baseline=True):
+        calls.append(preset)
+        (Path(out) / "world").mkdir(parents=True)
+        (Path(out) / "checkpoints").mkdir()
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # interrupted before results.json is written
+        (Path(out) / "results.json").write_text("{}")
+
+    monkeypatch.setattr(training, "build_world_pipeline", fake_build)
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        shipped.trained_pipeline("paper-toy", cache)
+    assert list(cache.iterdir()) == []  # no partial run left
+    w, c = shipped.trained_pipeline("paper-toy", cache)
+    assert (w, c) == (cache / "paper-toy" / "world", cache / "paper-toy" / "checkpoints")
+    assert shipped.trained_pipeline("paper-toy", cache) == (w, c) and len(calls) == 2
+    with pytest.raises(ValueError, match="pipeline preset"):
+        shipped.trained_pipeline("no-such-preset", cache)
