@@ -29,7 +29,8 @@ from msif_lite.training import TrainConfig, pretrain  # noqa: E402
 from msif_lite.world import make_world  # noqa: E402
 
 TINY = ModelPreset("tiny", "gpt-neox", n_layers=1, hidden=32, n_heads=2, intermediate=64)
-METHODS = ("ekfac", "ekfac_mlp", "kfac", "grad_dot", "cg_2", "cg_12", "lissa_5", "lissa_20")
+METHODS = ("ekfac", "ekfac_mlp", "kfac", "grad_dot", "cg_2", "cg_12", "lissa_5", "lissa_20",
+           "ekfac_draws2", "kfac_draws2")  # MSIF_FAST: --label-draws 2
 FIELDS = ("spearman_mean", "spearman_std", "pearson_mean", "fit_s", "score_s", "peak_mem_mb")
 
 
@@ -94,10 +95,13 @@ def test_accuracy_bench_block_diagonal_reference(tiny_shipped, tmp_path, monkeyp
     argv = ["--world", str(root / "world"), "--checkpoints", str(root / "ck"),
             "--out", str(tmp_path), "--queries", "2", "--candidates", "20", "--fit", "4",
             "--cg", "2", "4", "--lissa", "3", "6", "--power-iters", "4", "--block-truth",
+            "--label-draws", "3",
             "--quiet"]  # fmt: skip
     assert main(argv) == 0
     m = json.loads((tmp_path / "accuracy.json").read_text())["methods"]
-    assert {"block_exact", "ekfac", "ekfac_mlp", "kfac", "grad_dot", "cg_4", "lissa_6"} <= set(m)
+    assert {"block_exact", "ekfac", "ekfac_mlp", "kfac", "grad_dot", "cg_4", "lissa_6",
+            "ekfac_draws3", "kfac_draws3"} <= set(m)
+    assert m["ekfac_draws3"]["fit_s"] > 0
     assert m["block_exact"]["relative_residual_max"] < 1e-6
     assert m["block_exact"]["vs_block_exact"]["spearman_mean"] == pytest.approx(1.0)
     for r in m.values():

@@ -70,6 +70,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also solve with the exact block-diagonal GGN (what K-FAC/EK-FAC "
                         "approximate; costs one G·v per layer per iteration) and correlate every "
                         "method with it too")
+    p.add_argument("--label-draws", type=int, nargs="*", default=pick([16], [2]),
+                   help="extra rows ekfac_draws<R>/kfac_draws<R>: factors fitted with R sampled "
+                        "labels per token (the documents repeated R times) instead of one, to "
+                        "show how much of the gap is Monte-Carlo noise of the sampled Fisher")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default=pick("paper-toy", "default"),
                    help="pipeline preset: shipped under data/ (default), else trained once into "
@@ -186,6 +190,12 @@ def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
     kf, s, mb = fitted(lambda: fit_eigenbasis(fit_covariances(model, task, fit_b, fcfg, mods)))
     score("kfac", KFACIHVP(kf, Damping(absolute=lam)), s, mb)
     score("grad_dot", IdentityIHVP())
+    for r in args.label_draws:  # the same documents, r independent label draws per token
+        ek_r, s, mb = fitted(lambda r=r: fit_ekfac(model, task, fit_b * r, fcfg, mods))
+        score(f"ekfac_draws{r}", EKFACIHVP(ek_r, Damping(absolute=lam)), s, mb)
+        kf_r, s, mb = fitted(lambda r=r: fit_eigenbasis(fit_covariances(model, task, fit_b * r,
+                                                                         fcfg, mods)))
+        score(f"kfac_draws{r}", KFACIHVP(kf_r, Damping(absolute=lam)), s, mb)
     # Σ Λ = (1/N) Σ_n ‖DW_n‖² (one label draw per token) is an unbiased but heavy-tailed
     # estimate of trace(G): rare labels carry much of it, so it typically comes out low.
     trace_ekfac = sum(float(f.lam.sum()) for f in ek.layers) / n_params
@@ -242,6 +252,8 @@ def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
         "n_candidates": len(cand_ids),
         "n_true_sources": len({d for q in queries for d in q.source_doc_ids}),
         "n_fit_sequences": len(fit_ids), "n_fit_tokens": n_tok, "fit_doc_ids": fit_ids,
+        "label_draws": "ekfac/kfac: one sampled label per token (as the paper and kronfluence); "
+                       "<name>_draws<R>: R draws", "extra_label_draws": list(args.label_draws),
         "G": "exact GGN (= true Fisher) of (1/N) Σ_n ℓ(z_n), ℓ summed over tokens; K-FAC/EK-FAC "
              "fitted on the same documents with sampled labels",
         "damping": lam, "damping_rel_to_mean_eig": lam / mean_eig,
