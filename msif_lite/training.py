@@ -37,6 +37,7 @@ from msif_lite.lm import (
     tokenizer_hash,
     train_tokenizer,
 )
+from msif_lite.tasks import IGNORE_INDEX, make_token_batch
 from msif_lite.world import WORLD_PRESETS, QAPair, World, make_world
 
 
@@ -101,18 +102,11 @@ def encode_qa(tokenizer, pairs: Sequence[QAPair]) -> list[tuple[list[int], list[
 
 
 def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
-    """Right-pad to the longest example; labels are −100 on padding (ignored by the loss)."""
-    n = max(len(x) for x, _ in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = (
-            torch.tensor(x),
-            torch.tensor(y),
-            1,
-        )
-    return ids, mask, labels
+    """(ids, mask, labels), right-padded by `tasks.make_token_batch`: −100 on padding and on
+    every position whose label is −100 (the first position never carries loss anyway)."""
+    batch = make_token_batch([x for x, _ in examples], pad_id,
+                             target_masks=[[t != IGNORE_INDEX for t in y] for _, y in examples])
+    return batch.input_ids, batch.attention_mask, batch.labels
 
 
 def snapshot_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

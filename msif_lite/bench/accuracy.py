@@ -276,7 +276,8 @@ def ordered(names) -> list[str]:
 
 
 def markdown(payload: dict) -> str:
-    """Our table with the paper's numbers beside it (DESIGN.md §3)."""
+    """Our table with the paper's numbers beside it (DESIGN.md §3), after any `run_notes`
+    (remarks on the run added to the JSON by hand, e.g. about timings)."""
     rows, paper = [], payload["paper"]
     for name in ordered(payload["methods"]):
         r = payload["methods"][name]
@@ -310,6 +311,7 @@ def markdown(payload: dict) -> str:
         f"Ground truth: CG to tol {g['tol']:g}; iterations {min(g['iterations'])}–"
         f"{max(g['iterations'])}; worst relative residual {max(g['relative_residual']):.2e} "
         f"(all < {g['converged_below']:g}: {g['all_converged']}); {g['score_s']:.0f} s.\n\n"
+        + "".join(f"Note: {n}\n\n" for n in payload.get("run_notes", []))
         + common.markdown_table(rows, cols, floatfmt=".3g")
         + f"\nSpearman/Pearson: mean ± std over queries, against the ground truth. fit_s: factor "
         "fitting; score_s: preconditioning the queries (all of an iterative solver's cost) + "
@@ -352,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         w, c = trained_pipeline(args.preset)
         world, ckpt = world or w, ckpt or c
     shipped = load_shipped(args.preset, world_dir=world, checkpoint_dir=ckpt)
-    label = f"{shipped.finetuned_meta.preset} ({shipped.root.name} checkpoints, pretrained θ_pt)"
+    source = f"{args.preset} pipeline" if args.checkpoints is None else shipped.root.name
+    label = f"{shipped.finetuned_meta.preset} ({source}, pretrained θ_pt)"
     payload = run(shipped, args, label)
     path = common.write_results("accuracy", payload, markdown(payload), args.out)
     plot(payload, path.with_suffix(".png"))
