@@ -7,9 +7,11 @@ the larger CG budget agrees with it at least as well as the smaller one.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +109,15 @@ def test_accuracy_bench_block_diagonal_reference(tiny_shipped, tmp_path, monkeyp
     for r in m.values():
         assert -1.0 <= r["vs_block_exact"]["spearman_mean"] <= 1.0
     assert "Spearman vs block_exact" in (tmp_path / "accuracy.md").read_text()
+
+    # benchmarks/accuracy_diagnosis.py composes such runs into one table
+    spec = importlib.util.spec_from_file_location(
+        "accuracy_diagnosis", Path(__file__).parents[1] / "benchmarks" / "accuracy_diagnosis.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    payload = json.loads((tmp_path / "accuracy.json").read_text())
+    for r in ("ekfac_draws4", "ekfac_draws32"):  # names of the diagnosis runs (draws 4, 32)
+        payload["methods"][r] = payload["methods"]["ekfac_draws3"]
+    text = diag.markdown({"block_mini": payload, "damping_5": payload})
+    expected = payload["methods"]["block_exact"]["spearman_mean"]
+    assert f"| {expected:.3f} ± " in text and f"costs {1 - expected:.2f} of Spearman" in text
