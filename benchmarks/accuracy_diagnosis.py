@@ -13,7 +13,7 @@ Each run is `msif-lite bench accuracy` on 3 queries × 200 candidates with G on 
   identity (gradient dot product) unusually strong.
 
 About 40 min on 2 CPU cores. `--reuse` composes existing <runs>/<name>/accuracy.json files
-without rerunning them. Writes <out>/accuracy_diagnosis.{json,md}.
+without rerunning them. Writes <out>/accuracy_diagnosis.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -120,6 +120,32 @@ def markdown(runs: dict) -> str:
     )
 
 
+def plot(runs: dict, path: Path) -> None:
+    """Spearman against the exact block-diagonal solve, per model (and block vs full)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("grad_dot", "block"), ("ekfac", "block"), ("ekfac_draws4", "block"),
+            ("ekfac_draws32", "block"), ("block_exact", "truth")]  # fmt: skip
+    labels = ["gradient dot vs blocks", "EK-FAC (1 draw) vs blocks", "EK-FAC (4 draws) vs blocks",
+              "EK-FAC (32 draws) vs blocks", "exact blocks vs full G"]  # fmt: skip
+    names = [n for n in runs if n.startswith("block_")]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    width = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        vals = [_rho(runs[n], m, against == "block") for m, against in rows]
+        ax.barh([k + i * width for k in range(len(rows))], vals, height=width, label=n[6:])
+    ax.set_yticks([k + width * (len(names) - 1) / 2 for k in range(len(rows))], labels)
+    ax.set(xlabel="Spearman ρ (mean over queries)", xlim=(0, 1))
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/diag", help="where each run's results go")
@@ -137,6 +163,7 @@ def main(argv=None) -> int:
             runs[name] = json.loads(path.read_text())
     payload = {"runs": runs, "commands": {n: [*SMALL, *e] for n, e in RUNS.items()}}
     out = common.write_results("accuracy_diagnosis", payload, markdown(runs), args.out)
+    plot(runs, out.with_suffix(".png"))
     print(markdown(runs))
     print(f"wrote {out}")
     return 0
