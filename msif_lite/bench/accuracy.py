@@ -163,7 +163,7 @@ def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
         """score_s: preconditioning the queries, P = (G+λI)⁻¹∇m, + scoring every candidate."""
         with common.PeakMemory() as mem, common.Timer() as t, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a budgeted CG warns that it did not converge
-            with torch.no_grad():  # ggn_matvec's output would otherwise carry a graph
+            with torch.no_grad():  # no graph through the preconditioned queries
                 pre = precondition(grads, ihvp)
             scores[name] = pairwise_scores(model, task, pre, cand_b, ihvp, modules,
                                            preconditioned=True, progress=False)  # fmt: skip
