@@ -36,28 +36,35 @@ RUNS = {
 }  # damping_5 is block_mini's setting: reused from it when present
 
 
-def spearman(payload: dict, name: str, against: str = "truth") -> str:
-    """'mean ± std' of a method against the full truth or the exact blocks ('—' if not run)."""
-    if name not in payload["methods"]:
-        return "—"
-    r = payload["methods"][name]
-    r = r if against == "truth" else r["vs_block_exact"]
-    return f"{r['spearman_mean']:.3f} ± {r['spearman_std']:.3f}"
+def _result(p: dict, name: str, block: bool) -> dict:
+    """A method's correlations against the exact block-diagonal solve (block) or the truth."""
+    r = p["methods"][name]
+    return r["vs_block_exact"] if block else r
+
+
+def spearman(p: dict, name: str, block: bool = False) -> str:
+    """'mean ± std' Spearman of a method ('—' if that run did not include it)."""
+    return common.format_mean_std(_result(p, name, block), "spearman") \
+        if name in p["methods"] else "—"
+
+
+def _rho(p: dict, name: str, block: bool = False) -> float:
+    return _result(p, name, block)["spearman_mean"]
 
 
 def block_table(runs: dict) -> str:
     rows = []
     steps = [("exact block-diagonal vs exact full GGN (cost of the cross-layer blocks)",
-              "block_exact", "truth"),
-             ("EK-FAC, 1 sampled label per token, vs exact block-diagonal", "ekfac", "block"),
-             ("EK-FAC, 4 label draws, vs exact block-diagonal", "ekfac_draws4", "block"),
-             ("EK-FAC, 32 label draws, vs exact block-diagonal", "ekfac_draws32", "block"),
-             ("gradient dot product vs exact block-diagonal", "grad_dot", "block"),
-             ("EK-FAC (1 draw) vs exact full GGN", "ekfac", "truth"),
-             ("gradient dot product vs exact full GGN", "grad_dot", "truth")]  # fmt: skip
+              "block_exact", False),
+             ("EK-FAC, 1 sampled label per token, vs exact block-diagonal", "ekfac", True),
+             ("EK-FAC, 4 label draws, vs exact block-diagonal", "ekfac_draws4", True),
+             ("EK-FAC, 32 label draws, vs exact block-diagonal", "ekfac_draws32", True),
+             ("gradient dot product vs exact block-diagonal", "grad_dot", True),
+             ("EK-FAC (1 draw) vs exact full GGN", "ekfac", False),
+             ("gradient dot product vs exact full GGN", "grad_dot", False)]  # fmt: skip
     names = [n for n in ("block_mini", "block_paper-toy") if n in runs]
-    for text, method, against in steps:
-        rows.append({"comparison": text, **{n: spearman(runs[n], method, against) for n in names}})
+    for text, method, block in steps:
+        rows.append({"comparison": text, **{n: spearman(runs[n], method, block) for n in names}})
     return common.markdown_table(rows, ["comparison", *names])
 
 
@@ -71,11 +78,6 @@ def damping_table(runs: dict) -> str:
     cols = ["λ / (trace(G)/P)", "κ", "ekfac", "ekfac_draws32", "kfac_draws32", "grad_dot",
             "cg_10", "cg_30"]  # fmt: skip
     return common.markdown_table(rows, cols)
-
-
-def _rho(p: dict, name: str, block: bool = False) -> float:
-    r = p["methods"][name]
-    return (r["vs_block_exact"] if block else r)["spearman_mean"]
 
 
 def cross(p: dict) -> float:  # what dropping the cross-layer blocks costs
@@ -127,15 +129,15 @@ def plot(runs: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [("grad_dot", "block"), ("ekfac", "block"), ("ekfac_draws4", "block"),
-            ("ekfac_draws32", "block"), ("block_exact", "truth")]  # fmt: skip
+    rows = [("grad_dot", True), ("ekfac", True), ("ekfac_draws4", True),
+            ("ekfac_draws32", True), ("block_exact", False)]  # fmt: skip
     labels = ["gradient dot vs blocks", "EK-FAC (1 draw) vs blocks", "EK-FAC (4 draws) vs blocks",
               "EK-FAC (32 draws) vs blocks", "exact blocks vs full G"]  # fmt: skip
     names = [n for n in runs if n.startswith("block_")]
     fig, ax = plt.subplots(figsize=(7, 3.4))
     width = 0.8 / max(1, len(names))
     for i, n in enumerate(names):
-        vals = [_rho(runs[n], m, against == "block") for m, against in rows]
+        vals = [_rho(runs[n], m, block) for m, block in rows]
         ax.barh([k + i * width for k in range(len(rows))], vals, height=width, label=n[6:])
     ax.set_yticks([k + width * (len(names) - 1) / 2 for k in range(len(rows))], labels)
     ax.set(xlabel="Spearman ρ (mean over queries)", xlim=(0, 1))

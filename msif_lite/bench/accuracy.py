@@ -287,16 +287,15 @@ def markdown(payload: dict) -> str:
             same = [int(k.partition("_")[2]) for k in payload["methods"] if k.startswith(kind)]
             ref = PAPER_ROW[f"{kind}_{'small' if int(budget) == min(same) else 'large'}"]
         rows.append({
-            "method": name, "Spearman": f"{r['spearman_mean']:.3f} ± {r['spearman_std']:.3f}",
-            "Pearson": f"{r['pearson_mean']:.3f} ± {r['pearson_std']:.3f}",
+            "method": name, "Spearman": common.format_mean_std(r, "spearman"),
+            "Pearson": common.format_mean_std(r, "pearson"),
             "fit_s": r["fit_s"], "score_s": r["score_s"], "peak_MiB": r["peak_mem_mb"],
             "paper": f"{ref}: {paper['spearman'][ref]}" if ref else "—",
             "paper time": paper["time"].get(ref, "—") if ref else "—",
         })  # fmt: skip
         if "vs_block_exact" in r:
-            b = r["vs_block_exact"]
-            rows[-1]["Spearman vs block_exact"] = f"{b['spearman_mean']:.3f} ± " \
-                                                  f"{b['spearman_std']:.3f}"
+            block = common.format_mean_std(r["vs_block_exact"], "spearman")
+            rows[-1]["Spearman vs block_exact"] = block
     s, g = payload["setup"], payload["ground_truth"]
     cols = ["method", "Spearman", "Pearson", "fit_s", "score_s", "peak_MiB", "paper", "paper time"]
     if any("vs_block_exact" in r for r in payload["methods"].values()):

@@ -119,6 +119,11 @@ def environment() -> dict:
     }
 
 
+def format_mean_std(r: dict, key: str) -> str:
+    """'0.123 ± 0.045' from r[key + '_mean'] and r[key + '_std'] (a results-table cell)."""
+    return f"{r[key + '_mean']:.3f} ± {r[key + '_std']:.3f}"
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str], floatfmt: str = ".3g") -> str:
     """A GitHub markdown table of `rows` (dicts) restricted to `columns`."""
 

@@ -231,12 +231,10 @@ def analysis(world, per_query: dict, top1: dict, correct: dict[int, bool],
     return out
 
 
-def _pm(r: dict, key: str) -> str:
-    return f"{r[key + '_mean']:.3f} ± {r[key + '_std']:.3f}"
-
-
 def _rows(d: dict, label: str) -> list[dict]:
-    return [{label: k, "MRR": _pm(v, "mrr"), "Recall@10": _pm(v, "recall10")}
+    from msif_lite.bench.common import format_mean_std as pm
+
+    return [{label: k, "MRR": pm(v, "mrr"), "Recall@10": pm(v, "recall10")}
             for k, v in d.items() if isinstance(v, dict)]  # fmt: skip
 
 
