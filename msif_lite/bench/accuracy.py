@@ -182,20 +182,22 @@ def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
         print(f"  λ = {lam:.3g} = {lam / mean_eig:.3g} × trace(G)/P (Hutchinson); "
               f"λ_max(G) ≈ {top:.3g}", flush=True)
 
+    def ekfac_and_kfac(suffix: str, batches: list):
+        """Fit and score EK-FAC and K-FAC on all tracked layers; returns the EK-FAC factors."""
+        ek, s, mb = fitted(lambda: fit_ekfac(model, task, batches, fcfg, mods))
+        score(f"ekfac{suffix}", EKFACIHVP(ek, Damping(absolute=lam)), s, mb)
+        kf, s, mb = fitted(lambda: fit_eigenbasis(fit_covariances(model, task, batches, fcfg,
+                                                                  mods)))  # fmt: skip
+        score(f"kfac{suffix}", KFACIHVP(kf, Damping(absolute=lam)), s, mb)
+        return ek
+
     # ---- the curvature approximations, all on the same documents with the same λ
-    ek, ek_s, ek_mb = fitted(lambda: fit_ekfac(model, task, fit_b, fcfg, mods))
-    score("ekfac", EKFACIHVP(ek, Damping(absolute=lam)), ek_s, ek_mb)
+    ek = ekfac_and_kfac("", fit_b)  # one sampled label per token
     ek_m, s, mb = fitted(lambda: fit_ekfac(model, task, fit_b, fcfg, mlp))
     score("ekfac_mlp", EKFACIHVP(ek_m, Damping(absolute=lam)), s, mb, mlp, qg_mlp)
-    kf, s, mb = fitted(lambda: fit_eigenbasis(fit_covariances(model, task, fit_b, fcfg, mods)))
-    score("kfac", KFACIHVP(kf, Damping(absolute=lam)), s, mb)
     score("grad_dot", IdentityIHVP())
     for r in args.label_draws:  # the same documents, r independent label draws per token
-        ek_r, s, mb = fitted(lambda r=r: fit_ekfac(model, task, fit_b * r, fcfg, mods))
-        score(f"ekfac_draws{r}", EKFACIHVP(ek_r, Damping(absolute=lam)), s, mb)
-        kf_r, s, mb = fitted(lambda r=r: fit_eigenbasis(fit_covariances(model, task, fit_b * r,
-                                                                         fcfg, mods)))
-        score(f"kfac_draws{r}", KFACIHVP(kf_r, Damping(absolute=lam)), s, mb)
+        ekfac_and_kfac(f"_draws{r}", fit_b * r)
     # Σ Λ = (1/N) Σ_n ‖DW_n‖² (one label draw per token) is an unbiased but heavy-tailed
     # estimate of trace(G): rare labels carry much of it, so it typically comes out low.
     trace_ekfac = sum(float(f.lam.sum()) for f in ek.layers) / n_params
