@@ -162,7 +162,7 @@ def block_diagonal(matvec: Matvec, modules: Sequence[TrackedModule]) -> Matvec:
 
     def block_matvec(v: Tensor) -> Tensor:
         vs = v.reshape(-1, v.shape[-1])
-        masked = torch.zeros(len(sizes), *vs.shape, dtype=vs.dtype)  # (L, K, P)
+        masked = vs.new_zeros(len(sizes), *vs.shape)  # (L, K, P), on v's device
         for layer, (lo, part) in enumerate(zip(vs.split(sizes, dim=-1), masked.unbind(0))):
             part.split(sizes, dim=-1)[layer].copy_(lo)
         out = matvec(masked.reshape(-1, vs.shape[-1])).reshape(masked.shape)
