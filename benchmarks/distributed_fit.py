@@ -20,16 +20,16 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
-from msif_lite.distributed import (  # noqa: E402
+from msif_lite.engine.distributed import (  # noqa: E402
     batch_seed,
     fit_ekfac_distributed,
     pairwise_scores_distributed,
     rank_and_world,
 )
-from msif_lite.factors import FactorConfig, fit_ekfac  # noqa: E402
-from msif_lite.ihvp import EKFACIHVP  # noqa: E402
-from msif_lite.modules import find_modules  # noqa: E402
-from msif_lite.tasks import LanguageModelingTask, make_token_batch  # noqa: E402
+from msif_lite.engine.factors import FactorConfig, fit_ekfac  # noqa: E402
+from msif_lite.engine.ihvp import EKFACIHVP  # noqa: E402
+from msif_lite.engine.layers import find_modules  # noqa: E402
+from msif_lite.engine.tasks import LanguageModelingTask, make_token_batch  # noqa: E402
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
     msif-lite trace "Where was Ludrur Draethund born?"     # the main job
     msif-lite trace "..." --json --method single_stage -k 5
-    msif-lite bench engine | accuracy | fact-tracing | retrieval  # results/*.json + *.md
+    msif-lite bench engine | accuracy | fact-tracing | retrieval | bloom560m | lds
+    msif-lite methods                                       # the registered methods
     msif-lite world --preset ci-fast --out runs/ci-fast     # generate, tokenize, train
 
 Offline by default: nothing is fetched from a model hub.
@@ -17,12 +18,16 @@ import os
 import sys
 from collections.abc import Sequence
 
+from msif_lite.attribution.methods import METHODS, describe_methods
+from msif_lite.engine.curvature import CURVATURES
+
 BENCHES = {
     "engine": "msif_lite.bench.engine",
     "accuracy": "msif_lite.bench.accuracy",
     "fact-tracing": "msif_lite.bench.fact_tracing",
     "retrieval": "msif_lite.bench.retrieval",
     "bloom560m": "msif_lite.bench.bloom560m",
+    "lds": "msif_lite.bench.lds",
 }
 
 
@@ -36,9 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-k", type=int, default=10, help="documents to print (default 10)")
     t.add_argument("--candidates", type=int, default=100,
                    help="documents pre-selected by embedding similarity (default 100)")
-    t.add_argument("--method", default="multi_stage",
-                   help="multi_stage (default), single_stage, finetune_only, grad_dot, "
-                        "grad_cosine, embedding, bm25")  # fmt: skip
+    t.add_argument("--method", default="multi_stage", choices=list(METHODS), metavar="METHOD",
+                   help="a registered method (default multi_stage; `msif-lite methods` "
+                        f"lists them): {', '.join(METHODS)}")  # fmt: skip
+    t.add_argument("--curvature", default="ekfac", choices=list(CURVATURES),
+                   help="curvature approximation of both stages (default ekfac)")
     t.add_argument("--json", action="store_true", help="print the hits as JSON")
     t.add_argument("--mlp-only", action="store_true", help="track MLP layers only")
     t.add_argument("--preset", default="default", help="shipped world/checkpoints to use")
@@ -47,22 +54,27 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", default=".cache/msif", help="factor/gradient cache")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    sub.add_parser("methods", help="list the registered attribution methods")
+
     b = sub.add_parser("bench", help="run a benchmark (writes results/<name>.json and .md)")
     b.add_argument("name", choices=sorted(BENCHES))
     b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
 
     w = sub.add_parser("world", help="generate the world and train both stages")
-    w.add_argument("args", nargs=argparse.REMAINDER, help="see python -m msif_lite.training -h")
+    w.add_argument("args", nargs=argparse.REMAINDER,
+                   help="see python -m msif_lite.world.training -h")
     return p
 
 
 def _trace(a: argparse.Namespace) -> int:
-    from msif_lite.attribution import AttributionConfig
-    from msif_lite.shipped import load_shipped
-    from msif_lite.trace import trace
+    from msif_lite.attribution.attributor import AttributionConfig
+    from msif_lite.attribution.trace import trace
+    from msif_lite.engine.factors import FactorConfig
+    from msif_lite.world.shipped import load_shipped
 
     shipped = load_shipped(a.preset, world_dir=a.world, checkpoint_dir=a.checkpoints)
-    cfg = AttributionConfig(include="mlp" if a.mlp_only else None, cache_dir=a.cache_dir,
+    cfg = AttributionConfig(factors=FactorConfig(include="mlp" if a.mlp_only else None),
+                            curvature=a.curvature, cache_dir=a.cache_dir,
                             progress=not (a.quiet or a.json))  # fmt: skip
     result = trace(shipped, a.question, answer=a.answer, k=a.k, n_candidates=a.candidates,
                    method=a.method, config=cfg)  # fmt: skip
@@ -76,10 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.command == "trace":
             return _trace(a)
+        if a.command == "methods":
+            print(describe_methods())
+            return 0
         if a.command == "bench":
             return int(importlib.import_module(BENCHES[a.name]).main(a.args) or 0)
         if a.command == "world":
-            from msif_lite.training import main as world_main
+            from msif_lite.world.training import main as world_main
 
             world_main(a.args)
             return 0

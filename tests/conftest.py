@@ -27,8 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # (no OpenMP spin-waiting for a core another process holds).
 torch.set_num_threads(1)
 
-from msif_lite.modules import TrackedModule, find_modules  # noqa: E402
-from msif_lite.tasks import (  # noqa: E402
+from msif_lite.engine.layers import TrackedModule, find_modules  # noqa: E402
+from msif_lite.engine.tasks import (  # noqa: E402
     ClassificationTask,
     LanguageModelingTask,
     TokenBatch,

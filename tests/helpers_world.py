@@ -10,10 +10,16 @@ from pathlib import Path
 
 import torch
 
-from msif_lite.lm import CheckpointMeta, build_model, config_hash, save_checkpoint, tokenizer_hash
-from msif_lite.lm import train_tokenizer as make_tokenizer
-from msif_lite.shipped import Shipped, load_shipped
-from msif_lite.world import make_world
+from msif_lite.world.generate import make_world
+from msif_lite.world.lm import (
+    CheckpointMeta,
+    build_model,
+    config_hash,
+    save_checkpoint,
+    tokenizer_hash,
+)
+from msif_lite.world.lm import train_tokenizer as make_tokenizer
+from msif_lite.world.shipped import Shipped, load_shipped
 
 TINY_ALPHA = 0.01
 
@@ -56,11 +62,12 @@ def explorer_notebook(tiny_root: str | Path, cache_dir: str | Path, k: int = 5):
         "torch.set_num_threads(1)\n"
         f"sys.path.insert(0, {str(tests_dir)!r})\n"
         "from helpers_world import load_tiny\n"
-        "from msif_lite.attribution import AttributionConfig\n"
-        "from msif_lite.explorer import open_explorer\n"
+        "from msif_lite.attribution.attributor import AttributionConfig\n"
+        "from msif_lite.engine.factors import FactorConfig\n"
+        "from msif_lite.viz.explorer import open_explorer\n"
         f"shipped = load_tiny({str(tiny_root)!r})\n"
         f"config = AttributionConfig(cache_dir={str(cache_dir)!r}, progress=False, "
-        "max_fit_batches=2)"
+        "factors=FactorConfig(max_batches=2))"
     )
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",

@@ -18,7 +18,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from msif_lite.bench.accuracy import choose_documents, main  # noqa: E402
-from msif_lite.lm import (  # noqa: E402
+from msif_lite.world.generate import make_world  # noqa: E402
+from msif_lite.world.lm import (  # noqa: E402
     CheckpointMeta,
     ModelPreset,
     build_model,
@@ -27,8 +28,7 @@ from msif_lite.lm import (  # noqa: E402
     tokenizer_hash,
     train_tokenizer,
 )
-from msif_lite.training import TrainConfig, pretrain  # noqa: E402
-from msif_lite.world import make_world  # noqa: E402
+from msif_lite.world.training import TrainConfig, pretrain  # noqa: E402
 
 TINY = ModelPreset("tiny", "gpt-neox", n_layers=1, hidden=32, n_heads=2, intermediate=64)
 METHODS = ("ekfac", "ekfac_mlp", "kfac", "grad_dot", "cg_2", "cg_12", "lissa_5", "lissa_20",

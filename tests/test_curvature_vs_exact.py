@@ -1,4 +1,4 @@
-"""The curvature engine (K-FAC, EK-FAC) against the exact references of msif_lite.exact.
+"""The curvature engine (K-FAC, EK-FAC) against the exact references of msif_lite.engine.exact.
 
 Complements tests/test_factors.py and tests/test_scores.py (which check the factors against
 Fisher blocks built from the engine's own per_sequence_grads): here every reference comes
@@ -21,12 +21,17 @@ import torch
 from conftest import lm_batch, make_lm
 from torch import nn
 
-from msif_lite.exact import DenseSolveIHVP, dense_ggn, influence_exact, per_example_flat_grads
-from msif_lite.factors import FactorConfig, fit_covariances, fit_ekfac
-from msif_lite.ihvp import EKFACIHVP, KFACIHVP, Damping
-from msif_lite.modules import find_modules, flatten
-from msif_lite.scores import pairwise_scores
-from msif_lite.tasks import ClassificationTask, LanguageModelingTask
+from msif_lite.engine.exact import (
+    DenseSolveIHVP,
+    dense_ggn,
+    influence_exact,
+    per_example_flat_grads,
+)
+from msif_lite.engine.factors import FactorConfig, fit_covariances, fit_ekfac
+from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping
+from msif_lite.engine.layers import find_modules, flatten
+from msif_lite.engine.scores import pairwise_scores
+from msif_lite.engine.tasks import ClassificationTask, LanguageModelingTask
 
 EMP = FactorConfig(fisher="empirical", progress=False)
 SAMPLED = FactorConfig(fisher="sampled", progress=False)

@@ -1,4 +1,4 @@
-"""Data-parallel EK-FAC and sharded scores (msif_lite.distributed): 2 gloo CPU processes give
+"""Data-parallel EK-FAC and sharded scores (msif_lite.engine.distributed): 2 gloo CPU processes give
 the one-process factors and scores (float64, rtol 1e-10) on the tiny MLP and GPT-NeoX, with
 uneven shards, an empty shard, empirical and sampled Fisher; mismatched modules raise.
 
@@ -18,18 +18,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import lm_batch, make_lm, make_mlp
 
-from msif_lite.distributed import (
+from msif_lite.engine.distributed import (
     batch_seed,
     fit_ekfac_distributed,
     pairwise_scores_distributed,
     shard,
     shard_range,
 )
-from msif_lite.factors import FactorConfig, fit_ekfac
-from msif_lite.ihvp import EKFACIHVP
-from msif_lite.modules import find_modules
-from msif_lite.scores import pairwise_scores
-from msif_lite.tasks import LanguageModelingTask
+from msif_lite.engine.factors import FactorConfig, fit_ekfac
+from msif_lite.engine.ihvp import EKFACIHVP
+from msif_lite.engine.layers import find_modules
+from msif_lite.engine.scores import pairwise_scores
+from msif_lite.engine.tasks import LanguageModelingTask
 
 WORLD = 2
 DEADLINE_S = 50.0

@@ -8,19 +8,19 @@ import pytest
 import torch
 from conftest import make_lm, make_mlp
 
-from msif_lite.capture import per_sequence_grads
-from msif_lite.factors import (
+from msif_lite.engine.capture import per_sequence_grads
+from msif_lite.engine.factors import (
     EKFACFactors,
     FactorConfig,
     fit_covariances,
     fit_eigenbasis,
     fit_ekfac,
 )
-from msif_lite.ihvp import EKFACIHVP, KFACIHVP, Damping
-from msif_lite.modules import find_modules
-from msif_lite.scores import pairwise_scores, query_gradients
-from msif_lite.storage import StaleArtifactError
-from msif_lite.tasks import LanguageModelingTask, make_token_batch
+from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping
+from msif_lite.engine.layers import find_modules
+from msif_lite.engine.scores import pairwise_scores, query_gradients
+from msif_lite.engine.storage import StaleArtifactError
+from msif_lite.engine.tasks import LanguageModelingTask, make_token_batch
 
 CFG = FactorConfig(progress=False)
 

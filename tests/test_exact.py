@@ -1,4 +1,4 @@
-"""The exact references themselves (msif_lite/exact.py), all in float64.
+"""The exact references themselves (msif_lite/engine/exact.py), all in float64.
 
 Tolerances: constructions that should agree to rounding use rtol=1e-9/atol=1e-10; CG is
 compared to the dense solve at rtol=1e-6; LiSSA (truncated Neumann series) at rtol=1e-3.
@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from msif_lite.exact import (
+from msif_lite.engine.exact import (
     ConjugateGradientIHVP,
     DenseSolveIHVP,
     LissaIHVP,
@@ -27,8 +27,8 @@ from msif_lite.exact import (
     influence_exact,
     per_example_flat_grads,
 )
-from msif_lite.modules import find_modules, flatten, unflatten
-from msif_lite.tasks import ClassificationTask, LanguageModelingTask, make_token_batch
+from msif_lite.engine.layers import find_modules, flatten, unflatten
+from msif_lite.engine.tasks import ClassificationTask, LanguageModelingTask, make_token_batch
 
 TIGHT = dict(rtol=1e-9, atol=1e-10)
 

@@ -1,4 +1,4 @@
-"""The result explorer (msif_lite.explorer) on a tiny saved world: driven through its
+"""The result explorer (msif_lite.viz.explorer) on a tiny saved world: driven through its
 widgets as a person would, cached so sliders never refit, and executed headless."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -18,12 +19,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers_world import build_tiny_shipped, explorer_notebook, load_tiny  # noqa: E402
 
-import msif_lite.attribution  # noqa: E402
-import msif_lite.gradstore  # noqa: E402
-from msif_lite import plots  # noqa: E402
-from msif_lite.attribution import GRADIENT_METHODS, AttributionConfig, Attributor  # noqa: E402
-from msif_lite.explorer import open_explorer  # noqa: E402
-from msif_lite.explorer_data import Settings  # noqa: E402
+import msif_lite.attribution.attributor  # noqa: E402
+import msif_lite.engine.gradstore  # noqa: E402
+from msif_lite.attribution.attributor import AttributionConfig, Attributor  # noqa: E402
+from msif_lite.attribution.methods import gradient_methods  # noqa: E402
+from msif_lite.engine.curvature import CURVATURES  # noqa: E402
+from msif_lite.engine.factors import FactorConfig  # noqa: E402
+from msif_lite.viz import plots  # noqa: E402
+from msif_lite.viz.explorer import open_explorer  # noqa: E402
+from msif_lite.viz.explorer_data import Settings  # noqa: E402
 
 K = 5
 
@@ -39,7 +43,8 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def _config(cache_dir: Path) -> AttributionConfig:
-    return AttributionConfig(cache_dir=str(cache_dir), progress=False, max_fit_batches=2)
+    return AttributionConfig(cache_dir=str(cache_dir), progress=False,
+                             factors=FactorConfig(max_batches=2))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +65,7 @@ def test_opens_with_a_ranked_list_scores_and_true_sources(explorer):
     assert truth  # a world query: its true sources are known
     marked = explorer.ranked_view.value.count("✓ true source")
     assert marked == sum(d in truth for d in v.doc_ids)
-    assert "multi-stage" in explorer.status.value and "188 candidates" in explorer.status.value
+    assert "Multi-stage" in explorer.status.value and "188 candidates" in explorer.status.value
     assert "0 · attention" in explorer.layers_view.value
     assert "1 · mlp" in explorer.layers_view.value
 
@@ -89,7 +94,7 @@ def test_cached_scores_match_the_attributor(explorer):
     data = explorer.data
     q = data.queries[2]
     cands = data.candidates(q)
-    for method in GRADIENT_METHODS:
+    for method in gradient_methods():
         mine, layers = data.all_scores(q, Settings.make(method, 0.1, data.alpha0))
         ref = data.att.scores(method, [q], cands[:40])[0].double()
         torch.testing.assert_close(mine[:40], ref, rtol=1e-4,
@@ -116,7 +121,7 @@ def test_sliders_do_not_refit_factors_or_recompute_candidate_gradients(
     explorer, cache_dir, monkeypatch
 ):
     calls = {"fit": 0, "grads": 0}
-    fit, grads = msif_lite.attribution.fit_ekfac, msif_lite.gradstore.per_sequence_grads
+    fit, grads = CURVATURES["ekfac"].fit, msif_lite.engine.gradstore.per_sequence_grads
 
     def count(name, f):
         def wrapped(*a, **kw):
@@ -125,8 +130,8 @@ def test_sliders_do_not_refit_factors_or_recompute_candidate_gradients(
 
         return wrapped
 
-    monkeypatch.setattr(msif_lite.attribution, "fit_ekfac", count("fit", fit))
-    monkeypatch.setattr(msif_lite.gradstore, "per_sequence_grads", count("grads", grads))
+    monkeypatch.setitem(CURVATURES, "ekfac", replace(CURVATURES["ekfac"], fit=count("fit", fit)))
+    monkeypatch.setattr(msif_lite.engine.gradstore, "per_sequence_grads", count("grads", grads))
     files = {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*") if p.is_file()}
     explorer.method.value = "multi_stage"
     for d in (0.01, 1.0, 0.1):

@@ -10,8 +10,8 @@ import torch
 from conftest import ATOL, RTOL, lm_batch, make_lm
 from torch import nn
 
-from msif_lite.capture import per_sequence_grads
-from msif_lite.factors import (
+from msif_lite.engine.capture import per_sequence_grads
+from msif_lite.engine.factors import (
     EKFACFactors,
     FactorConfig,
     KFACFactors,
@@ -20,8 +20,8 @@ from msif_lite.factors import (
     fit_ekfac,
     fit_lambda,
 )
-from msif_lite.modules import find_modules
-from msif_lite.tasks import ClassificationTask, LanguageModelingTask
+from msif_lite.engine.layers import find_modules
+from msif_lite.engine.tasks import ClassificationTask, LanguageModelingTask
 
 EMP = FactorConfig(fisher="empirical", progress=False)
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-from msif_lite.factors import FactorConfig, fit_ekfac
-from msif_lite.ihvp import EKFACIHVP
-from msif_lite.lowrank import agreement, pairwise_scores_lowrank, relative_error, truncate
-from msif_lite.modules import find_modules
-from msif_lite.scores import pairwise_scores, precondition, query_gradients
-from msif_lite.tasks import LanguageModelingTask, TokenBatch
+from msif_lite.engine.factors import FactorConfig, fit_ekfac
+from msif_lite.engine.ihvp import EKFACIHVP
+from msif_lite.engine.layers import find_modules
+from msif_lite.engine.lowrank import agreement, pairwise_scores_lowrank, relative_error, truncate
+from msif_lite.engine.scores import pairwise_scores, precondition, query_gradients
+from msif_lite.engine.tasks import LanguageModelingTask, TokenBatch
 
 TASK = LanguageModelingTask()
 

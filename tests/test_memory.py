@@ -15,15 +15,19 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-from msif_lite.factors import (
+from msif_lite.engine.factors import (
     FactorConfig,
     fit_covariances,
     fit_eigenbasis,
     fit_ekfac,
     fit_lambda,
 )
-from msif_lite.ihvp import EKFACIHVP
-from msif_lite.memory import (
+from msif_lite.engine.ihvp import EKFACIHVP
+from msif_lite.engine.layers import find_modules
+from msif_lite.engine.multistage import MultiStageConfig, MultiStageIHVP
+from msif_lite.engine.scores import pairwise_scores, query_gradients
+from msif_lite.engine.tasks import LanguageModelingTask, TokenBatch
+from msif_lite.scale.memory import (
     MemoryOptions,
     WontFitError,
     check_fits,
@@ -32,10 +36,6 @@ from msif_lite.memory import (
     nbytes,
     predict,
 )
-from msif_lite.modules import find_modules
-from msif_lite.multistage import MultiStageConfig, MultiStageIHVP
-from msif_lite.scores import pairwise_scores, query_gradients
-from msif_lite.tasks import LanguageModelingTask, TokenBatch
 
 TASK = LanguageModelingTask()
 

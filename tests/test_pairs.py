@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from msif_lite.lm import train_tokenizer
-from msif_lite.pairs import budget, load_model_pair, read_texts, world_texts
-from msif_lite.world import make_world
+from msif_lite.scale.pairs import budget, load_model_pair, read_texts, world_texts
+from msif_lite.world.generate import make_world
+from msif_lite.world.lm import train_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,4 +1,4 @@
-"""Static figures (msif_lite.plots): each draws, has labelled axes and a title, and is
+"""Static figures (msif_lite.viz.plots): each draws, has labelled axes and a title, and is
 closed in pyplot (a notebook shows it once)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from msif_lite import plots  # noqa: E402
-from msif_lite.bench.common import spearman  # noqa: E402
+from msif_lite.eval.metrics import spearman  # noqa: E402
+from msif_lite.viz import plots  # noqa: E402
 
 RNG = np.random.default_rng(0)
 A = RNG.normal(size=40)

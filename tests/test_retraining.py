@@ -4,7 +4,7 @@ L2-regularised softmax regression (one nn.Linear with bias, N = 100 points in 6-
 classes), objective (1/N) Σ ℓ + (λ/2)‖θ‖², fitted by Newton to ‖∇‖ < 1e-10. Here the GGN
 equals the Hessian of the loss, and damping = λ makes (H + λI) the Hessian of the
 objective, so I(z, q) = ∇mᵀ(H + λI)⁻¹∇ℓ(z) is the classical influence exactly.
-Removing z is up-weighting by ε = −1/N, so Δm ≈ +I(z, q)/N (DESIGN.md §2, Notebook 01
+Removing z is up-weighting by ε = −1/N, so Δm ≈ +I(z, q)/N (docs/design.md §Conventions, Notebook 01
 §Leave-one-out check).
 
 Measured (seed 0, 25 removed points, 4 queries; see the printed values with `-s`):
@@ -22,9 +22,15 @@ import pytest
 import torch
 from torch import nn
 
-from msif_lite.exact import dense_ggn, dense_hessian, fit_convex, influence_exact, loo_changes
-from msif_lite.modules import find_modules
-from msif_lite.tasks import ClassificationTask
+from msif_lite.engine.exact import (
+    dense_ggn,
+    dense_hessian,
+    fit_convex,
+    influence_exact,
+    loo_changes,
+)
+from msif_lite.engine.layers import find_modules
+from msif_lite.engine.tasks import ClassificationTask
 
 N, D, C, L2, SEED = 100, 6, 5, 1e-2, 0
 REMOVED = list(range(0, N, 4))  # 25 leave-one-out retrainings
@@ -96,10 +102,10 @@ def test_upweighting_derivative_is_minus_influence(problem):
 def test_ekfac_influence_tracks_leave_one_out(problem):
     """The engine (EK-FAC / K-FAC + pairwise_scores) on the same problem: correlated with
     retraining, though not exact (see the module docstring for the measured values)."""
-    pytest.importorskip("msif_lite.ihvp")
-    from msif_lite.factors import FactorConfig, fit_ekfac
-    from msif_lite.ihvp import EKFACIHVP, KFACIHVP, Damping
-    from msif_lite.scores import pairwise_scores
+    pytest.importorskip("msif_lite.engine.ihvp")
+    from msif_lite.engine.factors import FactorConfig, fit_ekfac
+    from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping
+    from msif_lite.engine.scores import pairwise_scores
 
     m = problem
     x, y = m["train"]

@@ -1,4 +1,4 @@
-"""Tests for msif_lite.retrieval (Notebook 08 §Candidate selection); offline, small corpora."""
+"""Tests for msif_lite.attribution.retrieval (Notebook 08); offline, small corpora."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from msif_lite import retrieval as R  # noqa: E402
-from msif_lite.storage import StaleArtifactError  # noqa: E402
+from msif_lite.attribution import retrieval as R  # noqa: E402
+from msif_lite.engine.storage import StaleArtifactError  # noqa: E402
 
 PEOPLE = ["Alvena Torsk", "Brimo Kallert", "Cedrina Vohl", "Dastan Mirewell", "Elsko Prandt",
           "Fenna Quillory", "Gorim Ashvale", "Halvie Denstrom", "Ixel Barrowind", "Jorund Faye",

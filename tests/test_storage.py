@@ -1,4 +1,4 @@
-"""Tests for msif_lite.storage: keyed, checksummed, atomic, pickle-free caches."""
+"""Tests for msif_lite.engine.storage: keyed, checksummed, atomic, pickle-free caches."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from msif_lite import storage
-from msif_lite.storage import (
+from msif_lite.engine import storage
+from msif_lite.engine.storage import (
     ArtifactError,
     ArtifactKey,
     CorruptArtifactError,
@@ -101,7 +101,7 @@ def test_tensor_fingerprint_non_contiguous_equals_contiguous():
 
 def test_fingerprint_stable_across_processes():
     code = (
-        "import torch; from msif_lite.storage import tensor_fingerprint as f;"
+        "import torch; from msif_lite.engine.storage import tensor_fingerprint as f;"
         "print(f({'w': torch.arange(6.0).reshape(2, 3).to(torch.bfloat16)}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -314,7 +314,7 @@ def test_cached_computes_once_then_loads_and_recomputes_on_change(tmp_path, capl
     assert len(calls) == 1 and m1 == m2 == {"run": 1} and torch.equal(t1["w"], t2["w"])
 
     new_key = dataclasses.replace(KEY, model="n" * 64)
-    with caplog.at_level("WARNING", logger="msif_lite.storage"):
+    with caplog.at_level("WARNING", logger="msif_lite.engine.storage"):
         t3, m3 = cached(p, new_key, compute)
     assert len(calls) == 2 and m3 == {"run": 2} and "model fingerprint differs" in caplog.text
     assert load_artifact(p, new_key)[1] == {"run": 2}  # overwritten with the new key

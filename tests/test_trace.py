@@ -10,12 +10,19 @@ import pytest
 import torch
 from helpers_world import build_tiny_shipped, load_tiny
 
-from msif_lite.attribution import METHODS, AttributionConfig, Attributor, check_same_architecture
+from msif_lite.attribution.attributor import (
+    AttributionConfig,
+    Attributor,
+    check_same_architecture,
+)
+from msif_lite.attribution.methods import METHODS
+from msif_lite.attribution.trace import trace
 from msif_lite.cli import main
-from msif_lite.lm import build_model
-from msif_lite.lm import train_tokenizer as make_tokenizer
-from msif_lite.trace import as_prompt, trace
-from msif_lite.world import make_world
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.prompts import as_prompt
+from msif_lite.world.generate import make_world
+from msif_lite.world.lm import build_model
+from msif_lite.world.lm import train_tokenizer as make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +38,7 @@ def _shipped(root):
 
 def _cfg(tmp_path, **kw) -> AttributionConfig:
     return AttributionConfig(cache_dir=str(tmp_path / "cache"), progress=False,
-                             max_fit_batches=2, **kw)  # fmt: skip
+                             factors=FactorConfig(max_batches=2), **kw)  # fmt: skip
 
 
 def test_trace_cli_json_lists_hits_with_true_sources(tiny_shipped, tmp_path, capsys):

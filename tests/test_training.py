@@ -12,7 +12,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from msif_lite.lm import (  # noqa: E402
+from msif_lite.world.generate import load_world, make_world  # noqa: E402
+from msif_lite.world.lm import (  # noqa: E402
     CheckpointMeta,
     ModelPreset,
     answer_accuracy,
@@ -25,7 +26,7 @@ from msif_lite.lm import (  # noqa: E402
     tokenizer_hash,
     train_tokenizer,
 )
-from msif_lite.training import (  # noqa: E402
+from msif_lite.world.training import (  # noqa: E402
     TrainConfig,
     collate,
     encode_qa,
@@ -35,7 +36,6 @@ from msif_lite.training import (  # noqa: E402
     proximity_penalty,
     snapshot_params,
 )
-from msif_lite.world import load_world, make_world  # noqa: E402
 
 TINY = ModelPreset("tiny", "gpt-neox", n_layers=1, hidden=32, n_heads=2, intermediate=64)
 TINY_BLOOM = ModelPreset("tiny-bloom", "bloom", n_layers=1, hidden=32, n_heads=2, intermediate=128)
@@ -219,8 +219,8 @@ def test_shipped_default_checkpoints_know_their_world():
 def test_trained_pipeline_trains_once_and_never_leaves_a_partial_run(tmp_path, monkeypatch):
     """A preset without shipped checkpoints is trained into the cache once; a failure mid-way
     leaves nothing behind, so the next call trains again instead of loading half a run."""
-    import msif_lite.training as training
-    from msif_lite import shipped
+    import msif_lite.world.training as training
+    from msif_lite.world import shipped
 
     monkeypatch.setenv("MSIF_DATA", str(tmp_path / "data"))  # nothing shipped here
     calls = []

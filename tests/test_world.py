@@ -11,8 +11,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from msif_lite.lm import check_tokenizer, load_tokenizer, train_tokenizer  # noqa: E402
-from msif_lite.world import (  # noqa: E402
+from msif_lite.world.generate import (  # noqa: E402
     RELATIONS,
     WORLD_PRESETS,
     WorldConfig,
@@ -20,6 +19,7 @@ from msif_lite.world import (  # noqa: E402
     make_world,
     states_fact,
 )
+from msif_lite.world.lm import check_tokenizer, load_tokenizer, train_tokenizer  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "world" / "default"
 

@@ -25,18 +25,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from msif_lite.attribution import Attributor
+from msif_lite.attribution.attributor import Attributor
 from msif_lite.bench import common
 from msif_lite.config import pick
-from msif_lite.exact import ConjugateGradientIHVP, LissaIHVP, block_diagonal, ggn_matvec
-from msif_lite.factors import FactorConfig, fit_covariances, fit_eigenbasis, fit_ekfac
-from msif_lite.ihvp import EKFACIHVP, KFACIHVP, Damping, IdentityIHVP
-from msif_lite.modules import find_modules
-from msif_lite.scores import pairwise_scores, precondition, query_gradients
-from msif_lite.shipped import load_shipped, trained_pipeline
-from msif_lite.tasks import LanguageModelingTask
+from msif_lite.engine.exact import ConjugateGradientIHVP, LissaIHVP, block_diagonal, ggn_matvec
+from msif_lite.engine.factors import FactorConfig, fit_covariances, fit_eigenbasis, fit_ekfac
+from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping, IdentityIHVP
+from msif_lite.engine.layers import find_modules
+from msif_lite.engine.scores import pairwise_scores, precondition, query_gradients
+from msif_lite.engine.tasks import LanguageModelingTask
+from msif_lite.eval import metrics
+from msif_lite.world.shipped import load_shipped, trained_pipeline
 
-PAPER = {  # DESIGN.md §3: the paper's code, 2-layer GPT-NeoX on PTB, 10 queries × 500 candidates
+PAPER = {  # docs/design.md §Yardsticks: the paper's code (GPT-NeoX on PTB, 10 q × 500 c)
     "setup": "ground truth CG over all parameters, 2000 iterations, damping 1e-4",
     "spearman": {"cg_1000": 0.770, "ekfac": 0.612, "ekfac_mlp": 0.523, "lissa_10000": 0.518,
                  "lissa_2000": 0.409, "grad_dot": 0.219, "trak": 0.013},
@@ -117,8 +118,8 @@ def hutchinson_mean_eig(matvec: Callable, p: int, probes: int, seed: int, dtype)
 
 def correlations(scores: torch.Tensor, truth: torch.Tensor) -> dict:
     """Per-query Spearman and Pearson against the ground truth, mean ± std over queries."""
-    sp = torch.tensor([common.spearman(s, t) for s, t in zip(scores, truth)])
-    pe = torch.tensor([common.pearson(s, t) for s, t in zip(scores, truth)])
+    sp = torch.tensor([metrics.spearman(s, t) for s, t in zip(scores, truth)])
+    pe = torch.tensor([metrics.pearson(s, t) for s, t in zip(scores, truth)])
     std = (lambda x: float(x.std()) if len(x) > 1 else 0.0)  # noqa: E731
     return {"spearman_mean": float(sp.mean()), "spearman_std": std(sp),
             "pearson_mean": float(pe.mean()), "pearson_std": std(pe),
@@ -278,7 +279,8 @@ def ordered(names) -> list[str]:
 
 
 def markdown(payload: dict) -> str:
-    """Our table with the paper's numbers beside it (DESIGN.md §3), after any `run_notes`
+    """Our table with the paper's numbers beside it (docs/design.md §Yardsticks), after any
+    `run_notes`
     (remarks on the run added to the JSON by hand, e.g. about timings)."""
     rows, paper = [], payload["paper"]
     for name in ordered(payload["methods"]):
@@ -317,7 +319,7 @@ def markdown(payload: dict) -> str:
         + f"\nSpearman/Pearson: mean ± std over queries, against the ground truth. fit_s: factor "
         "fitting; score_s: preconditioning the queries (all of an iterative solver's cost) + "
         "scoring the candidates. peak_MiB: resident-set growth during the method (memory an "
-        "earlier method freed and this one reused reads as ~0). Paper (DESIGN.md §3): "
+        "earlier method freed and this one reused reads as ~0). Paper (design notes): "
         f"{paper['setup']}; its CG/LiSSA rows are matched to ours by role (smaller/larger "
         "budget), not by iteration count.\n"
     )
@@ -325,16 +327,14 @@ def markdown(payload: dict) -> str:
 
 def plot(payload: dict, path: Path) -> None:
     """Spearman vs the ground truth per method (mean ± std over queries), paper's beside."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     names = ordered(payload["methods"])
     ours = [payload["methods"][n]["spearman_mean"] for n in names]
     err = [payload["methods"][n]["spearman_std"] for n in names]
     paper = [payload["paper"]["spearman"].get(n, float("nan")) for n in names]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     ax.barh(names, ours, xerr=err, color="tab:blue", label="msif-lite")
     ax.plot(paper, names, "rD", label="paper (same method)")
     ax.set(xlabel="Spearman ρ vs exact-GGN CG", xlim=(min(0.0, *ours), 1.0))
@@ -342,7 +342,6 @@ def plot(payload: dict, path: Path) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.15), ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,7 @@
 initialised BLOOM (random weights are fine for time and memory) and runs, on random tokens:
 the forward+backward floor (one plain training pass over the fit tokens), the covariance
 pass, the eigendecompositions, the Λ pass, and pairwise multi-stage scoring of 16 queries
-against the candidates. Before each stage it prints `msif_lite.memory.predict`'s plan and
+against the candidates. Before each stage it prints `msif_lite.scale.memory.predict`'s plan and
 refuses (check_fits) when a stage would not fit. Writes results/bloom560m.json + .md.
 
 - With a GPU (torch.cuda.is_available()): the full shape — 24 blocks, hidden 1024, 16 heads,
@@ -30,12 +30,12 @@ from functools import partial
 import torch
 
 from msif_lite.bench.common import Timer, markdown_table, write_results
-from msif_lite.factors import FactorConfig, fit_covariances, fit_eigenbasis, fit_lambda
-from msif_lite.memory import GiB, MemoryOptions, check_fits, measure_peak, nbytes, predict
-from msif_lite.modules import find_modules
-from msif_lite.multistage import MultiStageConfig, MultiStageIHVP
-from msif_lite.scores import pairwise_scores, query_gradients
-from msif_lite.tasks import LanguageModelingTask, TokenBatch
+from msif_lite.engine.factors import FactorConfig, fit_covariances, fit_eigenbasis, fit_lambda
+from msif_lite.engine.layers import find_modules
+from msif_lite.engine.multistage import MultiStageConfig, MultiStageIHVP
+from msif_lite.engine.scores import pairwise_scores, query_gradients
+from msif_lite.engine.tasks import LanguageModelingTask, TokenBatch
+from msif_lite.scale.memory import GiB, MemoryOptions, check_fits, measure_peak, nbytes, predict
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-import matplotlib
-
+from msif_lite.attribution.retrieval import (
+    BM25Index,
+    EmbeddingIndex,
+    plot_recall_curve,
+    recall_at_k,
+)
 from msif_lite.bench.common import Timer, markdown_table, write_results
 from msif_lite.config import fast_mode
-from msif_lite.retrieval import BM25Index, EmbeddingIndex, plot_recall_curve, recall_at_k
-from msif_lite.trace import retrieval_text
-from msif_lite.world import World, load_world
+from msif_lite.engine.prompts import retrieval_text
+from msif_lite.world.generate import World, load_world
 
 KS = (10, 50, 100, 500)
 
@@ -48,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--world", help="world directory (default data/world/<preset>)")
     p.add_argument("--out", default="results")
     a = p.parse_args(argv)
-    from msif_lite.shipped import data_dir
+    from msif_lite.world.shipped import data_dir
 
     world = load_world(a.world or data_dir() / "world" / a.preset)
     with Timer() as t:
@@ -64,7 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                "recall": {m: {str(k): v for k, v in r.items()} for m, r in curves.items()},
                "seconds": t.seconds}  # fmt: skip
     path = write_results("retrieval_recall", payload, md, a.out)
-    matplotlib.use("Agg")
     fig = plot_recall_curve(curves)
     fig.savefig(path.with_suffix(".png"), dpi=110, bbox_inches="tight")
     print(md)

@@ -1,0 +1,379 @@
+"""Attribute a fine-tuned model's answers to pre-training documents with any registered
+method (`attribution.methods`; notebook 07 §Fact tracing, `msif-lite trace`, the benches).
+
+The `Attributor` owns what methods share and computes each piece once: the tokenised
+documents and fine-tuning pairs, each stage's curvature (fitted once, cached on disk),
+query gradients at θ_pt / θ_ft, candidate gradients (cached on disk), gradient norms and
+the text indexes. A method only says how to combine them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from msif_lite.attribution.methods import Method, ScoreSettings, Stage, get_method
+from msif_lite.engine.curvature import CurvatureKind, curvature
+from msif_lite.engine.factors import EKFACFactors, FactorConfig
+from msif_lite.engine.gradstore import Candidate, GradientStore
+from msif_lite.engine.ihvp import Damping, InverseHVP
+from msif_lite.engine.layers import Grads, TrackedModule, find_modules
+from msif_lite.engine.prompts import encode_document, encode_prompt_answer
+from msif_lite.engine.scores import query_gradients
+from msif_lite.engine.storage import ArtifactError, CorruptArtifactError, data_fingerprint
+from msif_lite.engine.tasks import IGNORE_INDEX, LanguageModelingTask, TokenBatch, make_token_batch
+
+INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff \t\r\n"  # zero-width and white space
+
+
+class QuestionLike(Protocol):
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Settings shared by every method (notebook 07). `help` metadata explains each field."""
+
+    factors: FactorConfig = field(
+        default=FactorConfig(),
+        metadata={"help": "the curvature fit (Fisher type, layers tracked, token budget, "
+                          "autocast, offload): one FactorConfig for both stages"})  # fmt: skip
+    curvature: CurvatureKind = field(
+        default=CurvatureKind.EKFAC,
+        metadata={"help": "which approximation of G: 'ekfac', 'kfac' or 'identity'"})
+    alpha: float | None = field(
+        default=None, metadata={"help": "proximity α; None = read from the fine-tuned checkpoint"}
+    )
+    pretrain_damping: Damping = field(
+        default=Damping(), metadata={"help": "λ_pt for (H_pt + λ_pt I); default 0.1·mean Λ"}
+    )
+    finetune_only_damping: Damping = field(
+        default=Damping(), metadata={"help": "λ_ft of the finetune_only baseline"}
+    )
+    include_alpha: bool = field(
+        default=True, metadata={"help": "multi_stage reports α·(…) = −dm/dε (True) or (…)/1"}
+    )
+    batch_size: int = field(default=16, metadata={"help": "sequences per forward/backward"})
+    cache_dir: str = field(
+        default=".cache/msif", metadata={"help": "where factors and candidate gradients go"}
+    )
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bars (every stage)"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.factors, FactorConfig):
+            raise TypeError("AttributionConfig.factors must be a FactorConfig, e.g. "
+                            "FactorConfig(include='mlp')")  # fmt: skip
+        object.__setattr__(self, "curvature", CurvatureKind(curvature(self.curvature).name))
+        if self.alpha is not None:
+            ScoreSettings(alpha=self.alpha)  # validates α (number, finite, > 0)
+        for name in ("pretrain_damping", "finetune_only_damping"):
+            if not isinstance(getattr(self, name), Damping):
+                raise TypeError(f"AttributionConfig.{name} must be a Damping, e.g. "
+                                f"Damping(absolute=1e-4) or Damping(heuristic_factor=0.1)")
+        if self.batch_size < 1:
+            raise ValueError("AttributionConfig.batch_size must be >= 1")
+
+    def factor_config(self) -> FactorConfig:
+        """The FactorConfig both stages are fitted with (progress follows this config)."""
+        return replace(self.factors, progress=self.progress)
+
+
+def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
+    """Refuse a pre-trained / fine-tuned pair that do not share parameter names and shapes."""
+    sa = {n: tuple(p.shape) for n, p in a.named_parameters()}
+    sb = {n: tuple(p.shape) for n, p in b.named_parameters()}
+    if sa != sb:
+        diff = sorted(set(sa.items()) ^ set(sb.items()))[:4]
+        raise ValueError(
+            "the pre-trained and fine-tuned models do not share an architecture (first "
+            f"differences: {diff}); multi-stage influence needs θ_ft and θ_pt in one "
+            "parameter space. Load the fine-tune of this pre-trained model."
+        )
+
+
+def check_tokenizer_fits(model: nn.Module, tokenizer) -> None:
+    """Refuse a tokenizer with more tokens than the model's embedding has rows."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}: "
+            "the tokenizer does not match the model. Load the tokenizer saved with the "
+            "checkpoint (AutoTokenizer.from_pretrained(<checkpoint dir>))."
+        )
+
+
+def _resolve_alpha(config_alpha: float | None, given: float | None) -> float:
+    if config_alpha is not None and given is not None and config_alpha != given:
+        raise ValueError(
+            f"two values of α: AttributionConfig(alpha={config_alpha:g}) and "
+            f"Attributor(..., alpha={given:g}). Give α in one place only."
+        )
+    a = config_alpha if config_alpha is not None else given
+    if a is None:
+        raise ValueError(
+            "α is unknown: pass alpha=<the fine-tune's proximity strength> or set "
+            "AttributionConfig.alpha (msif-lite checkpoints store it in msif_meta.json)."
+        )
+    return ScoreSettings(alpha=a).alpha
+
+
+def _drop_empty(documents: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    kept = [(d, t) for d, t in documents if t.strip()]
+    if len(kept) < len(documents):
+        warnings.warn(f"dropped {len(documents) - len(kept)} empty or whitespace-only "
+                      "documents (they have no tokens to attribute)", stacklevel=3)  # fmt: skip
+    return kept
+
+
+class Attributor:
+    """Scores pre-training documents for questions answered by a fine-tuned model.
+
+    documents: (doc_id, text) pairs of the pre-training corpus (the candidates and the data
+    H_pt is fitted on); finetune_pairs: the fine-tuning (prompt, answer) pairs (H_ft).
+    """
+
+    def __init__(
+        self,
+        pretrained: nn.Module,
+        finetuned: nn.Module,
+        tokenizer,
+        documents: Sequence[tuple[str, str]],
+        finetune_pairs: Sequence[tuple[str, str]],
+        config: AttributionConfig = AttributionConfig(),
+        *,
+        alpha: float | None = None,
+    ):
+        check_same_architecture(pretrained, finetuned)
+        check_tokenizer_fits(finetuned, tokenizer)
+        documents = _drop_empty(documents)
+        if not documents:
+            raise ValueError("no pre-training documents given: the candidate set is empty.")
+        if not finetune_pairs:
+            raise ValueError("no fine-tuning pairs given: H_ft needs fine-tuning data.")
+        self.pretrained, self.finetuned = pretrained.eval(), finetuned.eval()
+        self.tokenizer, self.config = tokenizer, config
+        self.settings = ScoreSettings(
+            _resolve_alpha(config.alpha, alpha), config.pretrain_damping,
+            config.finetune_only_damping, config.include_alpha)  # fmt: skip
+        self.task = LanguageModelingTask()
+        self.doc_ids = [d for d, _ in documents]
+        self.texts = dict(documents)
+        if len(self.texts) != len(self.doc_ids):
+            raise ValueError("document ids must be unique")
+        self.finetune_pairs = list(finetune_pairs)
+        fc = config.factors
+        self.modules: list[TrackedModule] = find_modules(pretrained, fc.include, fc.exclude)
+        self.ft_modules = find_modules(finetuned, fc.include, fc.exclude)
+        self.cache = Path(config.cache_dir)
+        self._norms: dict[tuple[Stage, str], float] = {}
+
+    @property
+    def alpha(self) -> float:
+        return self.settings.alpha
+
+    # ------------------------------------------------------------------ tokenisation
+    @property
+    def pad_id(self) -> int:
+        pid = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pid is None else pid
+
+    def candidate(self, doc_id: str) -> Candidate:
+        """A document as a training example: text + eos, loss on every next token."""
+        if doc_id not in self.texts:
+            raise KeyError(f"unknown document id {doc_id!r}")
+        ids, labels = encode_document(self.tokenizer, self.texts[doc_id])
+        return Candidate(doc_id, tuple(ids), tuple(labels))
+
+    def candidates(self, doc_ids: Sequence[str]) -> list[Candidate]:
+        if len(doc_ids) == 0:
+            raise ValueError("the candidate set is empty: retrieval returned no documents. "
+                             "Raise k or check the corpus.")  # fmt: skip
+        return [self.candidate(d) for d in doc_ids]
+
+    def collate(self, examples: Sequence[Candidate]) -> TokenBatch:
+        masks = [[lab != IGNORE_INDEX for lab in c.labels] for c in examples]
+        return make_token_batch([c.input_ids for c in examples], self.pad_id, masks)
+
+    def qa_example(self, prompt: str, answer: str) -> Candidate:
+        """prompt + ' ' + answer + eos with the loss on the answer tokens only."""
+        if not prompt.strip():
+            raise ValueError("a question is empty: pass a question such as 'Where was X born?'")
+        ids, labels = encode_prompt_answer(self.tokenizer, prompt, answer)
+        answer_ids = [t for t in labels if t != IGNORE_INDEX][:-1]  # without the final eos
+        special = set(self.tokenizer.all_special_ids)
+        if not answer.strip(INVISIBLE) or all(t in special for t in answer_ids):
+            raise ValueError(f"the answer {answer!r} is only special tokens or invisible "
+                             "characters: give each question a real answer.")  # fmt: skip
+        return Candidate(prompt, tuple(ids), tuple(labels))
+
+    def _batches(self, examples: Sequence[Candidate]) -> list[TokenBatch]:
+        b = self.config.batch_size
+        return [self.collate(examples[i : i + b]) for i in range(0, len(examples), b)]
+
+    # ------------------------------------------------------------------ curvature
+    def _fit(self, model: nn.Module, examples: Sequence[Candidate], stage: Stage):
+        cfg, curv = self.config.factor_config(), curvature(self.config.curvature)
+        if not curv.needs_factors:
+            return None
+        modules = find_modules(model, cfg.include, cfg.exclude)
+        data_fp = data_fingerprint([[list(c.input_ids), list(c.labels)] for c in examples]
+                                   + [self.config.batch_size])  # label draws depend on it
+        settings = cfg.settings([m.name for m in modules])[:12]
+        path = self.cache / "factors" / f"{stage.value}-{curv.name}-{data_fp[:16]}-{settings}"
+        path = path.with_suffix(".safetensors")
+        try:
+            return EKFACFactors.load(path, model, cfg, data_fp, modules)
+        except FileNotFoundError:
+            pass
+        except CorruptArtifactError as e:
+            warnings.warn(f"{path} was corrupt ({e}); refitting it", stacklevel=3)
+        except ArtifactError:
+            pass  # another model / data / settings: refit and overwrite
+        factors = curv.fit(model, self.task, self._batches(examples), cfg, modules)
+        factors.save(path, model, data_fp)
+        return factors
+
+    @cached_property
+    def pretrain_factors(self) -> EKFACFactors | None:
+        """Factors of G_pt on the pre-training documents at θ_pt (cached on disk)."""
+        return self._fit(self.pretrained, self.candidates(self.doc_ids), Stage.PRETRAINED)
+
+    @cached_property
+    def finetune_factors(self) -> EKFACFactors | None:
+        """Factors of G_ft on the fine-tuning QA pairs at θ_ft (answer-only loss)."""
+        ex = [self.qa_example(p, a) for p, a in self.finetune_pairs]
+        return self._fit(self.finetuned, ex, Stage.FINETUNED)
+
+    def inverse(self, stage: Stage, damping: Damping, float64: bool = False) -> InverseHVP:
+        """(G_stage + λI)⁻¹ with the configured curvature (`AttributionConfig.curvature`)."""
+        factors = self.pretrain_factors if stage is Stage.PRETRAINED else self.finetune_factors
+        if float64 and factors is not None:
+            factors = factors.to(torch.float64)
+        return curvature(self.config.curvature).inverse(factors, damping)
+
+    # ------------------------------------------------------------------ gradients
+    def _store(self, model, modules, dtype: torch.dtype | None = None) -> GradientStore:
+        return GradientStore(model, self.task, modules, self.collate, self.cache / "grads",
+                             batch_size=self.config.batch_size, dtype=dtype,
+                             progress=self.config.progress)  # fmt: skip
+
+    @cached_property
+    def pretrained_store(self) -> GradientStore:
+        return self._store(self.pretrained, self.modules)
+
+    @cached_property
+    def finetuned_store(self) -> GradientStore:
+        return self._store(self.finetuned, self.ft_modules)
+
+    def store(self, stage: Stage, dtype: torch.dtype | None = None) -> GradientStore:
+        """The candidate-gradient store of a stage (a new one keeping `dtype`, if given)."""
+        if dtype is not None:
+            return self._store(self.stage_model(stage), self.stage_modules(stage), dtype)
+        return self.pretrained_store if stage is Stage.PRETRAINED else self.finetuned_store
+
+    def stage_modules(self, stage: Stage) -> list[TrackedModule]:
+        return self.modules if stage is Stage.PRETRAINED else self.ft_modules
+
+    def stage_model(self, stage: Stage) -> nn.Module:
+        return self.pretrained if stage is Stage.PRETRAINED else self.finetuned
+
+    def rename(self, grads: Grads, to: Stage) -> Grads:
+        """Per-layer tensors keyed by the layer names of stage `to` (same layer order)."""
+        src = {m.name for m in self.modules}
+        names = zip(self.modules if set(grads) <= src else self.ft_modules,
+                    self.stage_modules(to))  # fmt: skip
+        return {b.name: grads[a.name] for a, b in names}
+
+    def query_grads(self, questions: Sequence[QuestionLike],
+                    at: Stage | str = Stage.FINETUNED) -> Grads:  # fmt: skip
+        """∇m(q) per question at θ_ft or θ_pt, keyed by the pre-trained model's layer names."""
+        if not questions:
+            raise ValueError("no questions given")
+        stage = Stage(at)
+        batch = self.collate([self.qa_example(q.prompt, q.answer) for q in questions])
+        g = query_gradients(self.stage_model(stage), self.task, batch,
+                            self.stage_modules(stage), self.config.batch_size)  # fmt: skip
+        return self.rename(g, Stage.PRETRAINED)
+
+    def query_norms(self, questions: Sequence[QuestionLike], at: Stage) -> torch.Tensor:
+        """‖∇m(q)‖ over the tracked layers, (Q,) float64."""
+        g = self.query_grads(questions, at)
+        return sum(v.double().pow(2).sum((-2, -1)) for v in g.values()).sqrt()
+
+    def candidate_norms(self, doc_ids: Sequence[str], at: Stage) -> torch.Tensor:
+        """‖∇ℓ(z)‖ over the tracked layers, (N,) float64 (memoised per document)."""
+        todo = [d for d in dict.fromkeys(doc_ids) if (at, d) not in self._norms]
+        if todo:
+            for d, n in zip(todo, self.store(at).norms(self.candidates(todo)).tolist()):
+                self._norms[(at, d)] = n
+        return torch.tensor([self._norms[(at, d)] for d in doc_ids], dtype=torch.float64)
+
+    # ------------------------------------------------------------------ scores
+    def scores(
+        self,
+        method: str | Method,
+        questions: Sequence[QuestionLike],
+        doc_ids: Sequence[str],
+        *,
+        settings: ScoreSettings | None = None,
+        by_module: bool = False,
+    ) -> torch.Tensor:
+        """(Q, N) scores of `doc_ids` for each question (higher = more helpful); with
+        `by_module`, (Q, N, L) per tracked layer (gradient methods only)."""
+        m = get_method(method) if isinstance(method, str) else method
+        if len(doc_ids) == 0:
+            raise ValueError("the candidate set is empty: retrieval returned no documents. "
+                             "Raise k or check the corpus.")  # fmt: skip
+        if not questions:
+            raise ValueError("no questions given")
+        for q in questions:
+            self.qa_example(q.prompt, q.answer)  # refuses empty questions and answers early
+        s = settings or self.settings
+        if by_module:
+            if not hasattr(m, "layer_scores"):
+                raise ValueError(f"{m.name!r} has no per-layer scores (not a gradient method)")
+            return m.layer_scores(self, questions, doc_ids, s) * m.layer_mask(self)
+        return m.scores(self, questions, doc_ids, s)
+
+    # ------------------------------------------------------------------ text baselines
+    @cached_property
+    def embedding_index(self):
+        from msif_lite.attribution.retrieval import EmbeddingIndex
+
+        texts = [self.texts[d] for d in self.doc_ids]
+        return EmbeddingIndex.build_or_load(self.cache / "embeddings", self.doc_ids, texts,
+                                            progress=self.config.progress)  # fmt: skip
+
+    @cached_property
+    def bm25_index(self):
+        from msif_lite.attribution.retrieval import BM25Index
+
+        return BM25Index(self.doc_ids, [self.texts[d] for d in self.doc_ids])
+
+    def text_index(self, kind: str):
+        if kind == "bm25":
+            return self.bm25_index
+        if kind == "embedding":
+            return self.embedding_index
+        raise ValueError(f"unknown text index {kind!r}: use 'bm25' or 'embedding'")
+
+    def describe(self) -> dict:
+        """What a result was computed with (for JSON outputs)."""
+        return {
+            "fisher": self.config.factors.fisher,
+            "curvature": self.config.curvature.value,
+            "alpha": self.settings.alpha,
+            "alpha_included_in_scores": self.settings.include_alpha,
+            "layers": [m.name for m in self.modules],
+            "pretrain_damping": asdict(self.settings.pretrain_damping),
+            "corpus_fingerprint": hashlib.sha256("\n".join(self.doc_ids).encode()).hexdigest(),
+        }

@@ -1,0 +1,168 @@
+"""How much the curvature engine costs relative to plain training passes.
+
+Measures, on the paper's toy GPT-NeoX (2 layers, hidden 256, intermediate 1024) over
+256 sequences x 128 tokens, in one run:
+  - fwd_bwd_s: one plain forward + backward (weight gradients included) over the data;
+  - EK-FAC fitting: covariance_s, eigendecomposition_s, lambda_s (msif_lite.engine.factors);
+  - score_s: pairwise scores of 16 queries against all sequences (incl. query gradients);
+and writes results/engine_overhead.json and results/engine_overhead.md.
+
+Targets: fit_over_fwd_bwd <= 3.5, score_over_fwd_bwd <= 1.3.
+Each stage is the best of MSIF_BENCH_REPEATS runs (default 2; 1 under MSIF_FAST), with the
+baseline interleaved.
+Run: `msif-lite bench engine [--out DIR]` or `python benchmarks/engine_overhead.py`
+(MSIF_FAST=1 shrinks everything for CI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
+
+from msif_lite.config import describe_run, device, pick  # noqa: E402
+from msif_lite.engine.factors import FactorConfig, FitTimings, fit_ekfac  # noqa: E402
+from msif_lite.engine.ihvp import EKFACIHVP  # noqa: E402
+from msif_lite.engine.layers import find_modules  # noqa: E402
+from msif_lite.engine.scores import pairwise_scores  # noqa: E402
+from msif_lite.engine.tasks import LanguageModelingTask, TokenBatch  # noqa: E402
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_setup(dev: torch.device):
+    sizes = dict(
+        hidden=pick(256, 64), intermediate=pick(1024, 256), layers=2, heads=pick(4, 2),
+        vocab=pick(4096, 512), n_seq=pick(256, 32), seq_len=pick(128, 32),
+        batch_size=pick(32, 8), n_queries=pick(16, 4),
+    )
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        vocab_size=sizes["vocab"], hidden_size=sizes["hidden"],
+        num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
+        intermediate_size=sizes["intermediate"], max_position_embeddings=sizes["seq_len"],
+        hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    model = GPTNeoXForCausalLM(cfg).to(dev).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, sizes["vocab"], (sizes["n_seq"], sizes["seq_len"]), generator=g)
+    mask = torch.ones_like(ids)
+    bs = sizes["batch_size"]
+    batches = [
+        TokenBatch(ids[i : i + bs], mask[i : i + bs], ids[i : i + bs].clone()).to(dev)
+        for i in range(0, len(ids), bs)
+    ]
+    q = ids[: sizes["n_queries"]].flip(1).contiguous()
+    queries = TokenBatch(q, torch.ones_like(q), q.clone()).to(dev)
+    return model, batches, queries, sizes
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fwd_bwd(model, task, batches, dev) -> float:
+    sync(dev)
+    t0 = time.perf_counter()
+    for b in batches:
+        task.loss(model, b).sum().backward()
+        model.zero_grad(set_to_none=True)
+    sync(dev)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`msif-lite bench engine [--out DIR]`: writes DIR/engine_overhead.{json,md}."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="msif-lite bench engine", description=__doc__)
+    ap.add_argument("--out", default="results", help="where engine_overhead.* go")
+    OUT = Path(ap.parse_args(argv).out)
+    dev = device()
+    model, batches, queries, sizes = make_setup(dev)
+    task = LanguageModelingTask()
+    modules = find_modules(model)
+    # warm-up (allocator, kernels), not timed
+    fwd_bwd(model, task, batches[:1], dev)
+    fit_ekfac(model, task, batches[:1], FactorConfig(progress=False))
+    # Interleave the baseline with the engine and keep each stage's best of `repeats` runs,
+    # so a noisy shared machine slows baseline and engine alike.
+    repeats = int(os.environ.get("MSIF_BENCH_REPEATS", pick(2, 1)))
+    best: dict[str, float] = {}
+    rss0 = rss_mb()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        runs = {"fwd_bwd_s": fwd_bwd(model, task, batches, dev)}
+        factors = fit_ekfac(model, task, batches, FactorConfig(progress=False))
+        runs.update(dataclasses.asdict(factors.timings))
+        ihvp = EKFACIHVP(factors)
+        sync(dev)
+        t0 = time.perf_counter()
+        scores = pairwise_scores(model, task, queries, batches, ihvp, modules, progress=False)
+        sync(dev)
+        runs["score_s"] = time.perf_counter() - t0
+        best = {k: min(v, best.get(k, float("inf"))) for k, v in runs.items()}
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
+            else rss_mb() - rss0)
+    t = FitTimings(best["covariance_s"], best["eigendecomposition_s"], best["lambda_s"])
+    fwd_bwd_s, score_s = best["fwd_bwd_s"], best["score_s"]
+    fit_s = t.covariance_s + t.eigendecomposition_s + t.lambda_s
+    n_params = sum(m.numel for m in modules)
+    result = {
+        "fwd_bwd_s": fwd_bwd_s,
+        "covariance_s": t.covariance_s,
+        "eigendecomposition_s": t.eigendecomposition_s,
+        "lambda_s": t.lambda_s,
+        "fit_s": fit_s,
+        "score_s": score_s,
+        "fit_over_fwd_bwd": fit_s / fwd_bwd_s,
+        "score_over_fwd_bwd": score_s / fwd_bwd_s,
+        "peak_mem_mb": peak,
+        "peak_mem_kind": "cuda max_memory_allocated" if dev.type == "cuda"
+        else "ru_maxrss increase during fit + score",
+        "scores_shape": list(scores.shape),
+        "tracked_params": n_params,
+        "model": {k: sizes[k] for k in ("hidden", "intermediate", "layers", "heads", "vocab")},
+        "data": {k: sizes[k] for k in ("n_seq", "seq_len", "batch_size", "n_queries")},
+        "repeats": repeats,
+        "device": describe_run(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "targets": {"fit_over_fwd_bwd": 3.5, "score_over_fwd_bwd": 1.3},
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "engine_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        ("plain forward + backward", fwd_bwd_s, 1.0, ""),
+        ("EK-FAC covariances", t.covariance_s, t.covariance_s / fwd_bwd_s, ""),
+        ("eigendecomposition", t.eigendecomposition_s, t.eigendecomposition_s / fwd_bwd_s, ""),
+        ("EK-FAC Λ", t.lambda_s, t.lambda_s / fwd_bwd_s, ""),
+        ("**EK-FAC fit total**", fit_s, fit_s / fwd_bwd_s, "≤ 3.5"),
+        (f"pairwise scores ({sizes['n_queries']} queries)", score_s, score_s / fwd_bwd_s,
+         "≤ 1.3"),
+    ]
+    md = [
+        "# Engine overhead", "",
+        f"{describe_run()}, {torch.get_num_threads()} threads, best of {repeats}; "
+        f"toy GPT-NeoX {result['model']}, "
+        f"data {result['data']}; peak memory {peak:.0f} MiB ({result['peak_mem_kind']}).", "",
+        "| stage | seconds | × fwd+bwd | target |", "|---|---:|---:|---:|",
+        *[f"| {n} | {s:.2f} | {r:.2f} | {tg} |" for n, s, r, tg in rows],
+    ]
+    (OUT / "engine_overhead.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0

@@ -1,0 +1,299 @@
+"""Does influence predict retraining? `msif-lite bench lds` (notebook 10).
+
+On the `lds` world (200 documents, 52 pre-training-only questions; one re-pre-train +
+re-fine-tune ≈ 45 s on one CPU core):
+
+1. retraining ground truth: M random half-corpus subsets, each re-pre-trained from the same
+   initialisation and schedule and re-fine-tuned with the same data and α; m(q) = −log
+   p(answer | prompt) and greedy correctness measured per question; the first K subsets
+   again with a second data-order seed (the noise ceiling). Shipped as data/lds/<preset>.json
+   (`GroundTruth`, refused for another world or tokenizer);
+2. every registered method scores every document (no candidate pre-selection);
+3. LDS per method (mean ± standard error over questions) beside the noise ceiling, and
+   fact-tracing MRR over the whole corpus on the same model (the other question);
+4. leave-top-k-out: for one question per entity, remove each question's top-k documents by
+   a method (k = documents stating each fact) in one retrain, and measure the rise of m on
+   those questions and on the others, beside the true sources, random documents (the
+   `random` method) and no removal (another data-order seed).
+
+Writes results/lds.{json,md,png}. MSIF_FAST=1: the `lds-fast` pipeline (a few steps per
+stage), 4 subsets, 2 noise retrains, 3 removal methods — plumbing, not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msif_lite.attribution.attributor import AttributionConfig, Attributor
+from msif_lite.attribution.methods import METHODS
+from msif_lite.bench.common import markdown_table, write_results
+from msif_lite.config import fast_mode
+from msif_lite.eval.metrics import lds, rank_candidates, reciprocal_rank, sem, spearman
+from msif_lite.eval.retraining import (
+    GroundTruth,
+    RetrainConfig,
+    measure,
+    outcome,
+    retrain,
+    run_subsets,
+    subset_masks,
+)
+from msif_lite.world.shipped import Shipped, data_dir, load_shipped, trained_pipeline
+
+
+@dataclass(frozen=True)
+class LDSBenchConfig:
+    """What the benchmark retrains (the defaults are the committed run)."""
+
+    retrain: RetrainConfig = RetrainConfig("lds", n_subsets=32, n_noise=8)
+    removal_queries: int = 13  # questions about distinct entities removed in one retrain
+    removal_methods: tuple[str, ...] | None = None  # None: every registered method
+    methods: tuple[str, ...] | None = None  # None: every registered method
+
+
+FAST = LDSBenchConfig(RetrainConfig("lds-fast", n_subsets=4, n_noise=2), removal_queries=4,
+                      removal_methods=("multi_stage", "grad_dot", "bm25"))  # fmt: skip
+
+
+def ground_truth(shipped: Shipped, cfg: RetrainConfig, path: Path, partial: Path) -> GroundTruth:
+    """Load the shipped ground truth if it matches, else retrain (resumable) and save it."""
+    world, tok = shipped.world, shipped.tokenizer
+    if path.exists():
+        gt = GroundTruth.load(path, world, tok)
+        if gt.masks.shape[0] >= cfg.n_subsets and gt.m_noise.shape[0] >= cfg.n_noise and \
+                gt.fingerprint["settings"] == _settings(cfg):  # fmt: skip
+            return gt
+    rows = run_subsets(world, tok, cfg, partial)
+    main = [r for r in rows if r["seed"] == cfg.data_seed]
+    noise = [r for r in rows if r["seed"] == cfg.noise_seed]
+    gt = GroundTruth(
+        [d.doc_id for d in world.documents], [q.fact_id for q in world.queries],
+        subset_masks(len(world.documents), cfg.n_subsets, cfg.fraction, cfg.subset_seed),
+        torch.tensor([r["m"] for r in main], dtype=torch.float64),
+        torch.tensor([r["correct"] for r in main], dtype=torch.bool),
+        torch.tensor([r["m"] for r in noise], dtype=torch.float64).reshape(-1, len(world.queries)),
+        measure(shipped.finetuned, tok, world.queries),
+        json.loads(partial.read_text().splitlines()[0])["fingerprint"],
+        float(np.mean([r["s"] for r in rows])),
+    )  # fmt: skip
+    gt.save(path)
+    return gt
+
+
+def _settings(cfg: RetrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in ("n_subsets", "n_noise")}
+
+
+def all_scores(att: Attributor, queries, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """(Q, N) scores of every document for every question, per method."""
+    return {n: att.scores(n, queries, att.doc_ids).double() for n in names}
+
+
+def noise_ceiling(gt: GroundTruth) -> tuple[float, float]:
+    """Mean ± sem over questions of Spearman_j(m_seedB, m_seedA) on the re-seeded subsets."""
+    k = gt.m_noise.shape[0]
+    per_q = [spearman(gt.m_noise[:, q], gt.m[:k, q]) for q in range(gt.m.shape[1])]
+    return float(np.mean(per_q)), sem(per_q)
+
+
+def tracing_mrr(scores: torch.Tensor, world, doc_ids: Sequence[str]) -> float:
+    """MRR of the true sources when every document is ranked (fact tracing, whole corpus)."""
+    rng = np.random.default_rng(0)
+    rr = [reciprocal_rank(rank_candidates(scores[i].numpy(), list(doc_ids), rng),
+                          set(q.source_doc_ids)) for i, q in enumerate(world.queries)]
+    return float(np.mean(rr))
+
+
+def removal_targets(world, n: int) -> list[int]:
+    """One question per entity (the first), at most n: indices into world.queries."""
+    seen, out = set(), []
+    for i, q in enumerate(world.queries):
+        e = world.fact(q.fact_id).entity_id
+        if e not in seen:
+            seen.add(e)
+            out.append(i)
+    return out[:n]
+
+
+def removal_sets(world, scores: dict[str, torch.Tensor], targets: list[int],
+                 k: int) -> dict[str, list[str]]:  # fmt: skip
+    """Per method the union over target questions of its top-k documents; plus the true
+    sources and no removal."""
+    ids = [d.doc_id for d in world.documents]
+    out = {"none": [], "true_sources": sorted({d for i in targets
+                                               for d in world.queries[i].source_doc_ids})}
+    for name, s in scores.items():
+        out[name] = sorted({ids[j] for i in targets for j in s[i].argsort(descending=True)[:k]})
+    return out
+
+
+def run_removals(shipped: Shipped, cfg: RetrainConfig, sets: dict[str, list[str]],
+                 targets: list[int], partial: Path) -> dict[str, dict]:  # fmt: skip
+    """Retrain once per removal set (resumable); Δm on targets and on the other questions."""
+    world, tok = shipped.world, shipped.tokenizer
+    done = {}
+    if partial.exists():
+        done = {r["key"]: r for r in map(json.loads, partial.read_text().splitlines())}
+    m0 = measure(shipped.finetuned, tok, world.queries)
+    acc0 = torch.tensor(outcome(shipped.finetuned, tok, world.queries)["correct"]).double()
+    others = [i for i in range(len(world.queries)) if i not in set(targets)]
+    out = {}
+    for name, removed in sets.items():
+        seed = cfg.noise_seed if name == "none" else cfg.data_seed
+        key = hashlib.sha256(json.dumps([removed, seed, _settings(cfg)]).encode()).hexdigest()
+        if key not in done:
+            t0 = time.perf_counter()
+            gone = set(removed)
+            model = retrain(world, tok, [d.doc_id not in gone for d in world.documents], cfg, seed)
+            row = {"key": key, "name": name, **outcome(model, tok, world.queries),
+                   "s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            with partial.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            done[key] = row
+        dm = torch.tensor(done[key]["m"], dtype=torch.float64) - m0
+        acc = torch.tensor(done[key]["correct"]).double()
+        out[name] = {"dm_targets_mean": float(dm[targets].mean()),
+                     "dm_others_mean": float(dm[others].mean()),
+                     "acc_drop_targets": float((acc0 - acc)[targets].mean()),
+                     "acc_drop_others": float((acc0 - acc)[others].mean()),
+                     "n_removed": len(removed), "seed": seed}  # fmt: skip
+    return out
+
+
+def run(cfg: LDSBenchConfig, cache: Path, gt_path: Path | None = None) -> dict:
+    """Everything the benchmark measures for one world, as the JSON payload."""
+    t0 = time.perf_counter()
+    wdir, cdir = trained_pipeline(cfg.retrain.pipeline)
+    shipped = load_shipped(world_dir=wdir, checkpoint_dir=cdir)
+    world = shipped.world
+    cache.mkdir(parents=True, exist_ok=True)
+    path = gt_path or data_dir() / "lds" / f"{cfg.retrain.pipeline}.json"
+    gt = ground_truth(shipped, cfg.retrain, path, cache / f"partial-{cfg.retrain.pipeline}.jsonl")
+    gt_s = time.perf_counter() - t0
+    att = Attributor(shipped.pretrained, shipped.finetuned, shipped.tokenizer,
+                     [(d.doc_id, d.text) for d in world.documents],
+                     [(p.prompt, p.answer) for p in world.finetune_qa],
+                     AttributionConfig(cache_dir=str(cache / "msif"), progress=False),
+                     alpha=shipped.alpha)  # fmt: skip
+    names = list(cfg.methods or METHODS)
+    t1 = time.perf_counter()
+    scores = all_scores(att, world.queries, names)
+    score_s = time.perf_counter() - t1
+    methods = {}
+    for n in names:
+        per_q = lds(scores[n], gt.masks, gt.m)
+        methods[n] = {"lds_mean": float(per_q.mean()), "lds_sem": sem(per_q.tolist()),
+                      "mrr_all_docs": tracing_mrr(scores[n], world, att.doc_ids)}  # fmt: skip
+    targets = removal_targets(world, cfg.removal_queries)
+    k = world.config.docs_per_fact
+    rm_names = list(cfg.removal_methods or names)
+    sets = removal_sets(world, {n: scores[n] for n in rm_names}, targets, k)
+    removal = run_removals(shipped, cfg.retrain, sets, targets,
+                           cache / f"removal-{cfg.retrain.pipeline}.jsonl")  # fmt: skip
+    ceiling = noise_ceiling(gt)
+    return {"worlds": {world.preset: {
+        "methods": methods, "noise_ceiling": {"mean": ceiling[0], "sem": ceiling[1]},
+        "n_subsets": int(gt.masks.shape[0]), "n_noise": int(gt.m_noise.shape[0]),
+        "n_queries": len(world.queries), "n_documents": len(world.documents),
+        "retrain_s": gt.retrain_s, "top_k_removal": removal,
+        "subset_accuracy_mean": float(gt.correct.double().mean()),
+        "full_accuracy": float(torch.tensor(outcome(shipped.finetuned, shipped.tokenizer,
+                                                    world.queries)["correct"]).double().mean()),
+        "settings": {**asdict(cfg.retrain), "k": k, "removal_targets": len(targets),
+                     "sign": "prediction_j = −Σ_{z∈S_j} I(z,q): positive I helps (lowers m)",
+                     "text_query": "question + answer (bm25, embedding); *_question: question",
+                     "ground_truth": str(path.relative_to(data_dir().parent))
+                     if path.is_relative_to(data_dir().parent) else path.name,
+                     "fast": fast_mode()},
+        "timings_s": {"ground_truth": gt_s, "scores": score_s,
+                      "total": time.perf_counter() - t0},
+    }}}  # fmt: skip
+
+
+def markdown(payload: dict) -> str:
+    """results/lds.md: one table per world, the two questions side by side."""
+    out = ["# Does influence predict retraining? (multi-stage LDS and leave-top-k-out)\n"]
+    for name, w in payload["worlds"].items():
+        rm = w["top_k_removal"]
+        rows = [{"method": m, "LDS": f"{v['lds_mean']:.3f} ± {v['lds_sem']:.3f}",
+                 "MRR (states the fact)": f"{v['mrr_all_docs']:.3f}",
+                 "Δm targets": f"{rm[m]['dm_targets_mean']:.2f}" if m in rm else "",
+                 "Δm others": f"{rm[m]['dm_others_mean']:.2f}" if m in rm else ""}
+                for m, v in sorted(w["methods"].items(), key=lambda kv: -kv[1]["lds_mean"])]
+        rows += [{"method": f"({m})", "Δm targets": f"{rm[m]['dm_targets_mean']:.2f}",
+                  "Δm others": f"{rm[m]['dm_others_mean']:.2f}"}
+                 for m in ("true_sources", "none")]  # fmt: skip
+        nc = w["noise_ceiling"]
+        out += [
+            f"\n## World `{name}`: {w['n_documents']} documents, {w['n_queries']} questions, "
+            f"{w['n_subsets']} subsets (half the corpus each), {w['n_noise']} re-seeded\n\n",
+            f"Retraining noise ceiling (Spearman between two data-order seeds on the same "
+            f"subsets): **{nc['mean']:.3f} ± {nc['sem']:.3f}**. Accuracy of the fine-tuned "
+            f"model: {w['full_accuracy']:.3f} on the full corpus, "
+            f"{w['subset_accuracy_mean']:.3f} on average after half-corpus retraining. One "
+            f"retrain (both stages): {w['retrain_s']:.0f} s. LDS: mean ± standard error over "
+            f"questions; Δm: rise of −log p(answer) in nats after removing each target "
+            f"question's top-{w['settings']['k']} documents "
+            f"({w['settings']['removal_targets']} targets, one per entity, in one retrain); "
+            f"'(none)' is a retrain without removal under another data-order seed.\n\n",
+            markdown_table(rows, ["method", "LDS", "MRR (states the fact)", "Δm targets",
+                                  "Δm others"]),  # fmt: skip
+        ]
+    return "".join(out)
+
+
+def plot(payload: dict, path: Path) -> None:
+    """LDS per method with the noise ceiling, and Δm of leave-top-k-out."""
+    from matplotlib.figure import Figure
+
+    w = next(iter(payload["worlds"].values()))
+    names = sorted(w["methods"], key=lambda m: w["methods"][m]["lds_mean"])
+    fig = Figure(figsize=(11, 4.2))
+    a, b = fig.subplots(1, 2)
+    a.barh(names, [w["methods"][m]["lds_mean"] for m in names],
+           xerr=[w["methods"][m]["lds_sem"] for m in names], color="tab:blue")  # fmt: skip
+    a.axvline(w["noise_ceiling"]["mean"], ls="--", c="gray", label="noise ceiling")
+    a.axvline(0, c="black", lw=0.8)
+    a.set(xlabel="LDS (Spearman, mean ± sem over questions)", title="Predicting retraining")
+    a.legend(loc="lower right")
+    rm = w["top_k_removal"]
+    rn = sorted(rm, key=lambda m: rm[m]["dm_targets_mean"])
+    b.barh(rn, [rm[m]["dm_targets_mean"] for m in rn], color="tab:red", label="targets")
+    b.barh(rn, [rm[m]["dm_others_mean"] for m in rn], color="tab:gray", alpha=0.7,
+           label="other questions")  # fmt: skip
+    b.set(xlabel="rise of −log p(answer), nats", title="Remove each method's top-k, retrain")
+    b.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="msif-lite bench lds", description=__doc__)
+    ap.add_argument("--out", default="results", help="where lds.* go")
+    ap.add_argument("--cache-dir", default=".cache/lds", help="partial retrains, factors")
+    ap.add_argument("--ground-truth", help="ground-truth file (default data/lds/<preset>.json)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cfg = FAST if fast_mode() else LDSBenchConfig()
+    gt_path = Path(a.ground_truth) if a.ground_truth else None
+    if fast_mode() and gt_path is None:
+        gt_path = Path(a.cache_dir) / "ground-truth-fast.json"
+    payload = run(cfg, Path(a.cache_dir), gt_path)
+    args = sys.argv[1:] if argv is None else list(argv)
+    payload["command"] = " ".join(["msif-lite bench lds", *args])
+    path = write_results("lds", payload, markdown(payload), a.out)
+    plot(payload, path.with_suffix(".png"))
+    print(markdown(payload))
+    return 0
+

@@ -1,0 +1,231 @@
+"""A pre-trained / fine-tuned Hugging Face model pair and the text to fit factors on.
+
+Notebook 09 (BLOOM-560m → BLOOMZ-560m). `load_model_pair` goes through the ordinary
+`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` path, so a hub id
+works wherever the user has the model cached (or network), and a local directory always
+does; it then checks that the two models can form a multi-stage pair:
+
+- same architecture: the same config `model_type` and the same parameter names and shapes
+  (θ_ft and θ_pt must live in one parameter space);
+- same tokenizer: the fine-tuned checkpoint's tokenizer (if it ships one) has the same
+  vocabulary size and gives the same token ids for `PROBE` as the pre-trained one, and the
+  model's embedding has a row for every token.
+
+`read_texts` reads pre-training or fine-tuning text from a file (plain text or JSON lines)
+under a token budget; `world_texts` is the default stand-in: the kit's own world.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from msif_lite.attribution.attributor import check_same_architecture, check_tokenizer_fits
+
+PROBE = "Where was Ada Lovelace born? London, 1815 — naïve café, 東京."
+DEFAULT_PRETRAIN_TOKENS = 1_000_000
+"""Default token budget of the pre-training text for H_pt (the issue's 1M-token target)."""
+DEFAULT_FINETUNE_TOKENS = 200_000
+"""Default token budget of the fine-tuning text for H_ft."""
+
+
+@dataclass
+class ModelPair:
+    """θ_pt and θ_ft with their (shared) tokenizer; `names` are what was asked for."""
+
+    pretrained: nn.Module
+    finetuned: nn.Module
+    tokenizer: object
+    names: tuple[str, str]
+
+    def describe(self) -> str:
+        """One line saying which models actually ran (for notebook outputs)."""
+        c = self.pretrained.config
+        n = sum(p.numel() for p in self.pretrained.parameters())
+        return (f"pre-trained: {_short(self.names[0])} → fine-tuned: {_short(self.names[1])} "
+                f"({c.model_type}, {n / 1e6:.1f}M parameters, vocabulary {len(self.tokenizer)})")
+
+
+def _short(name: str) -> str:
+    """A hub id as is; a local directory by its last two parts (no absolute paths)."""
+    p = Path(name)
+    return name if not p.exists() else "/".join(p.parts[-2:])
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _load(kind: str, name: str, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loader = AutoModelForCausalLM if kind == "model" else AutoTokenizer
+    try:
+        return loader.from_pretrained(name, **kw)
+    except (OSError, ValueError) as e:
+        if Path(name).exists():
+            raise
+        hint = ("HF_HUB_OFFLINE=1 is set, so only the local Hugging Face cache is searched"
+                if _offline() else "the hub could not be reached or has no such repository")
+        raise FileNotFoundError(
+            f"could not load the {kind} {name!r}: {hint}. Download it once where there is "
+            f"network (huggingface-cli download {name}), or pass a local directory written "
+            f"by save_pretrained (e.g. MSIF_BLOOM_PT / MSIF_BLOOM_FT in Notebook 09). "
+            f"[{type(e).__name__}: {str(e).splitlines()[0][:200]}]") from e
+
+
+def check_same_tokenizer(tok_a, tok_b, probe: str = PROBE) -> None:
+    """Refuse two tokenizers that differ in size or in the ids they give `probe`."""
+    if len(tok_a) != len(tok_b):
+        raise ValueError(f"the two checkpoints' tokenizers differ: {len(tok_a)} vs {len(tok_b)} "
+                         "tokens. Multi-stage influence needs one tokenizer for both models.")
+    ia = tok_a(probe, add_special_tokens=False)["input_ids"]
+    ib = tok_b(probe, add_special_tokens=False)["input_ids"]
+    if ia != ib:
+        raise ValueError(f"the two checkpoints' tokenizers give different token ids for {probe!r}"
+                         f" ({ia[:8]}… vs {ib[:8]}…): use the fine-tune of this pre-trained model.")
+
+
+def load_model_pair(
+    pretrained_id_or_dir: str | os.PathLike,
+    finetuned_id_or_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> ModelPair:
+    """Load θ_pt, θ_ft (`AutoModelForCausalLM.from_pretrained(..., dtype=dtype)`, eval mode)
+    and the tokenizer (from the pre-trained checkpoint), and check they form a pair (see the
+    module docstring). Raises FileNotFoundError (offline, not cached) or ValueError."""
+    names = (str(pretrained_id_or_dir), str(finetuned_id_or_dir))
+    pt = _load("model", names[0], dtype=dtype).eval()
+    ft = _load("model", names[1], dtype=dtype).eval()
+    if pt.config.model_type != ft.config.model_type:
+        raise ValueError(f"the models have different architectures: {pt.config.model_type!r} "
+                         f"vs {ft.config.model_type!r}. Load the fine-tune of this model.")
+    check_same_architecture(pt, ft)
+    tok = _load("tokenizer", names[0])
+    try:
+        tok_ft = _load("tokenizer", names[1])
+    except (FileNotFoundError, OSError, ValueError):
+        tok_ft = None  # a fine-tune without its own tokenizer files uses the base one
+    if tok_ft is not None:
+        check_same_tokenizer(tok, tok_ft)
+    check_tokenizer_fits(pt, tok)
+    if device is not None:
+        pt, ft = pt.to(device), ft.to(device)
+    return ModelPair(pt, ft, tok, names)
+
+
+def read_texts(path: str | os.PathLike, field: str = "text", max_tokens: int | None = None,
+               tokenizer=None, split: str = "paragraph") -> list[str]:
+    """Documents from a file, in order, until `max_tokens` is reached.
+
+    - `*.jsonl` / `*.json` (JSON lines): one document per line, the string under `field`
+      (a line that is a bare JSON string is taken as is); blank lines are skipped.
+    - anything else, plain text: `split="paragraph"` (default) makes one document per
+      blank-line-separated paragraph (its lines joined by spaces); `split="line"` one per
+      non-empty line.
+    Tokens are counted with `tokenizer` when given, else as whitespace-separated words; the
+    document that crosses the budget is the last one kept.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no text file at {p}")
+    if split not in ("paragraph", "line"):
+        raise ValueError(f"split must be 'paragraph' or 'line', got {split!r}")
+    raw = p.read_text(encoding="utf-8")
+    if p.suffix in (".jsonl", ".json"):
+        docs = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p.name}:{i} is not a JSON line ({e.msg})") from e
+            if isinstance(row, str):
+                docs.append(row)
+            elif isinstance(row, dict) and isinstance(row.get(field), str):
+                docs.append(row[field])
+            else:
+                raise ValueError(f"{p.name}:{i} has no string field {field!r} (keys: "
+                                 f"{sorted(row) if isinstance(row, dict) else type(row).__name__})")
+    elif split == "line":
+        docs = [x.strip() for x in raw.splitlines() if x.strip()]
+    else:
+        docs = [" ".join(x.split()) for x in raw.split("\n\n") if x.strip()]
+    return budget(docs, max_tokens, tokenizer)
+
+
+def count_tokens(text: str, tokenizer=None) -> int:
+    if tokenizer is None:
+        return len(text.split())
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + eos
+
+
+def budget(docs: Sequence[str], max_tokens: int | None, tokenizer=None) -> list[str]:
+    """The first documents whose token count reaches `max_tokens` (None: all)."""
+    if max_tokens is None:
+        return list(docs)
+    out, n = [], 0
+    for d in docs:
+        if n >= max_tokens:
+            break
+        out.append(d)
+        n += count_tokens(d, tokenizer)
+    return out
+
+
+def world_texts(preset: str = "ci-fast", seed: int = 0):
+    """The default stand-in data: (pre-training documents [(doc_id, text)], fine-tuning
+    (prompt, answer) pairs, queries) of the kit's world (msif_lite.world.generate)."""
+    from msif_lite.world.generate import make_world
+
+    w = make_world(preset, seed=seed)
+    docs = [(d.doc_id, d.text) for d in w.documents]
+    return w, docs, [(q.prompt, q.answer) for q in w.finetune_qa]
+
+
+STANDIN_ALPHA = 0.01
+"""Proximity strength α of the stand-in's fine-tune (recorded in finetuned/msif_standin.json)."""
+
+
+def save_standin(out_dir: str | os.PathLike, world=None, *, hidden: int = 64, n_layers: int = 2,
+                 n_heads: int = 4, pretrain_steps: int = 60, finetune_steps: int = 30,
+                 seed: int = 0) -> tuple[Path, Path]:
+    """A tiny BLOOM pair standing in for BLOOM-560m → BLOOMZ-560m when those are not on disk:
+    a byte-level BPE tokenizer trained on the kit's world, a BLOOM of the given shape
+    pre-trained for `pretrain_steps` on the world's documents and fine-tuned for
+    `finetune_steps` on its QA pairs with the proximity term (α = STANDIN_ALPHA); both are
+    written with `save_pretrained` (model + tokenizer) to out_dir/{pretrained,finetuned}, so
+    `load_model_pair` loads them exactly as it loads the real checkpoints."""
+    from msif_lite.world.lm import ModelPreset, build_model, train_tokenizer
+    from msif_lite.world.training import TrainConfig, finetune, pretrain, snapshot_params
+
+    if world is None:
+        from msif_lite.world.generate import make_world
+
+        world = make_world("ci-fast", seed=seed)
+    out = Path(out_dir)
+    tok = train_tokenizer(world)
+    preset = ModelPreset("bloom-standin", "bloom", n_layers, hidden, n_heads, 4 * hidden)
+    model = build_model(preset, len(tok), seed, tok)
+    pretrain(model, tok, world, TrainConfig(steps=pretrain_steps, batch_size=16, lr=3e-3,
+                                            warmup=5, seed=seed, progress=False))  # fmt: skip
+    model.save_pretrained(out / "pretrained")
+    tok.save_pretrained(out / "pretrained")
+    ref = snapshot_params(model)
+    finetune(model, ref, tok, world.finetune_qa, TrainConfig(
+        steps=finetune_steps, batch_size=16, lr=1e-3, warmup=3, seed=seed, progress=False),
+        STANDIN_ALPHA)
+    model.save_pretrained(out / "finetuned")
+    tok.save_pretrained(out / "finetuned")
+    meta = {"alpha": STANDIN_ALPHA, "world": world.preset, "seed": seed,
+            "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps}
+    (out / "finetuned" / "msif_standin.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out / "pretrained", out / "finetuned"
