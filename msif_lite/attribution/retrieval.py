@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from msif_lite.engine.prompts import retrieval_text
 from msif_lite.engine.storage import StaleArtifactError, atomic_write_json
 
 EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -282,6 +283,27 @@ def recall_at_k(retrieved: Sequence[Sequence[str]], true_sources: Sequence[set[s
         _check_k(k)
         per_q = [len(set(t) & set(r[:k])) / len(t) for r, t in zip(retrieved, true_sources)]
         out[int(k)] = float(np.mean(per_q))
+    return out
+
+
+KS = (10, 50, 100, 500)
+
+
+def recall_curves(world, cache_dir: str = ".cache/msif/embeddings") -> dict:
+    """{method: {k: recall}} for embedding / BM25 retrieval, question with and without answer."""
+    ids = [d.doc_id for d in world.documents]
+    texts = [d.text for d in world.documents]
+    emb = EmbeddingIndex.build_or_load(cache_dir, ids, texts, progress=False)
+    bm25 = BM25Index(ids, texts)
+    truth = [set(q.source_doc_ids) for q in world.queries]
+    k = min(max(KS), len(ids))
+    out = {}
+    for with_answer in (False, True):
+        qs = [retrieval_text(q.prompt, q.answer if with_answer else None) for q in world.queries]
+        tag = "question+answer" if with_answer else "question"
+        for name, hits in (("embedding", emb.search(qs, k)), ("bm25", bm25.search_many(qs, k))):
+            retrieved = [[d for d, _ in row] for row in hits]
+            out[f"{name} ({tag})"] = recall_at_k(retrieved, truth, KS)
     return out
 
 

@@ -22,7 +22,8 @@ def markdown(p: dict) -> str:
         "# Fact tracing (Exp 2, arXiv 2505.05017)\n\n",
         f"Model `{s['model']}` ({s['checkpoints']}), world `{s['world_preset']}`: "
         f"{s['n_documents']} documents, {s['n_queries_per_draw']} queries per draw "
-        f"({s['n_queries_available']} pre-training-only queries exist), {s['pools']['n_draws']} draws, "
+        f"({s['n_queries_available']} pre-training-only queries exist), "
+        f"{s['pools']['n_draws']} draws, "
         f"{s['mean_candidates_per_query']:.0f} candidates per query on average; mean ± "
         f"{s['mrr_std']}. α (trained) = {s['alpha_trained']:g}. Fast mode: {s['fast']}.\n",
         "\n## Methods\n\nEvery registered method (`msif-lite methods`). `bm25` and "
@@ -38,7 +39,8 @@ def markdown(p: dict) -> str:
         "\nMLP share of the multi-stage score: "
         + ", ".join(f"{k} = {v:.3f}" for k, v in lay["mlp_share"].items() if k != "definition")
         + f".\n\n{lay['mlp_share']['definition']}\n",
-        f"\n## Embedding-retrieved candidates (top-{s['pools']['embedding_k']}, no oracle; true sources "
+        f"\n## Embedding-retrieved candidates (top-{s['pools']['embedding_k']}, no oracle; "
+        "true sources "
         f"retrieved: {p['embedding_candidates']['candidate_recall']:.3f})\n\n",
         markdown_table(_rows(p["embedding_candidates"], "method"), ["method", *cols]),
         f"\n## Analysis\n\nThe fine-tuned model answers {a['n_answered']} of the "

@@ -13,36 +13,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from msif_lite.attribution.retrieval import (
-    BM25Index,
-    EmbeddingIndex,
-    plot_recall_curve,
-    recall_at_k,
-)
+from msif_lite.attribution.retrieval import KS, plot_recall_curve, recall_curves
 from msif_lite.bench.common import Timer, markdown_table, write_results
 from msif_lite.config import fast_mode
-from msif_lite.engine.prompts import retrieval_text
-from msif_lite.world.generate import World, load_world
-
-KS = (10, 50, 100, 500)
-
-
-def recall_curves(world: World, cache_dir: str = ".cache/msif/embeddings") -> dict:
-    """{method: {k: recall}} for embedding / BM25 retrieval, question with and without answer."""
-    ids = [d.doc_id for d in world.documents]
-    texts = [d.text for d in world.documents]
-    emb = EmbeddingIndex.build_or_load(cache_dir, ids, texts, progress=False)
-    bm25 = BM25Index(ids, texts)
-    truth = [set(q.source_doc_ids) for q in world.queries]
-    k = min(max(KS), len(ids))
-    out = {}
-    for with_answer in (False, True):
-        qs = [retrieval_text(q.prompt, q.answer if with_answer else None) for q in world.queries]
-        tag = "question+answer" if with_answer else "question"
-        for name, hits in (("embedding", emb.search(qs, k)), ("bm25", bm25.search_many(qs, k))):
-            retrieved = [[d for d, _ in row] for row in hits]
-            out[f"{name} ({tag})"] = recall_at_k(retrieved, truth, KS)
-    return out
+from msif_lite.world.generate import load_world
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -213,6 +213,10 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     "lds": PipelinePreset(
         "lds", "ci-fast", TrainConfig(steps=600, lr=2e-3), TrainConfig(steps=100, lr=5e-4)
     ),  # the retraining ground truth of Notebook 10: one re-pre-train + re-fine-tune ≈ 1 min
+    "lds-fast": PipelinePreset(
+        "lds", "ci-fast", TrainConfig(steps=40, lr=2e-3, warmup=5),
+        TrainConfig(steps=8, lr=5e-4, warmup=2),
+    ),  # MSIF_FAST plumbing for `bench lds`: seconds per retrain, not a trained model
     "default": PipelinePreset(
         "default",
         "gpt-neox-mini",
