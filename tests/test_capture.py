@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conftest import ATOL, RTOL, lm_batch, make_lm, pad_sides
 
 from msif_lite.engine.capture import capture_batch, per_sequence_grads
-from msif_lite.engine.factors import FactorConfig, fit_covariances
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.fit import fit_covariances
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.tasks import LanguageModelingTask
 

@@ -27,7 +27,8 @@ from msif_lite.engine.exact import (
     influence_exact,
     per_example_flat_grads,
 )
-from msif_lite.engine.factors import FactorConfig, fit_covariances, fit_ekfac
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.fit import fit_covariances, fit_ekfac
 from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping
 from msif_lite.engine.layers import find_modules, flatten
 from msif_lite.engine.scores import pairwise_scores

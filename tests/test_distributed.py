@@ -25,7 +25,8 @@ from msif_lite.engine.distributed import (
     shard,
     shard_range,
 )
-from msif_lite.engine.factors import FactorConfig, fit_ekfac
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.fit import fit_ekfac
 from msif_lite.engine.ihvp import EKFACIHVP
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.scores import pairwise_scores

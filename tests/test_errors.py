@@ -9,13 +9,8 @@ import torch
 from conftest import make_lm, make_mlp
 
 from msif_lite.engine.capture import per_sequence_grads
-from msif_lite.engine.factors import (
-    EKFACFactors,
-    FactorConfig,
-    fit_covariances,
-    fit_eigenbasis,
-    fit_ekfac,
-)
+from msif_lite.engine.factors import EKFACFactors, FactorConfig
+from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_ekfac
 from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.scores import pairwise_scores, query_gradients

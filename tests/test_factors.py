@@ -11,15 +11,8 @@ from conftest import ATOL, RTOL, lm_batch, make_lm
 from torch import nn
 
 from msif_lite.engine.capture import per_sequence_grads
-from msif_lite.engine.factors import (
-    EKFACFactors,
-    FactorConfig,
-    KFACFactors,
-    fit_covariances,
-    fit_eigenbasis,
-    fit_ekfac,
-    fit_lambda,
-)
+from msif_lite.engine.factors import EKFACFactors, FactorConfig, KFACFactors
+from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_ekfac, fit_lambda
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.tasks import ClassificationTask, LanguageModelingTask
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-from msif_lite.engine.factors import FactorConfig, fit_ekfac
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.fit import fit_ekfac
 from msif_lite.engine.ihvp import EKFACIHVP
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.lowrank import agreement, pairwise_scores_lowrank, relative_error, truncate

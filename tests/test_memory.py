@@ -15,13 +15,8 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-from msif_lite.engine.factors import (
-    FactorConfig,
-    fit_covariances,
-    fit_eigenbasis,
-    fit_ekfac,
-    fit_lambda,
-)
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_ekfac, fit_lambda
 from msif_lite.engine.ihvp import EKFACIHVP
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.multistage import MultiStageConfig, MultiStageIHVP

@@ -17,16 +17,16 @@ from msif_lite.engine.capture import per_sequence_grads
 from msif_lite.engine.exact import (
     DenseSolveIHVP,
     dense_ggn,
-    fit_convex,
     per_example_flat_grads,
-    trainable_vector,
 )
-from msif_lite.engine.factors import FactorConfig, fit_ekfac
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.fit import fit_ekfac
 from msif_lite.engine.ihvp import EKFACIHVP, Damping
 from msif_lite.engine.layers import find_modules, flatten
 from msif_lite.engine.multistage import MultiStageConfig, MultiStageIHVP
 from msif_lite.engine.scores import pairwise_scores, query_gradients
 from msif_lite.engine.tasks import ClassificationTask, LanguageModelingTask
+from msif_lite.eval.convex import fit_convex, trainable_vector
 
 RTOL = 1e-8
 

@@ -39,7 +39,7 @@ def _common(a: str, b: str) -> int:
 def resolves(section: str, headings: list[str]) -> bool:
     """True when `section` names a heading: its number ("§4"), the heading's text, or a
     sentence that starts with the heading's text ("§Pairwise scores derives …")."""
-    s = section.strip().lower()
+    s = section.strip().rstrip(".").lower()
     num = re.match(r"^(\d+)\b", s)
     for h in headings:
         title = re.sub(r"^\d+\s*[.)·]?\s*", "", h)  # "4. Pre-training" → "pre-training"

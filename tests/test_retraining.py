@@ -25,12 +25,11 @@ from torch import nn
 from msif_lite.engine.exact import (
     dense_ggn,
     dense_hessian,
-    fit_convex,
     influence_exact,
-    loo_changes,
 )
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.tasks import ClassificationTask
+from msif_lite.eval.convex import fit_convex, loo_changes
 
 N, D, C, L2, SEED = 100, 6, 5, 1e-2, 0
 REMOVED = list(range(0, N, 4))  # 25 leave-one-out retrainings
@@ -103,7 +102,8 @@ def test_ekfac_influence_tracks_leave_one_out(problem):
     """The engine (EK-FAC / K-FAC + pairwise_scores) on the same problem: correlated with
     retraining, though not exact (see the module docstring for the measured values)."""
     pytest.importorskip("msif_lite.engine.ihvp")
-    from msif_lite.engine.factors import FactorConfig, fit_ekfac
+    from msif_lite.engine.factors import FactorConfig
+    from msif_lite.engine.fit import fit_ekfac
     from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping
     from msif_lite.engine.scores import pairwise_scores
 

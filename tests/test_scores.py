@@ -8,7 +8,8 @@ import torch
 from conftest import ATOL, RTOL, lm_batch, make_lm, pad_sides
 
 from msif_lite.engine.capture import per_sequence_grads
-from msif_lite.engine.factors import FactorConfig, fit_covariances, fit_ekfac
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.fit import fit_covariances, fit_ekfac
 from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping, IdentityIHVP, InverseHVP
 from msif_lite.engine.layers import find_modules, flatten, unflatten
 from msif_lite.engine.scores import (

@@ -29,7 +29,8 @@ from msif_lite.attribution.attributor import Attributor
 from msif_lite.bench import common
 from msif_lite.config import pick
 from msif_lite.engine.exact import ConjugateGradientIHVP, LissaIHVP, block_diagonal, ggn_matvec
-from msif_lite.engine.factors import FactorConfig, fit_covariances, fit_eigenbasis, fit_ekfac
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_ekfac
 from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping, IdentityIHVP
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.scores import pairwise_scores, precondition, query_gradients
@@ -126,149 +127,185 @@ def correlations(scores: torch.Tensor, truth: torch.Tensor) -> dict:
             "spearman_per_query": sp.tolist()}  # fmt: skip
 
 
-def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
-    """Fit, solve and score with every method; returns the JSON payload."""
-    progress = not args.quiet
-    world, tok = shipped.world, shipped.tokenizer
-    docs = [(d.doc_id, d.text) for d in world.documents]
-    pairs = [(p.prompt, p.answer) for p in world.finetune_qa]
-    att = Attributor(shipped.pretrained, shipped.finetuned, tok, docs, pairs, alpha=1.0)  # only
-    # its tokenisation is used: documents = text + eos; questions = prompt + " " + answer + eos
-    model: nn.Module = shipped.pretrained.double().eval()  # float64: CG residuals down to 1e-6
-    task, dtype = LanguageModelingTask(), torch.float64
-    queries, cand_ids, fit_ids = choose_documents(world, args.queries, args.candidates, args.fit,
-                                                  args.seed)  # fmt: skip
-    bs = args.batch_size
-    batches = lambda exs: [att.collate(exs[i : i + bs]) for i in range(0, len(exs), bs)]  # noqa: E731
-    fit_b = batches([att.candidate(d) for d in fit_ids])
-    cand_b = batches([att.candidate(d) for d in cand_ids])
-    q_batch = att.collate([att.qa_example(q.prompt, q.answer) for q in queries])
-    mods, mlp = find_modules(model), find_modules(model, include="mlp")
-    n_params = sum(m.numel for m in mods)
-    qg = query_gradients(model, task, q_batch, mods, bs)
-    qg_mlp = {m.name: qg[m.name] for m in mlp}
-    fcfg = FactorConfig(fisher="sampled", seed=args.seed, progress=progress)
-    matvec = ggn_matvec(model, task, fit_b, mods)
+class _Run:
+    """One accuracy run: the model in float64, its documents and queries, and the scores and
+    timings of every method (each method is one `score` call on the same candidates)."""
 
-    results: dict[str, dict] = {}
-    scores: dict[str, torch.Tensor] = {}
+    def __init__(self, shipped, args: argparse.Namespace):
+        self.args, self.progress = args, not args.quiet
+        world, tok = shipped.world, shipped.tokenizer
+        docs = [(d.doc_id, d.text) for d in world.documents]
+        pairs = [(p.prompt, p.answer) for p in world.finetune_qa]
+        att = Attributor(shipped.pretrained, shipped.finetuned, tok, docs, pairs, alpha=1.0)
+        # only its tokenisation is used: documents = text + eos; questions = prompt + answer
+        self.model: nn.Module = shipped.pretrained.double().eval()  # CG residuals to 1e-6
+        self.task, self.dtype = LanguageModelingTask(), torch.float64
+        self.queries, self.cand_ids, self.fit_ids = choose_documents(
+            world, args.queries, args.candidates, args.fit, args.seed)
+        bs = args.batch_size
+        self.fit_b = [att.collate([att.candidate(d) for d in self.fit_ids[i:i + bs]])
+                      for i in range(0, len(self.fit_ids), bs)]  # fmt: skip
+        self.cand_b = [att.collate([att.candidate(d) for d in self.cand_ids[i:i + bs]])
+                       for i in range(0, len(self.cand_ids), bs)]  # fmt: skip
+        q_batch = att.collate([att.qa_example(q.prompt, q.answer) for q in self.queries])
+        self.mods, self.mlp = find_modules(self.model), find_modules(self.model, include="mlp")
+        self.n_params = sum(m.numel for m in self.mods)
+        self.qg = query_gradients(self.model, self.task, q_batch, self.mods, bs)
+        self.fcfg = FactorConfig(fisher="sampled", seed=args.seed, progress=self.progress)
+        self.matvec = ggn_matvec(self.model, self.task, self.fit_b, self.mods)
+        self.results: dict[str, dict] = {}
+        self.scores: dict[str, torch.Tensor] = {}
 
+    @staticmethod
     def fitted(fn: Callable):
         """(factors, seconds, peak MiB) of one factor fit."""
         with common.PeakMemory() as mem, common.Timer() as t:
             out = fn()
         return out, t.seconds, mem.peak_mb
 
-    def score(name: str, ihvp, fit_s: float = 0.0, fit_mb: float = 0.0, modules=mods,
-              grads=qg) -> None:  # fmt: skip
+    def score(self, name: str, ihvp, fit_s: float = 0.0, fit_mb: float = 0.0,
+              mlp_only: bool = False) -> None:  # fmt: skip
         """score_s: preconditioning the queries, P = (G+λI)⁻¹∇m, + scoring every candidate."""
+        modules = self.mlp if mlp_only else self.mods
+        grads = {m.name: self.qg[m.name] for m in modules}
         with common.PeakMemory() as mem, common.Timer() as t, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a budgeted CG warns that it did not converge
             with torch.no_grad():  # no graph through the preconditioned queries
                 pre = precondition(grads, ihvp)
-            scores[name] = pairwise_scores(model, task, pre, cand_b, ihvp, modules,
-                                           preconditioned=True, progress=False)  # fmt: skip
-        results[name] = {"fit_s": fit_s, "score_s": t.seconds,
-                         "peak_mem_mb": max(fit_mb, mem.peak_mb), "layers": len(modules)}
-        if progress:
+            self.scores[name] = pairwise_scores(self.model, self.task, pre, self.cand_b, ihvp,
+                                                modules, preconditioned=True, progress=False)
+        self.results[name] = {"fit_s": fit_s, "score_s": t.seconds,
+                              "peak_mem_mb": max(fit_mb, mem.peak_mb), "layers": len(modules)}
+        if self.progress:
             print(f"  {name}: fit {fit_s:.1f}s, score {t.seconds:.1f}s", flush=True)
 
-    # ---- the exact G's scale first: λ is set relative to its mean eigenvalue trace(G)/P
-    with common.Timer() as t, torch.no_grad():
-        mean_eig = hutchinson_mean_eig(matvec, n_params, args.probes, args.seed, dtype)
-        top = lambda_max(matvec, n_params, args.power_iters, args.seed, dtype)
-    spectrum_s = t.seconds
-    lam = float(args.damping) if args.damping is not None else args.damping_rel * mean_eig
-    if progress:
-        print(f"  λ = {lam:.3g} = {lam / mean_eig:.3g} × trace(G)/P (Hutchinson); "
-              f"λ_max(G) ≈ {top:.3g}", flush=True)
+    def spectrum(self) -> None:
+        """The exact G's scale: λ is set relative to its mean eigenvalue trace(G)/P."""
+        a = self.args
+        with common.Timer() as t, torch.no_grad():
+            self.mean_eig = hutchinson_mean_eig(self.matvec, self.n_params, a.probes, a.seed,
+                                                self.dtype)  # fmt: skip
+            self.top = lambda_max(self.matvec, self.n_params, a.power_iters, a.seed, self.dtype)
+        self.spectrum_s = t.seconds
+        self.lam = float(a.damping) if a.damping is not None else a.damping_rel * self.mean_eig
+        if self.progress:
+            print(f"  λ = {self.lam:.3g} = {self.lam / self.mean_eig:.3g} × trace(G)/P "
+                  f"(Hutchinson); λ_max(G) ≈ {self.top:.3g}", flush=True)
 
-    def ekfac_and_kfac(suffix: str, batches: list):
+    def ekfac_and_kfac(self, suffix: str, batches: list):
         """Fit and score EK-FAC and K-FAC on all tracked layers; returns the EK-FAC factors."""
-        ek, s, mb = fitted(lambda: fit_ekfac(model, task, batches, fcfg, mods))
-        score(f"ekfac{suffix}", EKFACIHVP(ek, Damping(absolute=lam)), s, mb)
-        kf, s, mb = fitted(lambda: fit_eigenbasis(fit_covariances(model, task, batches, fcfg,
-                                                                  mods)))  # fmt: skip
-        score(f"kfac{suffix}", KFACIHVP(kf, Damping(absolute=lam)), s, mb)
+        m, t, c, lam = self.model, self.task, self.fcfg, Damping(absolute=self.lam)
+        ek, s, mb = self.fitted(lambda: fit_ekfac(m, t, batches, c, self.mods))
+        self.score(f"ekfac{suffix}", EKFACIHVP(ek, lam), s, mb)
+        kf, s, mb = self.fitted(lambda: fit_eigenbasis(fit_covariances(m, t, batches, c,
+                                                                       self.mods)))  # fmt: skip
+        self.score(f"kfac{suffix}", KFACIHVP(kf, lam), s, mb)
         return ek
 
-    # ---- the curvature approximations, all on the same documents with the same λ
-    ek = ekfac_and_kfac("", fit_b)  # one sampled label per token
-    ek_m, s, mb = fitted(lambda: fit_ekfac(model, task, fit_b, fcfg, mlp))
-    score("ekfac_mlp", EKFACIHVP(ek_m, Damping(absolute=lam)), s, mb, mlp, qg_mlp)
-    score("grad_dot", IdentityIHVP())
-    for r in args.label_draws:  # the same documents, r independent label draws per token
-        ekfac_and_kfac(f"_draws{r}", fit_b * r)
-    # Σ Λ = (1/N) Σ_n ‖DW_n‖² (one label draw per token) is an unbiased but heavy-tailed
-    # estimate of trace(G): rare labels carry much of it, so it typically comes out low.
-    trace_ekfac = sum(float(f.lam.sum()) for f in ek.layers) / n_params
+    def approximations(self) -> None:
+        """The curvature approximations, all on the same documents with the same λ."""
+        ek = self.ekfac_and_kfac("", self.fit_b)  # one sampled label per token
+        ek_m, s, mb = self.fitted(lambda: fit_ekfac(self.model, self.task, self.fit_b, self.fcfg,
+                                                    self.mlp))  # fmt: skip
+        self.score("ekfac_mlp", EKFACIHVP(ek_m, Damping(absolute=self.lam)), s, mb, True)
+        self.score("grad_dot", IdentityIHVP())
+        for r in self.args.label_draws:  # the same documents, r label draws per token
+            self.ekfac_and_kfac(f"_draws{r}", self.fit_b * r)
+        # Σ Λ = (1/N) Σ_n ‖DW_n‖² (one label draw per token) is an unbiased but heavy-tailed
+        # estimate of trace(G): rare labels carry much of it, so it typically comes out low.
+        self.trace_ekfac = sum(float(f.lam.sum()) for f in ek.layers) / self.n_params
 
-    # ---- ground truth, then the budgeted iterative methods on the same exact G
-    gt = ConjugateGradientIHVP(matvec, mods, lam, max_iter=args.max_iter, tol=args.tol,
-                               progress=progress)  # fmt: skip
-    score("ground_truth", gt)
-    truth = scores.pop("ground_truth")
-    gt_info = results.pop("ground_truth")
-    for k in args.cg:
-        cg = ConjugateGradientIHVP(matvec, mods, lam, max_iter=k, tol=0.0, progress=progress)
-        score(f"cg_{k}", cg)
-        results[f"cg_{k}"]["relative_residual_max"] = float(cg.residuals.max())
-    scale = 1.05 * (top + lam)  # LiSSA converges for scale > λ_max(G+λI)/2; ≥ λ_max+λ is safe
-    for k in args.lissa:
-        li = LissaIHVP(matvec, mods, lam, depth=k, scale=scale, progress=progress)
-        score(f"lissa_{k}", li)
-        results[f"lissa_{k}"]["last_increment_max"] = float(li.increments.max())
+    def iterative(self) -> None:
+        """Ground truth, then the budgeted iterative methods on the same exact G."""
+        a, mv, mods, lam, pr = self.args, self.matvec, self.mods, self.lam, self.progress
+        self.gt = ConjugateGradientIHVP(mv, mods, lam, max_iter=a.max_iter, tol=a.tol,
+                                        progress=pr)  # fmt: skip
+        self.score("ground_truth", self.gt)
+        self.truth = self.scores.pop("ground_truth")
+        self.gt_info = self.results.pop("ground_truth")
+        for k in a.cg:
+            cg = ConjugateGradientIHVP(mv, mods, lam, max_iter=k, tol=0.0, progress=pr)
+            self.score(f"cg_{k}", cg)
+            self.results[f"cg_{k}"]["relative_residual_max"] = float(cg.residuals.max())
+        self.lissa_scale = 1.05 * (self.top + lam)  # converges for scale > λ_max(G+λI)/2
+        for k in a.lissa:
+            li = LissaIHVP(mv, mods, lam, depth=k, scale=self.lissa_scale, progress=pr)
+            self.score(f"lissa_{k}", li)
+            self.results[f"lissa_{k}"]["last_increment_max"] = float(li.increments.max())
 
-    if args.block_truth:  # the exact per-layer blocks of G: separates the block-diagonal
-        # approximation's cost (block_exact vs ground truth) from the Kronecker one (EK-FAC
-        # vs block_exact)
-        block = ConjugateGradientIHVP(block_diagonal(matvec, mods), mods, lam,
-                                      max_iter=args.max_iter, tol=args.tol, progress=progress)
-        score("block_exact", block)
-        results["block_exact"]["iterations_max"] = int(block.iterations.max())
-        results["block_exact"]["relative_residual_max"] = float(block.residuals.max())
-        for name in results:
-            results[name]["vs_block_exact"] = correlations(scores[name], scores["block_exact"])
-    for name in results:
-        results[name].update(correlations(scores[name], truth))
-    converged = gt.residuals < args.converged_below
-    ground_truth = {
-        "method": "conjugate gradient on the full GGN (all tracked layers, not block-diagonal), "
-                  "batched over queries, float64",  # fmt: skip
-        "tol": args.tol, "max_iter": args.max_iter, "converged_below": args.converged_below,
-        "iterations": gt.iterations.tolist(), "relative_residual": gt.residuals.tolist(),
-        "all_converged": bool(converged.all()), "score_s": gt_info["score_s"],
-        "peak_mem_mb": gt_info["peak_mem_mb"],
-        "check": "relative residual ‖b − (G+λI)x‖/‖b‖ recomputed with one more exact G·x "
-                 "after CG stops; converged = residual < converged_below for every query",
-    }  # fmt: skip
-    if not ground_truth["all_converged"]:
-        warnings.warn("ground-truth CG did not converge for every query; see the JSON",
-                      stacklevel=2)  # fmt: skip
-    n_tok = sum(int(b.attention_mask.sum()) for b in fit_b)
-    arch = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
-    setup = {
-        "model": model_label, "n_params_tracked": n_params,
-        "architecture": {k: getattr(model.config, k, None) for k in arch},
-        "layers": [m.name for m in mods], "mlp_layers": [m.name for m in mlp],
-        "queries": [q.fact_id for q in queries], "n_queries": len(queries),
-        "n_candidates": len(cand_ids),
-        "n_true_sources": len({d for q in queries for d in q.source_doc_ids}),
-        "n_fit_sequences": len(fit_ids), "n_fit_tokens": n_tok, "fit_doc_ids": fit_ids,
-        "label_draws": "ekfac/kfac: one sampled label per token (as the paper and kronfluence); "
-                       "<name>_draws<R>: R draws", "extra_label_draws": list(args.label_draws),
-        "G": "exact GGN (= true Fisher) of (1/N) Σ_n ℓ(z_n), ℓ summed over tokens; K-FAC/EK-FAC "
-             "fitted on the same documents with sampled labels",
-        "damping": lam, "damping_rel_to_mean_eig": lam / mean_eig,
-        "mean_eig": mean_eig, "mean_eig_estimate": f"Hutchinson, {args.probes} Rademacher "
-        "probes on the exact G", "mean_eig_ekfac_sum_lambda": trace_ekfac, "lambda_max": top,
-        "lambda_max_estimate": f"power iteration, {args.power_iters} steps",
-        "condition_number": (top + lam) / lam, "lissa_scale": scale,
-        "spectrum_estimate_s": spectrum_s, "dtype": "float64", "seed": args.seed,
-        "query_measurement": "m = −log p(answer | prompt), loss on answer tokens (+ eos)",
-        "candidate_loss": "ℓ = Σ_t −log p(x_t | x_<t) over the document + eos",
-    }  # fmt: skip
-    return {"methods": results, "ground_truth": ground_truth, "setup": setup, "paper": PAPER}
+    def block_truth(self) -> None:
+        """The exact per-layer blocks of G: separates the block-diagonal approximation's cost
+        (block_exact vs ground truth) from the Kronecker one (EK-FAC vs block_exact)."""
+        a = self.args
+        block = ConjugateGradientIHVP(block_diagonal(self.matvec, self.mods), self.mods,
+                                      self.lam, max_iter=a.max_iter, tol=a.tol,
+                                      progress=self.progress)  # fmt: skip
+        self.score("block_exact", block)
+        self.results["block_exact"]["iterations_max"] = int(block.iterations.max())
+        self.results["block_exact"]["relative_residual_max"] = float(block.residuals.max())
+        for name in self.results:
+            self.results[name]["vs_block_exact"] = correlations(self.scores[name],
+                                                                self.scores["block_exact"])
+
+    def ground_truth_info(self) -> dict:
+        a, gt = self.args, self.gt
+        converged = gt.residuals < a.converged_below
+        info = {
+            "method": "conjugate gradient on the full GGN (all tracked layers, not "
+                      "block-diagonal), batched over queries, float64",
+            "tol": a.tol, "max_iter": a.max_iter, "converged_below": a.converged_below,
+            "iterations": gt.iterations.tolist(), "relative_residual": gt.residuals.tolist(),
+            "all_converged": bool(converged.all()), "score_s": self.gt_info["score_s"],
+            "peak_mem_mb": self.gt_info["peak_mem_mb"],
+            "check": "relative residual ‖b − (G+λI)x‖/‖b‖ recomputed with one more exact G·x "
+                     "after CG stops; converged = residual < converged_below for every query",
+        }  # fmt: skip
+        if not info["all_converged"]:
+            warnings.warn("ground-truth CG did not converge for every query; see the JSON",
+                          stacklevel=2)  # fmt: skip
+        return info
+
+    def setup_info(self, model_label: str) -> dict:
+        a, lam = self.args, self.lam
+        n_tok = sum(int(b.attention_mask.sum()) for b in self.fit_b)
+        arch = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+        return {
+            "model": model_label, "n_params_tracked": self.n_params,
+            "architecture": {k: getattr(self.model.config, k, None) for k in arch},
+            "layers": [m.name for m in self.mods], "mlp_layers": [m.name for m in self.mlp],
+            "queries": [q.fact_id for q in self.queries], "n_queries": len(self.queries),
+            "n_candidates": len(self.cand_ids),
+            "n_true_sources": len({d for q in self.queries for d in q.source_doc_ids}),
+            "n_fit_sequences": len(self.fit_ids), "n_fit_tokens": n_tok,
+            "fit_doc_ids": self.fit_ids,
+            "label_draws": "ekfac/kfac: one sampled label per token (as the paper and "
+                           "kronfluence); <name>_draws<R>: R draws",
+            "extra_label_draws": list(a.label_draws),
+            "G": "exact GGN (= true Fisher) of (1/N) Σ_n ℓ(z_n), ℓ summed over tokens; "
+                 "K-FAC/EK-FAC fitted on the same documents with sampled labels",
+            "damping": lam, "damping_rel_to_mean_eig": lam / self.mean_eig,
+            "mean_eig": self.mean_eig, "mean_eig_estimate": f"Hutchinson, {a.probes} "
+            "Rademacher probes on the exact G", "mean_eig_ekfac_sum_lambda": self.trace_ekfac,
+            "lambda_max": self.top, "lambda_max_estimate": f"power iteration, {a.power_iters} "
+            "steps", "condition_number": (self.top + lam) / lam, "lissa_scale": self.lissa_scale,
+            "spectrum_estimate_s": self.spectrum_s, "dtype": "float64", "seed": a.seed,
+            "query_measurement": "m = −log p(answer | prompt), loss on answer tokens (+ eos)",
+            "candidate_loss": "ℓ = Σ_t −log p(x_t | x_<t) over the document + eos",
+        }  # fmt: skip
+
+
+def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
+    """Fit, solve and score with every method; returns the JSON payload."""
+    r = _Run(shipped, args)
+    r.spectrum()
+    r.approximations()
+    r.iterative()
+    if args.block_truth:
+        r.block_truth()
+    for name in r.results:
+        r.results[name].update(correlations(r.scores[name], r.truth))
+    return {"methods": r.results, "ground_truth": r.ground_truth_info(),
+            "setup": r.setup_info(model_label), "paper": PAPER}
 
 
 def ordered(names) -> list[str]:

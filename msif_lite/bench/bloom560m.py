@@ -30,7 +30,8 @@ from functools import partial
 import torch
 
 from msif_lite.bench.common import Timer, markdown_table, write_results
-from msif_lite.engine.factors import FactorConfig, fit_covariances, fit_eigenbasis, fit_lambda
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_lambda
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.multistage import MultiStageConfig, MultiStageIHVP
 from msif_lite.engine.scores import pairwise_scores, query_gradients
@@ -92,6 +93,15 @@ def _eigh_rate(device) -> float:
     return t.seconds / 512**3
 
 
+def _floor(model, task, batches, size: Size, device: torch.device) -> None:
+    """One forward + backward over `batches`: the cost every stage is compared with."""
+    for b in batches:
+        with torch.autocast(device.type, dtype=getattr(torch, size.autocast or "float32"),
+                            enabled=size.autocast is not None):
+            task.loss(model, b).sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
 def run(size: Size, device: torch.device, progress: bool = False) -> dict:
     from transformers import BloomConfig, BloomForCausalLM
 
@@ -120,11 +130,7 @@ def run(size: Size, device: torch.device, progress: bool = False) -> dict:
     mem_batches = fit[:2] if cpu else fit  # CPU: memory from a profiled 2-batch run
 
     def floor(batches):
-        for b in batches:
-            with torch.autocast(device.type, dtype=getattr(torch, size.autocast or "float32"),
-                                enabled=size.autocast is not None):
-                task.loss(model, b).sum().backward()
-        model.zero_grad(set_to_none=True)
+        _floor(model, task, batches, size, device)
 
     rows, measured = [], {}
 
@@ -169,6 +175,13 @@ def run(size: Size, device: torch.device, progress: bool = False) -> dict:
     c_tokens = size.n_candidates * size.seq_len
     stage("scoring", lambda: score(cands), lambda: score(cands[:2]), held=2 * nbytes(ek),
           pred_s=(fl["candidate"] + size.n_queries * fl["per_query_candidate"]) * c_tokens / rate)
+    return _payload(size, device, tokens, measured, rows, t_floor.seconds, len(mods))
+
+
+def _payload(size: Size, device: torch.device, tokens: int, measured: dict, rows: list,
+             floor_s: float, n_layers: int) -> dict:  # fmt: skip
+    """The JSON payload of one run: fitting time and peak over the three fitting stages."""
+    cpu = device.type == "cpu"
     fitting = ("covariance", "eigendecomposition", "lambda")
     fit_s = sum(measured[s][0] for s in fitting)
     peak = max(measured[s][1] for s in fitting)
@@ -176,8 +189,8 @@ def run(size: Size, device: torch.device, progress: bool = False) -> dict:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if not cpu else ""),
         "gpu": not cpu, "size": asdict(size), "fit_tokens": tokens, "fit_s": fit_s,
         "peak_mem_gib": peak / GiB, "scoring_peak_mem_gib": measured["scoring"][1] / GiB,
-        "floor_s": t_floor.seconds, "stages": rows,
-        "tracked_layers": len(mods),
+        "floor_s": floor_s, "stages": rows,
+        "tracked_layers": n_layers,
         "memory_measured_by": "torch.cuda.max_memory_allocated" if not cpu else
         "torch.profiler CPU allocator total, 2-batch run (+ factors held)",
         "targets": {"fit_s": 300, "peak_mem_gib": 24, "apply_to": "full size on one H200"},

@@ -84,6 +84,33 @@ def fwd_bwd(model, task, batches, dev) -> float:
     return time.perf_counter() - t0
 
 
+def write_report(result: dict, out: Path) -> None:
+    """out/engine_overhead.json and the markdown table out/engine_overhead.md."""
+    fwd_bwd_s, fit_s, score_s = result["fwd_bwd_s"], result["fit_s"], result["score_s"]
+    cov, eig, lam = result["covariance_s"], result["eigendecomposition_s"], result["lambda_s"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        ("plain forward + backward", fwd_bwd_s, 1.0, ""),
+        ("EK-FAC covariances", cov, cov / fwd_bwd_s, ""),
+        ("eigendecomposition", eig, eig / fwd_bwd_s, ""),
+        ("EK-FAC Λ", lam, lam / fwd_bwd_s, ""),
+        ("**EK-FAC fit total**", fit_s, fit_s / fwd_bwd_s, "≤ 3.5"),
+        (f"pairwise scores ({result['data']['n_queries']} queries)", score_s,
+         score_s / fwd_bwd_s, "≤ 1.3"),
+    ]
+    md = [
+        "# Engine overhead", "",
+        f"{result['device']}, {result['torch_threads']} threads, best of {result['repeats']}; "
+        f"toy GPT-NeoX {result['model']}, data {result['data']}; peak memory "
+        f"{result['peak_mem_mb']:.0f} MiB ({result['peak_mem_kind']}).", "",
+        "| stage | seconds | × fwd+bwd | target |", "|---|---:|---:|---:|",
+        *[f"| {n} | {s:.2f} | {r:.2f} | {tg} |" for n, s, r, tg in rows],
+    ]
+    (out / "engine_overhead.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`msif-lite bench engine [--out DIR]`: writes DIR/engine_overhead.{json,md}."""
     import argparse
@@ -144,25 +171,5 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "targets": {"fit_over_fwd_bwd": 3.5, "score_over_fwd_bwd": 1.3},
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "engine_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = [
-        ("plain forward + backward", fwd_bwd_s, 1.0, ""),
-        ("EK-FAC covariances", t.covariance_s, t.covariance_s / fwd_bwd_s, ""),
-        ("eigendecomposition", t.eigendecomposition_s, t.eigendecomposition_s / fwd_bwd_s, ""),
-        ("EK-FAC Λ", t.lambda_s, t.lambda_s / fwd_bwd_s, ""),
-        ("**EK-FAC fit total**", fit_s, fit_s / fwd_bwd_s, "≤ 3.5"),
-        (f"pairwise scores ({sizes['n_queries']} queries)", score_s, score_s / fwd_bwd_s,
-         "≤ 1.3"),
-    ]
-    md = [
-        "# Engine overhead", "",
-        f"{describe_run()}, {torch.get_num_threads()} threads, best of {repeats}; "
-        f"toy GPT-NeoX {result['model']}, "
-        f"data {result['data']}; peak memory {peak:.0f} MiB ({result['peak_mem_kind']}).", "",
-        "| stage | seconds | × fwd+bwd | target |", "|---|---:|---:|---:|",
-        *[f"| {n} | {s:.2f} | {r:.2f} | {tg} |" for n, s, r, tg in rows],
-    ]
-    (OUT / "engine_overhead.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(result, OUT)
     return 0

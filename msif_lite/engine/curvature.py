@@ -20,13 +20,8 @@ from enum import Enum
 
 from torch import nn
 
-from msif_lite.engine.factors import (
-    EKFACFactors,
-    FactorConfig,
-    fit_covariances,
-    fit_eigenbasis,
-    fit_ekfac,
-)
+from msif_lite.engine.factors import EKFACFactors, FactorConfig
+from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_ekfac
 from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping, IdentityIHVP, InverseHVP
 from msif_lite.engine.layers import Grads, TrackedModule
 from msif_lite.engine.tasks import Task

@@ -37,11 +37,8 @@ from msif_lite.engine.factors import (
     FactorConfig,
     KFACFactors,
     KroneckerFactors,
-    fit_covariances,
-    fit_eigenbasis,
-    fit_ekfac,
-    fit_lambda,
 )
+from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_ekfac, fit_lambda
 from msif_lite.engine.ihvp import InverseHVP
 from msif_lite.engine.layers import TrackedModule, find_modules
 from msif_lite.engine.scores import pairwise_scores, precondition, query_gradients

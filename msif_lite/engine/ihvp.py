@@ -19,7 +19,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from msif_lite.engine.factors import EKFACFactors, KFACFactors, fit_eigenbasis
+from msif_lite.engine.factors import EKFACFactors, KFACFactors
+from msif_lite.engine.fit import fit_eigenbasis
 from msif_lite.engine.layers import Grads, check_finite
 
 

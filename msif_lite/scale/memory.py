@@ -294,7 +294,8 @@ def fit_partitioned(model: nn.Module, task, loader, config, partitions: int = 1,
     """`fit_ekfac` over `partition(modules, partitions)` one group after another (each group
     its own passes over `loader`, so activations and factors of one group at a time), merged
     into one EKFACFactors. With config.offload, finished groups wait in CPU memory."""
-    from msif_lite.engine.factors import EKFACFactors, FitTimings, fit_ekfac
+    from msif_lite.engine.factors import EKFACFactors, FitTimings
+    from msif_lite.engine.fit import fit_ekfac
 
     modules = list(modules) if modules is not None else find_modules(
         model, config.include, config.exclude)

@@ -264,6 +264,42 @@ def _plot(curves: Mapping[str, Sequence[float]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _summary(p: PipelinePreset, preset_name: str, dev, seed: int, world: World, tok, model,
+             pretrained, results: tuple[TrainResult, TrainResult], pipeline_s: float,
+             pretrained_acc: float) -> dict:  # fmt: skip
+    """What `results/world.json` holds: sizes, timings, losses, accuracies, drift, hashes."""
+    pt_res, ft_res = results
+    return {
+        "preset": preset_name,
+        "model_preset": p.model,
+        "device": dev.type,
+        "seed": seed,
+        "alpha": p.alpha,
+        "n_params": n_params(model),
+        "vocab_size": len(tok),
+        "n_entities": world.config.n_entities,
+        "n_documents": len(world.documents),
+        "n_finetune_qa": len(world.finetune_qa),
+        "n_queries": len(world.queries),
+        "pretrain_steps": p.pretrain.steps,
+        "finetune_steps": p.finetune.steps,
+        "batch_size": p.pretrain.batch_size,
+        "pretrain_s": round(pt_res.seconds, 1),
+        "finetune_s": round(ft_res.seconds, 1),
+        "pipeline_s": round(pipeline_s, 1),
+        "final_pretrain_loss": sum(pt_res.losses[-20:]) / len(pt_res.losses[-20:]),
+        "final_finetune_loss": sum(ft_res.losses[-20:]) / len(ft_res.losses[-20:]),
+        "chance_accuracy": world.chance_accuracy(),
+        "majority_accuracy": world.majority_accuracy(),
+        "pretrained_accuracy": pretrained_acc,
+        "finetuned_accuracy": answer_accuracy(model, tok, world.queries),
+        "finetune_train_accuracy": answer_accuracy(model, tok, world.finetune_qa),
+        "relative_drift": relative_drift(model, pretrained),
+        "data_hash": world.content_hash,
+        "tokenizer_hash": tokenizer_hash(tok),
+    }
+
+
 def build_world_pipeline(
     preset: str | PipelinePreset = "default",
     out_dir: str | Path = "runs/world",
@@ -312,35 +348,9 @@ def build_world_pipeline(
         tok,
     )
     pipeline_s = time.perf_counter() - t0
-    summary = {
-        "preset": p.world if isinstance(preset, str) else "custom",
-        "model_preset": p.model,
-        "device": dev.type,
-        "seed": seed,
-        "alpha": p.alpha,
-        "n_params": n_params(model),
-        "vocab_size": len(tok),
-        "n_entities": world.config.n_entities,
-        "n_documents": len(world.documents),
-        "n_finetune_qa": len(world.finetune_qa),
-        "n_queries": len(world.queries),
-        "pretrain_steps": p.pretrain.steps,
-        "finetune_steps": p.finetune.steps,
-        "batch_size": p.pretrain.batch_size,
-        "pretrain_s": round(pt_res.seconds, 1),
-        "finetune_s": round(ft_res.seconds, 1),
-        "pipeline_s": round(pipeline_s, 1),
-        "final_pretrain_loss": sum(pt_res.losses[-20:]) / len(pt_res.losses[-20:]),
-        "final_finetune_loss": sum(ft_res.losses[-20:]) / len(ft_res.losses[-20:]),
-        "chance_accuracy": world.chance_accuracy(),
-        "majority_accuracy": world.majority_accuracy(),
-        "pretrained_accuracy": pretrained_acc,
-        "finetuned_accuracy": answer_accuracy(model, tok, world.queries),
-        "finetune_train_accuracy": answer_accuracy(model, tok, world.finetune_qa),
-        "relative_drift": relative_drift(model, pretrained),
-        "data_hash": world.content_hash,
-        "tokenizer_hash": tokenizer_hash(tok),
-    }
+    summary = _summary(p, "custom" if not isinstance(preset, str) else p.world, dev, seed,
+                       world, tok, model, pretrained, (pt_res, ft_res), pipeline_s,
+                       pretrained_acc)  # fmt: skip
     curves = {"pre-training": pt_res.losses, "fine-tuning": ft_res.losses}
     if scratch_baseline:
         scratch = build_model(mp, len(tok), seed + 1, tok).to(dev)
