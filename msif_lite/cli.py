@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             world_main(a.args)
             return 0
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:  # user errors: no traceback
         print(f"msif-lite: error: {e}", file=sys.stderr)
         return 2
     return 1

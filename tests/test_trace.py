@@ -10,11 +10,8 @@ import pytest
 import torch
 from helpers_world import build_tiny_shipped, load_tiny
 
-from msif_lite.attribution.attributor import (
-    AttributionConfig,
-    Attributor,
-    check_same_architecture,
-)
+from msif_lite.attribution.attributor import AttributionConfig, Attributor
+from msif_lite.attribution.checks import check_same_architecture
 from msif_lite.attribution.methods import METHODS
 from msif_lite.attribution.trace import trace
 from msif_lite.cli import main

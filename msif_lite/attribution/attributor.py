@@ -20,6 +20,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from msif_lite.attribution.checks import (
+    check_checkpoint_tokenizer,
+    check_same_architecture,
+    check_tokenizer_fits,
+)
 from msif_lite.attribution.methods import Method, ScoreSettings, Stage, get_method
 from msif_lite.engine.curvature import CurvatureKind, curvature
 from msif_lite.engine.factors import EKFACFactors, FactorConfig
@@ -76,39 +81,19 @@ class AttributionConfig:
         if self.alpha is not None:
             ScoreSettings(alpha=self.alpha)  # validates α (number, finite, > 0)
         for name in ("pretrain_damping", "finetune_only_damping"):
-            if not isinstance(getattr(self, name), Damping):
-                raise TypeError(f"AttributionConfig.{name} must be a Damping, e.g. "
-                                f"Damping(absolute=1e-4) or Damping(heuristic_factor=0.1)")
+            value = getattr(self, name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                object.__setattr__(self, name, Damping(absolute=float(value)))  # λ itself
+            elif not isinstance(value, Damping):
+                raise TypeError(f"AttributionConfig.{name} must be a number (λ) or a Damping, "
+                                "e.g. 1e-4, Damping(absolute=1e-4) or Damping(heuristic_factor="
+                                f"0.1); got {value!r}")
         if self.batch_size < 1:
             raise ValueError("AttributionConfig.batch_size must be >= 1")
 
     def factor_config(self) -> FactorConfig:
         """The FactorConfig both stages are fitted with (progress follows this config)."""
         return replace(self.factors, progress=self.progress)
-
-
-def check_same_architecture(a: nn.Module, b: nn.Module) -> None:
-    """Refuse a pre-trained / fine-tuned pair that do not share parameter names and shapes."""
-    sa = {n: tuple(p.shape) for n, p in a.named_parameters()}
-    sb = {n: tuple(p.shape) for n, p in b.named_parameters()}
-    if sa != sb:
-        diff = sorted(set(sa.items()) ^ set(sb.items()))[:4]
-        raise ValueError(
-            "the pre-trained and fine-tuned models do not share an architecture (first "
-            f"differences: {diff}); multi-stage influence needs θ_ft and θ_pt in one "
-            "parameter space. Load the fine-tune of this pre-trained model."
-        )
-
-
-def check_tokenizer_fits(model: nn.Module, tokenizer) -> None:
-    """Refuse a tokenizer with more tokens than the model's embedding has rows."""
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}: "
-            "the tokenizer does not match the model. Load the tokenizer saved with the "
-            "checkpoint (AutoTokenizer.from_pretrained(<checkpoint dir>))."
-        )
 
 
 def _resolve_alpha(config_alpha: float | None, given: float | None) -> float:
@@ -154,6 +139,7 @@ class Attributor:
     ):
         check_same_architecture(pretrained, finetuned)
         check_tokenizer_fits(finetuned, tokenizer)
+        check_checkpoint_tokenizer(finetuned, tokenizer)
         documents = _drop_empty(documents)
         if not documents:
             raise ValueError("no pre-training documents given: the candidate set is empty.")
@@ -210,7 +196,9 @@ class Attributor:
         ids, labels = encode_prompt_answer(self.tokenizer, prompt, answer)
         answer_ids = [t for t in labels if t != IGNORE_INDEX][:-1]  # without the final eos
         special = set(self.tokenizer.all_special_ids)
-        if not answer.strip(INVISIBLE) or all(t in special for t in answer_ids):
+        content = [t for t in answer_ids
+                   if t not in special and self.tokenizer.decode([t]).strip(INVISIBLE)]
+        if not answer.strip(INVISIBLE) or not content:
             raise ValueError(f"the answer {answer!r} is only special tokens or invisible "
                              "characters: give each question a real answer.")  # fmt: skip
         return Candidate(prompt, tuple(ids), tuple(labels))

@@ -55,6 +55,9 @@ class TextQuery(str, Enum):
     QUESTION = "question"
 
 
+ALPHA_MIN = 1e-12  # below this (H_ft + αI) is singular in float32 for any real H_ft
+
+
 @dataclass(frozen=True)
 class ScoreSettings:
     """The knobs a score depends on beyond the fitted factors (the explorer's sliders)."""
@@ -72,6 +75,12 @@ class ScoreSettings:
             raise ValueError(
                 f"α = {self.alpha}: the proximity strength α must be a finite number > 0 "
                 "(the value the fine-tune was trained with, msif_meta.json records it)"
+            )
+        if self.alpha < ALPHA_MIN:
+            raise ValueError(
+                f"α = {self.alpha:g} is below {ALPHA_MIN:g}: (H_ft + αI) is then numerically "
+                "singular. Pass the α the fine-tune was trained with; for a fine-tune without "
+                "a proximity term use a small proxy such as 1e-3."
             )
 
 

@@ -10,6 +10,7 @@ layers, dtype). A store for other weights or layers never loads it.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from msif_lite.engine.layers import Grads, TrackedModule, check_finite
 from msif_lite.engine.storage import (
     ArtifactError,
     ArtifactKey,
+    CorruptArtifactError,
     config_fingerprint,
     data_fingerprint,
     load_artifact,
@@ -83,8 +85,12 @@ class GradientStore:
             return None
         try:
             tensors, _ = load_artifact(path, self._key(c))
+        except CorruptArtifactError as e:
+            warnings.warn(f"{path} was corrupt ({e}); recomputing it (check the disk or the "
+                          "copy of the cache)", stacklevel=3)  # fmt: skip
+            return None
         except ArtifactError:
-            return None  # stale or corrupt: recomputed and overwritten below
+            return None  # computed for another model/settings: recomputed and overwritten
         return tensors
 
     def grads(self, candidates: Sequence[Candidate], *, keep_in_memory: bool = False) -> Grads:

@@ -239,3 +239,11 @@ def inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch
 
 def named_modules_of(modules: Iterable[TrackedModule]) -> list[str]:
     return [m.name for m in modules]
+
+
+def check_finite_parameters(model: nn.Module, where: str) -> None:
+    """Refuse a model with NaN/inf in any parameter or buffer, naming the first one."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: parameter {name!r} contains NaN or inf; the checkpoint "
+                             "is damaged or diverged. Re-download or retrain it.")

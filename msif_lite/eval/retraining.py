@@ -216,6 +216,7 @@ class GroundTruth:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         return path
 

@@ -26,9 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from msif_lite.attribution.attributor import check_same_architecture, check_tokenizer_fits
+from msif_lite.attribution.checks import (
+    check_same_architecture,
+    check_same_tokenizer,
+    check_tokenizer_fits,
+)
+from msif_lite.engine.layers import check_finite_parameters
 
-PROBE = "Where was Ada Lovelace born? London, 1815 — naïve café, 東京."
 DEFAULT_PRETRAIN_TOKENS = 1_000_000
 """Default token budget of the pre-training text for H_pt (the issue's 1M-token target)."""
 DEFAULT_FINETUNE_TOKENS = 200_000
@@ -80,18 +84,6 @@ def _load(kind: str, name: str, **kw):
             f"[{type(e).__name__}: {str(e).splitlines()[0][:200]}]") from e
 
 
-def check_same_tokenizer(tok_a, tok_b, probe: str = PROBE) -> None:
-    """Refuse two tokenizers that differ in size or in the ids they give `probe`."""
-    if len(tok_a) != len(tok_b):
-        raise ValueError(f"the two checkpoints' tokenizers differ: {len(tok_a)} vs {len(tok_b)} "
-                         "tokens. Multi-stage influence needs one tokenizer for both models.")
-    ia = tok_a(probe, add_special_tokens=False)["input_ids"]
-    ib = tok_b(probe, add_special_tokens=False)["input_ids"]
-    if ia != ib:
-        raise ValueError(f"the two checkpoints' tokenizers give different token ids for {probe!r}"
-                         f" ({ia[:8]}… vs {ib[:8]}…): use the fine-tune of this pre-trained model.")
-
-
 def load_model_pair(
     pretrained_id_or_dir: str | os.PathLike,
     finetuned_id_or_dir: str | os.PathLike,
@@ -108,6 +100,8 @@ def load_model_pair(
         raise ValueError(f"the models have different architectures: {pt.config.model_type!r} "
                          f"vs {ft.config.model_type!r}. Load the fine-tune of this model.")
     check_same_architecture(pt, ft)
+    check_finite_parameters(pt, names[0])
+    check_finite_parameters(ft, names[1])
     tok = _load("tokenizer", names[0])
     try:
         tok_ft = _load("tokenizer", names[1])
@@ -122,7 +116,7 @@ def load_model_pair(
 
 
 def read_texts(path: str | os.PathLike, field: str = "text", max_tokens: int | None = None,
-               tokenizer=None, split: str = "paragraph") -> list[str]:
+               tokenizer=None, split: str = "paragraph", errors: str = "strict") -> list[str]:
     """Documents from a file, in order, until `max_tokens` is reached.
 
     - `*.jsonl` / `*.json` (JSON lines): one document per line, the string under `field`
@@ -131,14 +125,19 @@ def read_texts(path: str | os.PathLike, field: str = "text", max_tokens: int | N
       blank-line-separated paragraph (its lines joined by spaces); `split="line"` one per
       non-empty line.
     Tokens are counted with `tokenizer` when given, else as whitespace-separated words; the
-    document that crosses the budget is the last one kept.
+    document that crosses the budget is the last one kept. `errors` is passed to the UTF-8
+    decoder ('strict' refuses invalid bytes, naming the offset; 'replace' or 'ignore' read on).
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no text file at {p}")
     if split not in ("paragraph", "line"):
         raise ValueError(f"split must be 'paragraph' or 'line', got {split!r}")
-    raw = p.read_text(encoding="utf-8")
+    try:
+        raw = p.read_bytes().decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: invalid UTF-8 at byte {e.start} ({e.reason}); fix the file or "
+                         "pass errors='replace' (or 'ignore') to read on") from e
     if p.suffix in (".jsonl", ".json"):
         docs = []
         for i, line in enumerate(raw.splitlines(), 1):
@@ -159,6 +158,8 @@ def read_texts(path: str | os.PathLike, field: str = "text", max_tokens: int | N
         docs = [x.strip() for x in raw.splitlines() if x.strip()]
     else:
         docs = [" ".join(x.split()) for x in raw.split("\n\n") if x.strip()]
+    if not docs:
+        raise ValueError(f"{p} holds no documents (empty or blank): point to the corpus file")
     return budget(docs, max_tokens, tokenizer)
 
 

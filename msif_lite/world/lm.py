@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from msif_lite.engine.layers import check_finite_parameters
 from msif_lite.world.generate import Query, World
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -256,6 +257,7 @@ def load_checkpoint(
         )
     cls = GPTNeoXForCausalLM if config.model_type == "gpt_neox" else BloomForCausalLM
     model = cls.from_pretrained(str(d), dtype=torch.float32)
+    check_finite_parameters(model, str(d))
     if expect_preset is not None:
         p = MODEL_PRESETS[expect_preset] if isinstance(expect_preset, str) else expect_preset
         want = config_hash(

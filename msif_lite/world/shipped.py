@@ -64,9 +64,11 @@ def load_shipped(
     for d, what in ((wdir, "world"), (cdir / "pretrained", "pre-trained checkpoint"),
                     (cdir / "finetuned", "fine-tuned checkpoint")):  # fmt: skip
         if not d.is_dir():
+            have = sorted(x.name for x in (data_dir() / "checkpoints").glob("*") if x.is_dir())
             raise FileNotFoundError(
-                f"no {what} at {d}. Pass the right directory (--world / --checkpoints), or "
-                f"build one with `python -m msif_lite.world.training --preset {preset} --out DIR`."
+                f"no {what} at {d}. Shipped presets: {', '.join(have) or 'none'}. Pass one of "
+                "them, the right directories (--world / --checkpoints), or build one with "
+                f"`msif-lite world --preset {preset} --out DIR`."
             )
     world = load_world(wdir)
     tok = load_tokenizer(wdir / "tokenizer", expect_world=world)
