@@ -26,7 +26,8 @@ from msif_lite.engine.distributed import (  # noqa: E402
     pairwise_scores_distributed,
     rank_and_world,
 )
-from msif_lite.engine.factors import FactorConfig, fit_ekfac  # noqa: E402
+from msif_lite.engine.factors import FactorConfig  # noqa: E402
+from msif_lite.engine.fit import fit_ekfac  # noqa: E402
 from msif_lite.engine.ihvp import EKFACIHVP  # noqa: E402
 from msif_lite.engine.layers import find_modules  # noqa: E402
 from msif_lite.engine.tasks import LanguageModelingTask, make_token_batch  # noqa: E402

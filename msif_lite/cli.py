@@ -84,7 +84,12 @@ def _trace(a: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    a = _parser().parse_args(argv)
+    parser = _parser()
+    a, extra = parser.parse_known_args(argv)
+    if extra and a.command not in ("bench", "world"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        a.args = extra + list(a.args)  # `world --preset X`: options before any positional
     try:
         if a.command == "trace":
             return _trace(a)

@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
 from msif_lite.config import describe_run, device, pick  # noqa: E402
-from msif_lite.engine.factors import FactorConfig, FitTimings, fit_ekfac  # noqa: E402
+from msif_lite.engine.factors import FactorConfig, FitTimings  # noqa: E402
+from msif_lite.engine.fit import fit_ekfac  # noqa: E402
 from msif_lite.engine.ihvp import EKFACIHVP  # noqa: E402
 from msif_lite.engine.layers import find_modules  # noqa: E402
 from msif_lite.engine.scores import pairwise_scores  # noqa: E402

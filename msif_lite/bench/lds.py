@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
-from msif_lite.attribution.methods import METHODS
+from msif_lite.attribution.methods import METHODS, Stage
 from msif_lite.bench.common import markdown_table, write_results
 from msif_lite.config import fast_mode
 from msif_lite.eval.metrics import lds, rank_candidates, reciprocal_rank, sem, spearman
@@ -112,6 +112,34 @@ def tracing_mrr(scores: torch.Tensor, world, doc_ids: Sequence[str]) -> float:
     rr = [reciprocal_rank(rank_candidates(scores[i].numpy(), list(doc_ids), rng),
                           set(q.source_doc_ids)) for i, q in enumerate(world.queries)]
     return float(np.mean(rr))
+
+
+def diagnostics(gt: GroundTruth, world, att: Attributor, scores: dict[str, torch.Tensor]) -> dict:
+    """Why a method may miss: the LDS of the true-source indicator (score 1 for each
+    document stating the fact), m by how many of a fact's sources a subset keeps (the
+    nonlinearity no additive score captures), gradient norms of true sources vs the others
+    at θ_pt, and how many true sources each method puts in a question's top-k."""
+    col = {d: i for i, d in enumerate(gt.doc_ids)}
+    src = [[col[d] for d in q.source_doc_ids] for q in world.queries]
+    oracle = torch.zeros(len(src), len(col), dtype=torch.float64)
+    for i, cols in enumerate(src):
+        oracle[i, cols] = 1.0
+    per_q = lds(oracle, gt.masks, gt.m)
+    kept = torch.stack([gt.masks[:, c].sum(1) for c in src], 1)  # (M, Q)
+    norms = att.candidate_norms(att.doc_ids, Stage.PRETRAINED)
+    is_src = torch.zeros(len(col), dtype=torch.bool)
+    is_src[[c for cols in src for c in cols]] = True
+    k = world.config.docs_per_fact
+    hits = {n: float(np.mean([len(set(s[i].argsort(descending=True)[:k].tolist()) & set(c)) / k
+                              for i, c in enumerate(src)])) for n, s in scores.items()}
+    return {
+        "true_source_indicator_lds": {"mean": float(per_q.mean()), "sem": sem(per_q.tolist())},
+        "m_by_sources_kept": {str(j): float(gt.m[kept == j].mean())
+                              for j in range(int(kept.max()) + 1) if (kept == j).any()},
+        "grad_norm_true_sources_median": float(norms[is_src].median()),
+        "grad_norm_other_docs_median": float(norms[~is_src].median()),
+        "true_sources_in_top_k": hits,
+    }  # fmt: skip
 
 
 def removal_targets(world, n: int) -> list[int]:
@@ -201,7 +229,9 @@ def run(cfg: LDSBenchConfig, cache: Path, gt_path: Path | None = None) -> dict:
     removal = run_removals(shipped, cfg.retrain, sets, targets,
                            cache / f"removal-{cfg.retrain.pipeline}.jsonl")  # fmt: skip
     ceiling = noise_ceiling(gt)
+    diag = diagnostics(gt, world, att, scores)
     return {"worlds": {world.preset: {
+        "diagnostics": diag,
         "methods": methods, "noise_ceiling": {"mean": ceiling[0], "sem": ceiling[1]},
         "n_subsets": int(gt.masks.shape[0]), "n_noise": int(gt.m_noise.shape[0]),
         "n_queries": len(world.queries), "n_documents": len(world.documents),
@@ -248,8 +278,23 @@ def markdown(payload: dict) -> str:
             f"'(none)' is a retrain without removal under another data-order seed.\n\n",
             markdown_table(rows, ["method", "LDS", "MRR (states the fact)", "Δm targets",
                                   "Δm others"]),  # fmt: skip
+            _diagnostics_md(w["diagnostics"], w["settings"]["k"]),
         ]
     return "".join(out)
+
+
+def _diagnostics_md(d: dict, k: int) -> str:
+    ts = d["true_source_indicator_lds"]
+    m = ", ".join(f"{j}: {v:.2f}" for j, v in d["m_by_sources_kept"].items())
+    hits = ", ".join(f"{n} {v:.2f}" for n, v in sorted(d["true_sources_in_top_k"].items(),
+                                                        key=lambda kv: -kv[1]))  # fmt: skip
+    return (f"\n### Diagnostics\n\n- LDS of the true-source indicator (score 1 for each "
+            f"document that states the fact, 0 otherwise): {ts['mean']:.3f} ± {ts['sem']:.3f}.\n"
+            f"- Mean m (nats) after retraining, by how many of the fact's sources the subset "
+            f"keeps: {m}.\n- Median gradient norm ‖∇ℓ(z, θ_pt)‖: true sources "
+            f"{d['grad_norm_true_sources_median']:.3g}, other documents "
+            f"{d['grad_norm_other_docs_median']:.3g}.\n- Fraction of each question's top-{k} "
+            f"that are its true sources: {hits}.\n")
 
 
 def plot(payload: dict, path: Path) -> None:
