@@ -209,6 +209,12 @@ for n in ranked_methods:
     kind = "gradient" if isinstance(METHODS[n], GradientMethod) else "text/random"
     print(f"{n:<24s}{lm_lds[n].mean():>9.3f} ± {sem(lm_lds[n].tolist()):.3f}   {kind}")
 print(f"{'(noise ceiling)':<24s}{ceiling:>9.3f} ± {ceiling_sem:.3f}")
+# a reference, not a method: score 1 for each document that states the fact, 0 otherwise
+oracle = torch.zeros(len(world.queries), N_LM, dtype=torch.float64)
+for i, q in enumerate(world.queries):
+    oracle[i, [col[d] for d in q.source_doc_ids]] = 1.0
+oracle_lds = lds(oracle, gt.masks, gt.m)
+print(f"{'(true-source indicator)':<24s}{oracle_lds.mean():>9.3f} ± {sem(oracle_lds.tolist()):.3f}")
 
 fig, ax = plt.subplots(figsize=(7, 5))
 ax.barh(ranked_methods[::-1], [float(lm_lds[n].mean()) for n in ranked_methods[::-1]],
@@ -234,8 +240,13 @@ for n in ranked_methods:
           f"{r.get('dm_others_mean', float('nan')):>11.2f}")
 for n in ("true_sources", "none"):
     print(f"{'(' + n + ')':<24s}{'':>14s}{'':>14s}{removal[n]['dm_targets_mean']:>12.2f}{removal[n]['dm_others_mean']:>11.2f}")
-cmp("notebook LDS vs results/lds.json (multi_stage)", float(lm_lds["multi_stage"].mean()),
-    bench["methods"]["multi_stage"]["lds_mean"], atol=1e-6)
+bench_row = cmp("notebook LDS vs results/lds.json (multi_stage)", float(lm_lds["multi_stage"].mean()),
+                bench["methods"]["multi_stage"]["lds_mean"], atol=1e-6)
+diag = bench["diagnostics"]
+print(f"median ‖∇ℓ(z, θ_pt)‖: true sources {diag['grad_norm_true_sources_median']:.1f}, "
+      f"other documents {diag['grad_norm_other_docs_median']:.1f}")
+print("fraction of each question's top-3 that are its true sources:",
+      ", ".join(f"{n} {v:.2f}" for n, v in sorted(diag["true_sources_in_top_k"].items(), key=lambda kv: -kv[1])))
 
 fig, ax = plt.subplots(figsize=(6.5, 4.5))
 for n in ranked_methods:
