@@ -29,6 +29,7 @@ from msif_lite.engine.ihvp import Damping, InverseHVP
 from msif_lite.engine.layers import Grads
 from msif_lite.engine.multistage import MultiStageIHVP
 from msif_lite.engine.scores import precondition
+from msif_lite.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from msif_lite.attribution.attributor import Attributor, QuestionLike
@@ -219,22 +220,17 @@ class RandomMethod(Method):
 
 
 # ---------------------------------------------------------------------------- the registry
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("method", "method= (or --method)")
 
 
 def register(method: Method) -> Method:
     """Add a method (its name must be new); returns it."""
-    if method.name in METHODS:
-        raise ValueError(f"a method named {method.name!r} is already registered")
-    METHODS[method.name] = method
-    return method
+    return METHODS.register(method)
 
 
 def get_method(name: str) -> Method:
     """The registered method called `name`; a clear error lists the others."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; use one of {list(METHODS)}")
-    return METHODS[name]
+    return METHODS.lookup(name)
 
 
 def gradient_methods() -> list[str]:

@@ -25,6 +25,7 @@ from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_ekfac
 from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping, IdentityIHVP, InverseHVP
 from msif_lite.engine.layers import Grads, TrackedModule
 from msif_lite.engine.tasks import Task
+from msif_lite.registry import Registry
 
 
 class CurvatureKind(str, Enum):
@@ -75,15 +76,12 @@ def _identity_inverse(factors, damping: Damping) -> InverseHVP:
     return ScaledIdentityIHVP(damping.absolute)
 
 
-CURVATURES: dict[str, Curvature] = {}
+CURVATURES: Registry[Curvature] = Registry("curvature", "AttributionConfig.curvature")
 
 
 def register(curvature: Curvature) -> Curvature:
     """Add a curvature approximation to the registry (its name must be new)."""
-    if curvature.name in CURVATURES:
-        raise ValueError(f"a curvature named {curvature.name!r} is already registered")
-    CURVATURES[curvature.name] = curvature
-    return curvature
+    return CURVATURES.register(curvature)
 
 
 register(Curvature("ekfac", "EK-FAC: Kronecker eigenbasis, eigenvalues refitted (Λ)",
@@ -95,7 +93,4 @@ register(Curvature("identity", "no curvature: (λI)⁻¹ (the gradient dot produ
 
 def curvature(name: str | CurvatureKind) -> Curvature:
     """The registered curvature called `name`; a clear error lists the others."""
-    key = name.value if isinstance(name, CurvatureKind) else name
-    if key not in CURVATURES:
-        raise ValueError(f"unknown curvature {key!r}: set curvature= to one of {list(CURVATURES)}")
-    return CURVATURES[key]
+    return CURVATURES.lookup(name.value if isinstance(name, CurvatureKind) else name)
