@@ -159,3 +159,31 @@ def test_tokenizer_loads_with_autotokenizer_and_detects_other_corpus(tmp_path):
     other = make_world("ci-fast", 1)
     with pytest.raises(ValueError, match="train_tokenizer"):
         load_tokenizer(tmp_path / "tok", expect_world=other)
+
+
+def test_the_hard_world_has_indirect_sources_distractors_and_filler():
+    """lds-hard (docs/design.md §A world where the cause is not lexically visible)."""
+    from msif_lite.world.generate import make_world, states_fact
+
+    w = make_world("lds-hard", 0)
+    docs = {d.doc_id: d for d in w.documents}
+    names = {e.entity_id: e.name for e in w.entities}
+    kinds = {k: sum(d.kind == k for d in w.documents) for k in ("bio", "link", "distractor")}
+    assert kinds == {"bio": 156, "link": 52, "distractor": 104}
+    n_alias = 0
+    for f in w.facts:
+        name, srcs = names[f.entity_id], [docs[d] for d in f.source_doc_ids]
+        assert len(srcs) == 3
+        direct = [d for d in srcs if states_fact(d.text, name, f.relation, f.value)]
+        alias = [d for d in srcs if name not in d.text]
+        assert len(direct) == 2 and len(alias) == 1, (f, [d.text for d in srcs])
+        n_alias += 1
+    assert n_alias == len(w.facts)
+    for d in w.documents:
+        if d.kind == "distractor":  # the name and a true answer, but no fact stated
+            e = next(e for e in w.entities if e.name in d.text)
+            mine = [f for f in w.facts if f.entity_id == e.entity_id]
+            assert any(f.value in d.text for f in mine)
+            assert not any(states_fact(d.text, e.name, f.relation, f.value) for f in mine)
+        if d.kind in ("bio", "link", "distractor"):
+            assert len(d.text.split()) >= 20  # filler makes realistic lengths

@@ -28,7 +28,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -298,28 +298,38 @@ def _diagnostics_md(d: dict, k: int) -> str:
 
 
 def plot(payload: dict, path: Path) -> None:
-    """LDS per method with the noise ceiling, and Δm of leave-top-k-out."""
+    """Per world: LDS per method with the noise ceiling, and Δm of leave-top-k-out."""
     from matplotlib.figure import Figure
 
-    w = next(iter(payload["worlds"].values()))
-    names = sorted(w["methods"], key=lambda m: w["methods"][m]["lds_mean"])
-    fig = Figure(figsize=(11, 4.2))
-    a, b = fig.subplots(1, 2)
-    a.barh(names, [w["methods"][m]["lds_mean"] for m in names],
-           xerr=[w["methods"][m]["lds_sem"] for m in names], color="tab:blue")  # fmt: skip
-    a.axvline(w["noise_ceiling"]["mean"], ls="--", c="gray", label="noise ceiling")
-    a.axvline(0, c="black", lw=0.8)
-    a.set(xlabel="LDS (Spearman, mean ± sem over questions)", title="Predicting retraining")
-    a.legend(loc="lower right")
-    rm = w["top_k_removal"]
-    rn = sorted(rm, key=lambda m: rm[m]["dm_targets_mean"])
-    b.barh(rn, [rm[m]["dm_targets_mean"] for m in rn], color="tab:red", label="targets")
-    b.barh(rn, [rm[m]["dm_others_mean"] for m in rn], color="tab:gray", alpha=0.7,
-           label="other questions")  # fmt: skip
-    b.set(xlabel="rise of −log p(answer), nats", title="Remove each method's top-k, retrain")
-    b.legend(loc="lower right")
+    worlds = payload["worlds"]
+    fig = Figure(figsize=(11, 4.2 * len(worlds)))
+    axes = fig.subplots(len(worlds), 2, squeeze=False)
+    for (a, b), (wname, w) in zip(axes, worlds.items()):
+        names = sorted(w["methods"], key=lambda m: w["methods"][m]["lds_mean"])
+        a.barh(names, [w["methods"][m]["lds_mean"] for m in names],
+               xerr=[w["methods"][m]["lds_sem"] for m in names], color="tab:blue")
+        a.axvline(w["noise_ceiling"]["mean"], ls="--", c="gray", label="noise ceiling")
+        a.axvline(0, c="black", lw=0.8)
+        a.set(xlabel="LDS (Spearman, mean ± sem over questions)",
+              title=f"world {wname}: predicting retraining")
+        a.legend(loc="lower right")
+        rm = w["top_k_removal"]
+        rn = sorted(rm, key=lambda m: rm[m]["dm_targets_mean"])
+        b.barh(rn, [rm[m]["dm_targets_mean"] for m in rn], color="tab:red", label="targets")
+        b.barh(rn, [rm[m]["dm_others_mean"] for m in rn], color="tab:gray", alpha=0.7,
+               label="other questions")  # fmt: skip
+        b.set(xlabel="rise of −log p(answer), nats",
+              title=f"world {wname}: remove each method's top-k, retrain")
+        b.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def merged(out_dir: Path, payload: dict) -> dict:
+    """`payload`'s worlds added to those already in out_dir/lds.json (one entry per world)."""
+    old = out_dir / "lds.json"
+    worlds = json.loads(old.read_text()).get("worlds", {}) if old.exists() else {}
+    return {**payload, "worlds": {**worlds, **payload["worlds"]}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -328,15 +338,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=".cache/lds", help="partial retrains, factors")
     ap.add_argument("--ground-truth", help="ground-truth file (default data/lds/<preset>.json)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--pipeline", default=None,
+                    help="world/pipeline preset: lds (default) or lds-hard; results of each "
+                         "world are kept side by side in lds.json")  # fmt: skip
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = FAST if fast_mode() else LDSBenchConfig()
+    if a.pipeline:
+        cfg = replace(cfg, retrain=replace(cfg.retrain, pipeline=a.pipeline))
     gt_path = Path(a.ground_truth) if a.ground_truth else None
     if fast_mode() and gt_path is None:
         gt_path = Path(a.cache_dir) / "ground-truth-fast.json"
     payload = run(cfg, Path(a.cache_dir), gt_path)
     args = sys.argv[1:] if argv is None else list(argv)
-    payload["command"] = " ".join(["msif-lite bench lds", *args])
+    for w in payload["worlds"].values():
+        w["settings"]["command"] = " ".join(["msif-lite bench lds", *args])
+    payload = merged(Path(a.out), payload)
     path = write_results("lds", payload, markdown(payload), a.out)
     plot(payload, path.with_suffix(".png"))
     print(markdown(payload))

@@ -375,7 +375,8 @@ class LissaIHVP(_FlatIHVP):
                 top = self.scale * (1 + ratio)
                 raise FloatingPointError(
                     f"LiSSA diverged at step {j}: scale={self.scale:g} is below "
-                    f"λ_max(G+λI)/2 (λ_max ≈ {top:.3g}). Raise `scale` to at least {top:.3g}."
+                    f"λ_max(G+λI)/2 ≈ {top / 2:.3g} (λ_max(G+λI) ≈ {top:.3g}). Raise `scale` "
+                    f"above {top / 2:.3g}; scale = λ_max ≈ {top:.3g} (or more) is safe."
                 )
             prev = d
         self.increments = prev / cur.norm(dim=1).clamp_min(1e-300) if prev is not None else None

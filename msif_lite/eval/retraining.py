@@ -137,12 +137,14 @@ def fingerprint(world: World, tokenizer, cfg: RetrainConfig) -> dict:
 
 def run_subsets(
     world: World, tokenizer, cfg: RetrainConfig, partial: str | Path,
-    device: torch.device | None = None, progress: bool = True,
+    device: torch.device | None = None, progress: bool = True, shard: tuple[int, int] = (0, 1),
 ) -> list[dict]:
     """Retrain every subset (data_seed) and the first n_noise again (noise_seed).
 
     Each finished retrain appends one JSON line {"subset", "seed", "m", "correct", "s"} to
     `partial`; lines already there (same fingerprint) are kept, so a rerun resumes.
+    `shard=(i, n)`: run only every n-th missing job starting at i (n processes can share one
+    partial file; each appends whole lines) and return what is done so far.
     """
     from tqdm.auto import tqdm
 
@@ -163,9 +165,8 @@ def run_subsets(
     masks = subset_masks(len(world.documents), cfg.n_subsets, cfg.fraction, cfg.subset_seed)
     jobs = [(j, cfg.data_seed) for j in range(cfg.n_subsets)]
     jobs += [(j, cfg.noise_seed) for j in range(cfg.n_noise)]
-    for j, seed in tqdm(jobs, desc="retrain", disable=not progress):
-        if (j, seed) in done:
-            continue
+    todo = [job for job in jobs if job not in done][shard[0]::shard[1]]
+    for j, seed in tqdm(todo, desc="retrain", disable=not progress):
         t0 = time.perf_counter()
         model = retrain(world, tokenizer, masks[j].tolist(), cfg, seed, device)
         row = {"subset": j, "seed": seed, **outcome(model, tokenizer, world.queries),
@@ -173,7 +174,7 @@ def run_subsets(
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         done[(j, seed)] = row
-    return [done[k] for k in jobs]
+    return [done[k] for k in jobs if k in done]
 
 
 @dataclass

@@ -15,85 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from msif_lite.engine.prompts import as_prompt
+from msif_lite.world import templates as T
+from msif_lite.world.templates import CODAS, ONSETS, RELATIONS, VALUE_BLURBS, VOWELS
 
 SCHEMA_VERSION = 1
 
-CITIES = [
-    "Lumora", "Vethis", "Quarnel", "Ostrava Minor", "Pellucid Bay", "Zandor", "Mirethol",
-    "Kestrune", "Ulvaro", "Thrennic", "Saldimere", "Orvask", "Yllendra", "Brakkon", "Feyhollow",
-    "Gorrimund", "Istrelle", "Narvosk", "Peltharn", "Rovendale", "Suvrenne", "Tolvanis",
-    "Wexmoor", "Ardunel",
-]  # fmt: skip
-OCCUPATIONS = [
-    "glassblower", "cartographer", "beekeeper", "violin maker", "lighthouse keeper", "tailor",
-    "botanist", "clockmaker", "ferry pilot", "potter", "stonemason", "bookbinder", "herbalist",
-    "locksmith", "weaver", "brewer", "surveyor", "perfumer", "saddler", "candlemaker",
-]  # fmt: skip
-COMPANIES = [
-    "Vantrex Works", "Quillon Foods", "Marrowgate Shipping", "Helvane Textiles", "Orbisk Mining",
-    "Tessaly Glass", "Pendrake Mills", "Corvalis Printing", "Ambrel Timber", "Nyxford Optics",
-    "Zelloway Salt", "Brimhaven Tools", "Dovecrest Paper", "Ilthorn Dyes", "Kavanor Ropes",
-    "Luskwell Ceramics", "Morrow and Vey", "Ostwind Bells", "Quenby Looms", "Rathmere Clocks",
-]  # fmt: skip
-COLOURS = [
-    "crimson", "teal", "amber", "violet", "ochre", "indigo", "scarlet", "olive", "magenta",
-    "turquoise", "maroon", "lavender",
-]  # fmt: skip
-
-# relation -> (value set, paraphrase templates for documents, question template)
-RELATIONS: dict[str, tuple[list[str], list[str], str]] = {
-    "birth_city": (
-        CITIES,
-        [
-            "{name} was born in {v}.",
-            "The birthplace of {name} is {v}.",
-            "{name} came into the world in the city of {v}.",
-            "{name} is a native of {v}.",
-            "{name} grew up in {v}, the city of their birth.",
-        ],
-        "Where was {name} born?",
-    ),
-    "occupation": (
-        OCCUPATIONS,
-        [
-            "{name} works as {a} {v}.",
-            "By trade, {name} is {a} {v}.",
-            "{name} earns a living as {a} {v}.",
-            "The profession of {name} is {v}.",
-            "{name} has spent many years as {a} {v}.",
-        ],
-        "What is the occupation of {name}?",
-    ),
-    "employer": (
-        COMPANIES,
-        [
-            "{name} is employed by {v}.",
-            "{name} works for {v}.",
-            "The employer of {name} is {v}.",
-            "{name} draws a salary from {v}.",
-            "{name} holds a job at {v}.",
-        ],
-        "Which company employs {name}?",
-    ),
-    "colour": (
-        COLOURS,
-        [
-            "The favourite colour of {name} is {v}.",
-            "{name} likes the colour {v} best.",
-            "Of all colours, {name} loves {v} the most.",
-            "{name} prefers {v} to every other colour.",
-            "Ask {name} about colours and the answer is always {v}.",
-        ],
-        "What is the favourite colour of {name}?",
-    ),
-}
-VALUE_BLURBS = {
-    "birth_city": "{v} is a city with {n} bridges and an old market square.",
-    "employer": "{v} is a company founded {n} years ago.",
-}
-ONSETS = ["z", "v", "k", "qu", "th", "br", "dr", "gr", "x", "y", "m", "n", "l", "r", "s", "t"]
-VOWELS = ["a", "e", "i", "o", "u", "y", "ae", "io"]
-CODAS = ["", "n", "r", "l", "x", "th", "sk", "v", "nd"]
+LATER_FIELDS = {"filler_sentences": 0, "alias_sources": 0, "distractors_per_fact": 0}
 
 
 @dataclass(frozen=True)
@@ -118,6 +45,14 @@ class WorldConfig:
         default=True, metadata={"help": "add docs about cities/companies (shared-answer noise)"}
     )
     vocab_size: int = field(default=2048, metadata={"help": "byte-level BPE vocabulary size"})
+    filler_sentences: int = field(
+        default=0, metadata={"help": "filler sentences per document (realistic length)"})
+    alias_sources: int = field(
+        default=0, metadata={"help": "of each fact's sources, how many state it about the "
+                                     "person's alias (tied to the name by link documents)"})
+    distractors_per_fact: int = field(
+        default=0, metadata={"help": "documents with the name and the true answer that do "
+                                     "not state the fact (co-occurrence distractors)"})
 
     def __post_init__(self) -> None:
         n_templates = min(len(t) for _, t, _ in RELATIONS.values())
@@ -133,12 +68,26 @@ class WorldConfig:
             raise ValueError("set WorldConfig.pretrain_qa_fraction in [0, 1]")
         if not 300 <= self.vocab_size <= 32000:
             raise ValueError("set WorldConfig.vocab_size in [300, 32000]")
+        if not 0 <= self.alias_sources < self.docs_per_fact:
+            raise ValueError("set WorldConfig.alias_sources in [0, docs_per_fact): at least one "
+                             "source must name the person")
+        if self.filler_sentences < 0 or self.distractors_per_fact < 0:
+            raise ValueError("set WorldConfig.filler_sentences and distractors_per_fact >= 0")
+
+    @property
+    def realistic(self) -> bool:
+        return bool(self.filler_sentences or self.alias_sources or self.distractors_per_fact)
 
 
 WORLD_PRESETS: dict[str, WorldConfig] = {
     "ci-fast": WorldConfig(n_entities=24, docs_per_fact=3, vocab_size=1024),
     "default": WorldConfig(),
     "lds": WorldConfig(n_entities=26, docs_per_fact=3, vocab_size=1024),  # 200 docs, 52 queries
+    # the second counterfactual world (notebook 10, docs/design.md §A world where the cause is
+    # not lexically visible): longer documents, one source per fact about an alias, and
+    # co-occurrence distractors
+    "lds-hard": WorldConfig(n_entities=26, docs_per_fact=3, vocab_size=1536, filler_sentences=3,
+                            alias_sources=1, distractors_per_fact=1),
     "large": WorldConfig(n_entities=2000, docs_per_fact=4, vocab_size=4096),
 }
 
@@ -164,7 +113,8 @@ class Document:
     doc_id: str
     text: str
     fact_ids: tuple[str, ...]
-    kind: str  # "bio" (encyclopedia), "qa" (mixed-in QA), "blurb" (about a value)
+    kind: str  # "bio" (states facts), "qa" (mixed-in QA), "blurb" (about a value), "link"
+    # (name ↔ alias), "distractor" (name and answer, not stating the fact)
 
 
 @dataclass(frozen=True)
@@ -256,7 +206,8 @@ class World:
             "schema_version": SCHEMA_VERSION,
             "preset": self.preset,
             "seed": self.seed,
-            "config": asdict(self.config),
+            "config": {k: v for k, v in asdict(self.config).items()  # later fields only when set,
+                       if k not in LATER_FIELDS or v != LATER_FIELDS[k]},  # so old manifests hold
             "content_hash": self.content_hash,
             "counts": {k.removesuffix(".jsonl"): v.count(b"\n") for k, v in self._files().items()},
             "chance_accuracy": round(self.chance_accuracy(), 6),
@@ -279,7 +230,45 @@ def _article(v: str) -> str:
 
 
 def _render(template: str, name: str, value: str) -> str:
-    return template.format(name=name, v=value, a=_article(value))
+    text = template.format(name=name, v=value, a=_article(value))
+    return text[0].upper() + text[1:]  # an alias ("the keeper of …") may open the sentence
+
+
+def _aliases(rng: random.Random, entities: list[Entity]) -> dict[str, str]:
+    """A unique descriptive alias per person ("the keeper of the silver compass")."""
+    out: dict[str, str] = {}
+    while len(out) < len(entities):
+        a = (f"the {rng.choice(T.ALIAS_ROLES)} of the {rng.choice(T.ALIAS_ADJECTIVES)} "
+             f"{rng.choice(T.ALIAS_OBJECTS)}")  # fmt: skip
+        if a not in out.values():
+            out[entities[len(out)].entity_id] = a
+    return out
+
+
+def _with_filler(rng: random.Random, text: str, name: str | None, cfg: WorldConfig) -> str:
+    """`text` with cfg.filler_sentences filler sentences around it; with name=None only
+    fillers that do not mention the person (an alias source stays free of the name)."""
+    pool = [f for f in T.FILLER if name is not None or "{name}" not in f]
+    fill = [f.format(name=name) for f in rng.sample(pool, cfg.filler_sentences)]
+    k = rng.randint(0, len(fill))
+    return " ".join(fill[:k] + [text] + fill[k:])
+
+
+def _links_and_distractors(rng: random.Random, entities, raw_facts, aliases: dict[str, str],
+                           cfg: WorldConfig) -> list[tuple[str, tuple[str, ...], str]]:
+    """Link documents (name ↔ alias, two per person) and co-occurrence distractors (name and
+    true answer, not stating the fact), each padded with filler."""
+    out = []
+    for e in entities:
+        if e.entity_id in aliases:
+            for link in rng.sample(T.ALIAS_LINKS, 2):
+                a = aliases[e.entity_id]
+                text = link.format(name=e.name, alias=a, Alias=a[0].upper() + a[1:])
+                out.append((_with_filler(rng, text, e.name, cfg), (), "link"))
+    for _, e, rel, v in raw_facts:
+        for t in rng.sample(T.DISTRACTORS[rel], cfg.distractors_per_fact):
+            out.append((_with_filler(rng, _render(t, e.name, v), e.name, cfg), (), "distractor"))
+    return out
 
 
 def question(relation: str, name: str) -> str:
@@ -320,8 +309,12 @@ def make_world(preset_or_config: str | WorldConfig = "default", seed: int = 0) -
         for i, e in enumerate(entities)
         for j, rel in enumerate(RELATIONS)
     ]
+    # The realistic world's extras draw from their own stream: the other worlds are unchanged.
+    rng2 = random.Random(f"msif-world-{seed}-realistic")
+    aliases = _aliases(rng2, entities) if cfg.alias_sources else {}
     # Biographies: round r states every fact of an entity once, grouped facts_per_doc at a time.
     drafts: list[tuple[str, tuple[str, ...], str]] = []  # (text, fact ids, kind)
+    drafts += _links_and_distractors(rng2, entities, raw_facts, aliases, cfg)
     for i, e in enumerate(entities):
         mine = raw_facts[4 * i : 4 * i + 4]
         tmpl_order = {
@@ -329,12 +322,15 @@ def make_world(preset_or_config: str | WorldConfig = "default", seed: int = 0) -
         }
         for r in range(cfg.docs_per_fact):
             order = rng.sample(mine, len(mine))
+            about = aliases.get(e.entity_id) if r >= cfg.docs_per_fact - cfg.alias_sources else None
             for k in range(0, 4, cfg.facts_per_doc):
                 group = order[k : k + cfg.facts_per_doc]
                 text = " ".join(
-                    _render(RELATIONS[rel][1][tmpl_order[fid][r]], e.name, v)
+                    _render(RELATIONS[rel][1][tmpl_order[fid][r]], about or e.name, v)
                     for fid, _, rel, v in group
                 )
+                if cfg.realistic:
+                    text = _with_filler(rng2, text, None if about else e.name, cfg)
                 drafts.append((text, tuple(sorted(f[0] for f in group)), "bio"))
     qa_pairs = [QAPair(fid, question(rel, e.name), v) for fid, e, rel, v in raw_facts if e.finetune]
     n_mixed = round(cfg.pretrain_qa_fraction * len(qa_pairs))

@@ -213,6 +213,9 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     "lds": PipelinePreset(
         "lds", "ci-fast", TrainConfig(steps=600, lr=2e-3), TrainConfig(steps=100, lr=5e-4)
     ),  # the retraining ground truth of Notebook 10: one re-pre-train + re-fine-tune ≈ 1 min
+    "lds-hard": PipelinePreset(
+        "lds-hard", "ci-fast", TrainConfig(steps=600, lr=2e-3), TrainConfig(steps=100, lr=5e-4)
+    ),  # the second counterfactual world (aliases, distractors, filler), same model/schedule
     "lds-fast": PipelinePreset(
         "lds", "ci-fast", TrainConfig(steps=40, lr=2e-3, warmup=5),
         TrainConfig(steps=8, lr=5e-4, warmup=2),
