@@ -49,3 +49,21 @@ def test_notebook_ends_with_claims(path: Path):
     nb = json.loads(path.read_text())
     code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     assert any("assert" in c for c in code[-3:]), "end with assertions a learner reads as claims"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_solutions_hide_their_source_and_their_outputs(path: Path):
+    nb = json.loads(path.read_text())
+    sols = [c for c in nb["cells"] if c["cell_type"] == "code"
+            and "".join(c["source"]).startswith("# Solution")]  # fmt: skip
+    assert sols, "every notebook has exercises with solutions"
+    for c in sols:
+        j = c.get("metadata", {}).get("jupyter", {})
+        assert j.get("source_hidden") and j.get("outputs_hidden"), "a solution shows itself"
+        assert "solution" in c["metadata"].get("tags", [])
+
+
+def test_library_never_switches_the_matplotlib_backend():
+    lib = Path(__file__).resolve().parents[1] / "msif_lite"
+    offenders = [p.name for p in lib.rglob("*.py") if "matplotlib.use(" in p.read_text()]
+    assert not offenders, f"library code switches the backend (figures vanish): {offenders}"

@@ -47,7 +47,7 @@ from msif_lite.attribution.attributor import AttributionConfig, Attributor
 from msif_lite.attribution.methods import METHODS, GradientMethod
 from msif_lite.eval.convex import fit_convex, trainable_vector
 from msif_lite.engine.tasks import ClassificationTask
-from msif_lite.eval.metrics import lds, rank_candidates, reciprocal_rank, sem, spearman, subset_predictions
+from msif_lite.eval.metrics import lds, mean_reciprocal_rank, sem, spearman, subset_predictions
 from msif_lite.eval.retraining import GroundTruth, RetrainConfig, measure, outcome, retrain, subset_masks
 from msif_lite.world.shipped import data_dir, load_shipped
 
@@ -228,9 +228,8 @@ plt.show()"""),
     MD("""## 5. Two questions, side by side
 
 *States the fact*: the MRR of the true sources when each method ranks the whole corpus. *Causes the answer*: the LDS above, and leave-top-k-out — for one question per person, remove each question's top-3 documents by the method, retrain both stages once, and measure how much −log p(answer) rises on those questions ("targets") and on the others. The removal retrains are part of `msif-lite bench lds`; their numbers are read from `results/lds.json` (rerun one live below)."""),
-    CODE("""rng = np.random.default_rng(0)
-mrr = {n: float(np.mean([reciprocal_rank(rank_candidates(s[i].numpy(), att.doc_ids, rng), set(q.source_doc_ids))
-                         for i, q in enumerate(world.queries)])) for n, s in scores.items()}
+    CODE("""truths = [set(q.source_doc_ids) for q in world.queries]
+mrr = {n: mean_reciprocal_rank(s, att.doc_ids, truths) for n, s in scores.items()}  # ties: seeded random order
 bench = json.loads(Path("../results/lds.json").read_text())["worlds"]["lds"]
 removal = bench["top_k_removal"]
 print(f"{'method':<24s}{'MRR (states)':>14s}{'LDS (causes)':>14s}{'Δm targets':>12s}{'Δm others':>11s}")
@@ -280,7 +279,39 @@ removal_row = cmp("multi-stage top-k removal: Δm on targets, live vs results/ld
                   removal["multi_stage"]["dm_targets_mean"], atol=1e-3)
 print(f"removed {len(removed)} documents; {len(removed & {d for i in targets for d in world.queries[i].source_doc_ids})} "
       f"of them are true sources of the targets")"""),
-    MD("""## 7. What the numbers say
+    MD("""## 7. A world where the cause is not lexically visible
+
+On the `lds` world the documents that state a fact are its only causes *and* contain the question's invented name and the answer verbatim, so text matching is nearly an oracle. The `lds-hard` world was designed (and written down in `docs/design.md` §A world where the cause is not lexically visible) before any method was scored on it, to have what real corpora have: documents of realistic length (three filler sentences each), **indirect sources** (one of each fact's three sources states it about the person's alias, "the keeper of the silver compass", tied to the name only by separate link documents), and **co-occurrence distractors** (the name and the true answer in a sentence that does not state the fact: "X once visited Istrelle on a long journey."). Same model, schedule and α; 356 documents, 52 questions. Its retraining ground truth was made the same way (`msif-lite bench lds --pipeline lds-hard`)."""),
+    CODE("""hard = load_shipped("lds-hard")
+hard_gt = GroundTruth.load(data_dir() / "lds" / "lds-hard.json", hard.world, hard.tokenizer)
+hard_acc = np.mean(outcome(hard.finetuned, hard.tokenizer, hard.world.queries)["correct"])
+kinds = {k: sum(d.kind == k for d in hard.world.documents) for k in ("bio", "link", "distractor", "blurb")}
+print(f"{len(hard.world.documents)} documents {kinds}; accuracy of the fine-tuned model {hard_acc:.3f}; "
+      f"{hard_gt.masks.shape[0]} subsets, {hard_gt.m_noise.shape[0]} re-seeded")
+q0 = hard.world.queries[0]
+for d in q0.source_doc_ids:
+    print("  source:", next(x.text for x in hard.world.documents if x.doc_id == d))
+
+hard_att = Attributor(hard.pretrained, hard.finetuned, hard.tokenizer,
+                      [(d.doc_id, d.text) for d in hard.world.documents],
+                      [(p.prompt, p.answer) for p in hard.world.finetune_qa],
+                      AttributionConfig(cache_dir=".cache/nb10", progress=False), alpha=hard.alpha)
+hard_scores = {name: hard_att.scores(name, hard.world.queries, hard_att.doc_ids) for name in METHODS}
+hard_lds = {name: lds(s, hard_gt.masks, hard_gt.m) for name, s in hard_scores.items()}
+hard_truths = [set(q.source_doc_ids) for q in hard.world.queries]
+hard_mrr = {n: mean_reciprocal_rank(s, hard_att.doc_ids, hard_truths) for n, s in hard_scores.items()}
+Kh = hard_gt.m_noise.shape[0]
+hard_ceiling_q = torch.tensor([spearman(hard_gt.m_noise[:, q], hard_gt.m[:Kh, q]) for q in range(hard_gt.m.shape[1])])
+hard_removal = json.loads(Path("../results/lds.json").read_text())["worlds"]["lds-hard"]["top_k_removal"]
+print(f"\n{'method':<24s}{'LDS lds':>10s}{'LDS hard':>16s}{'MRR hard':>10s}{'Δm targets hard':>17s}")
+for n in sorted(hard_lds, key=lambda n: -float(hard_lds[n].mean())):
+    r = hard_removal.get(n, {})
+    print(f"{n:<24s}{lm_lds[n].mean():>10.3f}{hard_lds[n].mean():>9.3f} ± {sem(hard_lds[n].tolist()):.3f}"
+          f"{hard_mrr[n]:>10.3f}{r.get('dm_targets_mean', float('nan')):>17.2f}")
+print(f"{'(noise ceiling)':<24s}{ceiling:>10.3f}{hard_ceiling_q.mean():>9.3f} ± {sem(hard_ceiling_q.tolist()):.3f}")
+for n in ("true_sources", "none"):
+    print(f"{'(' + n + ')':<24s}{'':>35s}{hard_removal[n]['dm_targets_mean']:>17.2f}")"""),
+    MD("""## 8. What the numbers say
 
 SUMMARY_PLACEHOLDER
 

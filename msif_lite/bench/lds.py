@@ -38,7 +38,7 @@ from msif_lite.attribution.attributor import AttributionConfig, Attributor
 from msif_lite.attribution.methods import METHODS, Stage
 from msif_lite.bench.common import markdown_table, write_results
 from msif_lite.config import fast_mode
-from msif_lite.eval.metrics import lds, rank_candidates, reciprocal_rank, sem, spearman
+from msif_lite.eval.metrics import lds, mean_reciprocal_rank, sem, spearman
 from msif_lite.eval.retraining import (
     GroundTruth,
     RetrainConfig,
@@ -104,14 +104,6 @@ def noise_ceiling(gt: GroundTruth) -> tuple[float, float]:
     k = gt.m_noise.shape[0]
     per_q = [spearman(gt.m_noise[:, q], gt.m[:k, q]) for q in range(gt.m.shape[1])]
     return float(np.mean(per_q)), sem(per_q)
-
-
-def tracing_mrr(scores: torch.Tensor, world, doc_ids: Sequence[str]) -> float:
-    """MRR of the true sources when every document is ranked (fact tracing, whole corpus)."""
-    rng = np.random.default_rng(0)
-    rr = [reciprocal_rank(rank_candidates(scores[i].numpy(), list(doc_ids), rng),
-                          set(q.source_doc_ids)) for i, q in enumerate(world.queries)]
-    return float(np.mean(rr))
 
 
 def diagnostics(gt: GroundTruth, world, att: Attributor, scores: dict[str, torch.Tensor]) -> dict:
@@ -217,11 +209,11 @@ def run(cfg: LDSBenchConfig, cache: Path, gt_path: Path | None = None) -> dict:
     t1 = time.perf_counter()
     scores = all_scores(att, world.queries, names)
     score_s = time.perf_counter() - t1
-    methods = {}
+    methods, truths = {}, [set(q.source_doc_ids) for q in world.queries]
     for n in names:
         per_q = lds(scores[n], gt.masks, gt.m)
         methods[n] = {"lds_mean": float(per_q.mean()), "lds_sem": sem(per_q.tolist()),
-                      "mrr_all_docs": tracing_mrr(scores[n], world, att.doc_ids)}  # fmt: skip
+                      "mrr_all_docs": mean_reciprocal_rank(scores[n], att.doc_ids, truths)}
     targets = removal_targets(world, cfg.removal_queries)
     k = world.config.docs_per_fact
     rm_names = list(cfg.removal_methods or names)

@@ -123,3 +123,12 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, measured: torch.Tensor) -> to
             (measured[:, q] == measured[0, q]).all())
         out[q] = 0.0 if flat else spearman(pred[:, q], measured[:, q])
     return out
+
+
+def mean_reciprocal_rank(scores: torch.Tensor, doc_ids: Sequence[str],
+                         truths: Sequence[set[str]], seed: int = 0) -> float:  # fmt: skip
+    """MRR when each query (row of `scores`) ranks every document of `doc_ids`; ties broken
+    by one seeded random order per call (`rank_candidates`)."""
+    rng = np.random.default_rng(seed)
+    return float(np.mean([reciprocal_rank(rank_candidates(row.numpy(), list(doc_ids), rng), t)
+                          for row, t in zip(scores.double(), truths)]))  # fmt: skip
