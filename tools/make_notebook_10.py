@@ -23,7 +23,7 @@ CELLS = [
 **What this notebook teaches.** Notebooks 06–08 judged attribution by *which documents state the fact*. Influence functions answer another question: *if these pre-training documents had not been there, how would the fine-tuned model's answer change?* The honest ground truth for that question is retraining — here, re-pre-training **and** re-fine-tuning. We
 
 1. derive the **datamodel view** (a linear model of the outcome in the subset indicator) and the **linear datamodeling score** (LDS; Park et al. 2023) in plain torch on a tiny two-stage convex problem, where exact multi-stage influence should reach a high LDS — and check it;
-2. load the kit's **shipped retraining ground truth** for its language model (32 half-corpus subsets, each re-pre-trained and re-fine-tuned; 8 of them again with another data-order seed), compute every registered method's LDS beside the **retraining noise ceiling**;
+2. load the kit's **shipped retraining ground truth** for its language model (32 half-corpus subsets, each re-pre-trained and re-fine-tuned; 8 of them again with another data-order seed), compute every registered method's LDS beside the **retraining noise ceiling**, on two worlds: one where the stating documents are lexically obvious and one built so they are not;
 3. put the two questions side by side: fact-tracing MRR (states the fact) against LDS and **leave-top-k-out** (causes the answer);
 4. rerun a few of the shipped retrains live, to show the shipped numbers are reproducible.
 
