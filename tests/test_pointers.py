@@ -84,6 +84,7 @@ def test_design_pointers_resolve_and_no_missing_files():
 
 
 @pytest.mark.parametrize("section,ok", [("4", True), ("Pre-training", True), ("nosuch", False),
-                                        ("5 trains it", False), ("Pre-training derives", True)])
+                                        ("5 trains it", False),
+                                        ("Pre-training on the corpus derives", True)])
 def test_resolver_can_fail(section, ok):
     assert resolves(section, ["4. pre-training on the corpus", "intro"]) is ok
