@@ -1,5 +1,6 @@
 """Retraining ground truth across both stages: re-pre-train on a subset of the corpus,
-re-fine-tune with the same data and α, measure every query (Notebook 10 §The language model's retraining ground truth).
+re-fine-tune with the same data and α, measure every query (Notebook 10 §The language
+model's retraining ground truth).
 
 For subset S_j (a 0/1 mask over the pre-training documents):
 
