@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up (first time) and run the kit's main job
 #   make test   set up (first time) and run the tests, the notebooks (fast mode) and ruff
+#   make student  the notebooks without their solution cells, in student/ (git-ignored)
 # Everything installs into ./.venv from this repo's own files.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.msif-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast lint notebooks
+.PHONY: setup demo test test-fast lint notebooks student
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +33,6 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check msif_lite tests benchmarks tools
+
+student: setup
+	$(BIN)/python tools/make_student.py --out student

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 ABSOLUTE_PATH = re.compile(r"(?<![:/\w<])/(?:[\w.-]+/){2,}[\w.-]+")
 ADDRESS = re.compile(r"0x[0-9a-f]{8,}")
 
@@ -67,3 +69,60 @@ def test_library_never_switches_the_matplotlib_backend():
     lib = Path(__file__).resolve().parents[1] / "msif_lite"
     offenders = [p.name for p in lib.rglob("*.py") if "matplotlib.use(" in p.read_text()]
     assert not offenders, f"library code switches the backend (figures vanish): {offenders}"
+
+
+def _tool(name: str):
+    """Import a script from tools/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _solution_sources(nb: dict) -> list[str]:
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"
+            and "solution" in c.get("metadata", {}).get("tags", [])]  # fmt: skip
+
+
+def test_student_edition_has_no_solution_cells(tmp_path: Path):
+    written = _tool("make_student").write_student(REPO / "notebooks", tmp_path)
+    assert [p.name for p in written] == [p.name for p in NOTEBOOKS]
+    for path in NOTEBOOKS:
+        nb, st = json.loads(path.read_text()), json.loads((tmp_path / path.name).read_text())
+        sols = _solution_sources(nb)
+        assert not _solution_sources(st), f"{path.name}: the student copy keeps a solution cell"
+        st_code = ["".join(c["source"]) for c in st["cells"] if c["cell_type"] == "code"]
+        assert not any(c.lstrip().startswith("# Solution") for c in st_code), path.name
+        rest = json.dumps([c for c in nb["cells"] if "".join(c["source"]) not in sols])
+        copied = json.dumps(st)
+        for c in nb["cells"]:  # neither a solution's source nor its outputs survive anywhere
+            if "".join(c["source"]) in sols:
+                text = "".join(c["source"][1:]) + "".join(text_of(o) for o in c.get("outputs", []))
+                own = [q for q in (json.dumps(ln)[1:-1] for ln in text.splitlines()
+                                   if len(ln.strip()) > 20) if q not in rest]
+                leaked = [q for q in own if q in copied]
+                assert not leaked, f"{path.name}: a solution line survives: {leaked[0]}"
+        assert len(st["cells"]) == len(nb["cells"]), "each solution becomes one empty answer cell"
+        answers = [c for c in st["cells"] if c["cell_type"] == "code" and not c.get("outputs")
+                   and "".join(c["source"]).startswith("# Your answer")]
+        assert len(answers) == len(sols), path.name
+        kept = [c for c in nb["cells"] if "".join(c["source"]) not in sols]
+        assert [c["source"] for c in kept] == [c["source"] for c in st["cells"]
+                                               if c not in answers], "other cells are copied as is"
+
+
+def test_student_copy_runs_in_fast_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("MSIF_FAST", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mod = _tool("make_student")
+    out = tmp_path / "student"
+    mod.write_student(REPO / "notebooks", out)
+    nb = nbformat.read(out / "01_influence_functions.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(out)}}).execute()
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert any("mode=fast" in o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
