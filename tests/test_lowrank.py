@@ -1,4 +1,5 @@
-"""Low-rank query gradients: exact at full rank, the SVD error formula, scores without DW."""
+"""Low-rank query gradients: exact at full rank, the SVD error formula, scores without DW;
+per-layer preconditioning equal to the dense path."""
 
 from __future__ import annotations
 
@@ -8,10 +9,17 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from msif_lite.engine.factors import FactorConfig
 from msif_lite.engine.fit import fit_ekfac
-from msif_lite.engine.ihvp import EKFACIHVP
+from msif_lite.engine.ihvp import EKFACIHVP, Damping
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.lowrank import agreement, pairwise_scores_lowrank, relative_error, truncate
-from msif_lite.engine.scores import pairwise_scores, precondition, query_gradients
+from msif_lite.engine.scores import (
+    layer_inverse,
+    pairwise_scores,
+    precondition,
+    precondition_lowrank,
+    preconditioned_queries,
+    query_gradients,
+)
 from msif_lite.engine.tasks import LanguageModelingTask, TokenBatch
 
 TASK = LanguageModelingTask()
@@ -70,3 +78,52 @@ def test_lowrank_option_of_pairwise_scores_and_agreement(setup):
         truncate(pre, 0)
     with pytest.raises(ValueError, match="by_module"):
         pairwise_scores(model, TASK, qg, batches, ihvp, mods, by_module=True, rank=2)
+
+
+class _Dense:
+    """An inverse the kit cannot split by layer (like engine.exact's references)."""
+
+    name = "dense"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def apply(self, vectors):
+        return self.inner.apply(vectors)
+
+
+@pytest.fixture(scope="module")
+def multi(setup):
+    model, batches, mods, ihvp, _ = setup
+    ft = fit_ekfac(model, TASK, batches[1:], FactorConfig(progress=False), mods)
+    from msif_lite.engine.multistage import MultiStageIHVP
+
+    return MultiStageIHVP(EKFACIHVP(ft, Damping(absolute=0.3)), ihvp, 0.3)
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+@pytest.mark.parametrize("which", ["ekfac", "multi_stage", "not block-diagonal"])
+def test_layerwise_preconditioning_equals_dense(setup, multi, rank, which):
+    """Per-layer preconditioning (and truncation) of the queries gives the dense path's scores
+    (float64: rtol 1e-9, atol 1e-10) through every entry point of pairwise_scores."""
+    model, batches, mods, ekfac, _ = setup
+    ihvp = {"ekfac": ekfac, "multi_stage": multi, "not block-diagonal": _Dense(multi)}[which]
+    assert (layer_inverse(ihvp, mods[0].name) is None) == (which == "not block-diagonal")
+    qg = query_gradients(model, TASK, batches[0], mods)
+    ref = precondition(qg, ihvp, layerwise=False)
+    if rank is None:
+        for got in (precondition(qg, ihvp),
+                    preconditioned_queries(model, TASK, batches[0], mods, ihvp, batch_size=3)):
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-10)
+    else:
+        want = truncate(ref, rank).dense()
+        for low in (precondition_lowrank(qg, ihvp, rank),
+                    preconditioned_queries(model, TASK, batches[0], mods, ihvp, rank=rank)):
+            for k, v in low.dense().items():
+                torch.testing.assert_close(v, want[k], rtol=1e-9, atol=1e-10)
+    kw = dict(progress=False, rank=rank)
+    dense = pairwise_scores(model, TASK, batches[0], batches, ihvp, mods, layerwise=False, **kw)
+    for queries in (batches[0], qg):
+        got = pairwise_scores(model, TASK, queries, batches, ihvp, mods, **kw)
+        torch.testing.assert_close(got, dense, rtol=1e-9, atol=1e-10)

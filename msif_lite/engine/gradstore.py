@@ -5,21 +5,31 @@ and cosine all dot preconditioned queries with the *same* candidate gradients at
 every damping or α in a sweep reuses them, so each document's gradient is computed once
 and stored as an artifact keyed by (model weights, the document's tokens, the tracked
 layers, dtype). A store for other weights or layers never loads it.
+
+Scale (Notebook 09 §Disk): a document's dense gradient has P numbers (BLOOM-560m, MLP layers:
+201M, 0.81 GB in float32), so N documents write N·P·e bytes. Above `disk_budget_bytes` the
+store never writes them: `scores` and `norms` stream (each batch's gradients are computed,
+used and dropped; nothing on disk, recomputed on the next call), and `grads` refuses. A
+`projection` (e.g. `attribution.projected.KroneckerProjection`) stores k_out·k_in numbers per
+layer instead: G̃_l = Π_out DW_l Π_inᵀ = Σ_t (Π_out Ds_t)(Π_in ā_t)ᵀ, computed from the captured
+tokens without forming DW_l, and the queries are projected the same way before the dot.
+Scoring holds at most `chunk_bytes` of stored gradients at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from msif_lite.engine.capture import per_sequence_grads
+from msif_lite.engine.capture import BatchCapture, capture_batch
 from msif_lite.engine.layers import Grads, TrackedModule, check_finite
 from msif_lite.engine.storage import (
     ArtifactError,
@@ -32,6 +42,25 @@ from msif_lite.engine.storage import (
     save_artifact,
 )
 from msif_lite.engine.tasks import Task, TokenBatch
+
+DISK_BUDGET_BYTES = 20 * 10**9  # dense gradients beyond this are streamed, never written
+CHUNK_BYTES = 2**30  # stored gradients held at once while scoring
+
+
+class Projection(Protocol):
+    """What a store needs of a gradient projection (`attribution.projected`)."""
+
+    fingerprint: str
+
+    def shape(self, module: TrackedModule) -> tuple[int, int]: ...
+
+    def capture(self, capture: BatchCapture, modules: Sequence[TrackedModule]) -> Grads: ...
+
+    def dense(self, grads: Grads, modules: Sequence[TrackedModule]) -> Grads: ...
+
+
+class OverBudgetError(RuntimeError):
+    """Raised when dense gradients of a candidate set would exceed the disk budget."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +76,9 @@ class GradientStore:
     """Per-document gradients DW_z = ∇_θ ℓ(z, θ) (per tracked layer) for one model.
 
     `collate` turns a list of Candidates into a TokenBatch (padding is exact: scores do not
-    depend on it). Files live under `cache_dir/<model fingerprint>/<settings>/`.
+    depend on it). Files live under `cache_dir/<model fingerprint>/<settings>/`. With a
+    `projection`, the stored gradients are projected (see the module docstring); above
+    `disk_budget_bytes` for a candidate set, `scores` and `norms` stream instead of writing.
     """
 
     def __init__(
@@ -61,14 +92,20 @@ class GradientStore:
         batch_size: int = 16,
         dtype: torch.dtype | None = None,
         progress: bool = True,
+        projection: Projection | None = None,
+        disk_budget_bytes: float = DISK_BUDGET_BYTES,
+        chunk_bytes: float = CHUNK_BYTES,
     ):
         self.model, self.task, self.modules, self.collate = model, task, list(modules), collate
         self.batch_size, self.progress = batch_size, progress
         self.dtype = dtype or next(model.parameters()).dtype
+        self.projection = projection
+        self.disk_budget_bytes, self.chunk_bytes = disk_budget_bytes, chunk_bytes
         self.model_fp = model_fingerprint(model)  # all weights and buffers, tracked or not
-        self.settings_fp = config_fingerprint(
-            {"modules": [m.name for m in self.modules], "dtype": str(self.dtype)}
-        )
+        settings = {"modules": [m.name for m in self.modules], "dtype": str(self.dtype)}
+        if projection is not None:
+            settings["projection"] = projection.fingerprint
+        self.settings_fp = config_fingerprint(settings)
         self.root = Path(cache_dir) / self.model_fp[:20] / self.settings_fp[:12]
         self._memory: dict[str, Grads] = {}
 
@@ -93,12 +130,45 @@ class GradientStore:
             return None  # computed for another model/settings: recomputed and overwritten
         return tensors
 
+    def shape(self, m: TrackedModule) -> tuple[int, int]:
+        """Shape of one document's stored gradient of layer m: (out, d_in), or projected."""
+        return m.shape if self.projection is None else self.projection.shape(m)
+
+    def bytes_per_document(self) -> int:
+        """Σ_l numel_l · e: one document's file (without its small header)."""
+        e = torch.empty((), dtype=self.dtype).element_size()
+        return sum(a * b for a, b in map(self.shape, self.modules)) * e
+
+    def streams(self, n_candidates: int) -> bool:
+        """Whether `n_candidates` documents are over the disk budget (then never written)."""
+        return n_candidates * self.bytes_per_document() > self.disk_budget_bytes
+
+    def _compute(self, chunk: Sequence[Candidate]) -> Grads:
+        """(B, *shape) per layer for a batch of documents: DW, or its projection."""
+        cap = capture_batch(self.model, self.task, self.collate(chunk), self.modules)
+        g = cap.grads() if self.projection is None else self.projection.capture(cap, self.modules)
+        check_finite(g, "candidate gradients")
+        return {k: v.detach().to(self.dtype) for k, v in g.items()}
+
+    def _batches(self, candidates: Sequence[Candidate], desc: str) -> Iterator[Grads]:
+        chunks = [candidates[i : i + self.batch_size]
+                  for i in range(0, len(candidates), self.batch_size)]  # fmt: skip
+        for chunk in tqdm(chunks, desc=desc, disable=not self.progress):
+            yield self._compute(chunk)
+
     def grads(self, candidates: Sequence[Candidate], *, keep_in_memory: bool = False) -> Grads:
         """Stacked gradients (N, out, d_in) per layer, computing and saving the missing ones."""
         if len(candidates) == 0:
             raise ValueError(
                 "the candidate set is empty: pass at least one document to score against."
             )
+        if self.streams(len(candidates)):
+            need = len(candidates) * self.bytes_per_document()
+            raise OverBudgetError(
+                f"{len(candidates)} documents' gradients need {need / 1e9:.1f} GB, over the disk "
+                f"budget of {self.disk_budget_bytes / 1e9:.1f} GB: use scores()/norms() (they "
+                "stream), fewer candidates, a projected method (e.g. method="
+                "'multi_stage_projected'), or raise AttributionConfig.gradient_cache_gb.")
         found: dict[str, Grads] = {}
         todo = []
         for c in candidates:
@@ -109,16 +179,35 @@ class GradientStore:
                 found[c.doc_id] = g
         chunks = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
         for chunk in tqdm(chunks, desc="candidate gradients", disable=not self.progress):
-            g = per_sequence_grads(self.model, self.task, self.collate(chunk), self.modules)
-            check_finite(g, "candidate gradients")
+            g = self._compute(chunk)
             for i, c in enumerate(chunk):
-                one = {k: v[i].detach().to(self.dtype).contiguous().cpu() for k, v in g.items()}
+                one = {k: v[i].contiguous().cpu() for k, v in g.items()}
                 save_artifact(self._path(c), one, self._key(c), {"doc_id": c.doc_id})
                 found[c.doc_id] = one
+            del g
         if keep_in_memory:
             self._memory.update(found)
         return {m.name: torch.stack([found[c.doc_id][m.name] for c in candidates]) for m in
                 self.modules}  # fmt: skip
+
+    def _chunks(self, candidates: Sequence[Candidate], chunk: int | None, desc: str
+                ) -> Iterator[Grads]:  # fmt: skip
+        """Stored gradients `chunk` documents at a time (default: `chunk_bytes` worth), or
+        streamed batch by batch when the set is over the disk budget."""
+        if len(candidates) == 0:
+            raise ValueError("the candidate set is empty: pass at least one document.")
+        if self.streams(len(candidates)):
+            yield from self._batches(candidates, desc + " (streamed: over the disk budget)")
+            return
+        n = chunk or max(1, int(self.chunk_bytes // self.bytes_per_document()))
+        for i in range(0, len(candidates), n):
+            yield self.grads(candidates[i : i + n])
+
+    def project_queries(self, preconditioned: Grads) -> Grads:
+        """The queries in the stored gradients' space: P itself, or Π_out P Π_inᵀ."""
+        if self.projection is None:
+            return preconditioned
+        return self.projection.dense(preconditioned, self.modules)
 
     def scores(
         self,
@@ -126,25 +215,25 @@ class GradientStore:
         candidates: Sequence[Candidate],
         *,
         by_module: bool = False,
-        chunk: int = 256,
+        chunk: int | None = None,
     ) -> torch.Tensor:
-        """I[q, n] = Σ_l ⟨P_{q,l}, DW_{n,l}⟩ (Q, N), or (Q, N, L) per layer with `by_module`."""
+        """I[q, n] = Σ_l ⟨P_{q,l}, DW_{n,l}⟩ (Q, N), or (Q, N, L) per layer with `by_module`
+        (with a projection: Σ_l ⟨Π P_{q,l}, Π DW_{n,l}⟩)."""
+        pre = self.project_queries(preconditioned)
         cols = []
-        for i in range(0, len(candidates), chunk):
-            g = self.grads(candidates[i : i + chunk])
+        for g in self._chunks(candidates, chunk, "candidate scores"):
             per_layer = [
-                torch.einsum("qoi,noi->qn", preconditioned[m.name].to(g[m.name].dtype), g[m.name])
+                torch.einsum("qoi,noi->qn", pre[m.name].to(g[m.name].device, g[m.name].dtype),
+                             g[m.name])
                 for m in self.modules
-            ]
+            ]  # fmt: skip
             cols.append(torch.stack(per_layer, -1) if by_module else sum(per_layer))
-        if not cols:
-            raise ValueError("the candidate set is empty: pass at least one document.")
+            del g
         return torch.cat(cols, dim=1)
 
-    def norms(self, candidates: Sequence[Candidate], chunk: int = 256) -> torch.Tensor:
-        """‖∇ℓ(z)‖ over the tracked layers, (N,), for gradient cosine."""
-        out = []
-        for i in range(0, len(candidates), chunk):
-            g = self.grads(candidates[i : i + chunk])
-            out.append(sum(v.double().pow(2).sum((-2, -1)) for v in g.values()).sqrt())
+    def norms(self, candidates: Sequence[Candidate], chunk: int | None = None) -> torch.Tensor:
+        """‖∇ℓ(z)‖ over the tracked layers, (N,), for gradient cosine (of the projected
+        gradients with a projection)."""
+        out = [sum(v.double().pow(2).sum((-2, -1)) for v in g.values()).sqrt()
+               for g in self._chunks(candidates, chunk, "candidate norms")]  # fmt: skip
         return torch.cat(out)

@@ -5,19 +5,28 @@ then stream candidate batches: each batch costs one forward pass, one backward p
 layer outputs and one einsum per layer to form DW_n, and only one batch of candidate
 gradients is held at a time. Notebook 06 §Which tokens carry the score? splits a score over the
 candidate's token positions: I_t = Σ_l Ds_tᵀ P_l ā_t, which sums over t to I.
+
+Layer by layer (Notebook 09 §Low-rank query gradients): the kit's curvatures are
+block-diagonal over the tracked layers, P_l = (G_l + λ_l I)⁻¹ ∇m_l, so `precondition` and
+`preconditioned_queries` precondition one layer at a time (`layer_inverse`); a rank-r query
+is truncated right after its layer is preconditioned, so neither the dense query gradients
+nor the dense preconditioned gradients of all layers are ever held together. An inverse
+that is not block-diagonal (the dense references of `engine.exact`) is applied whole.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from msif_lite.engine.capture import capture_batch, per_sequence_grads
-from msif_lite.engine.ihvp import InverseHVP
+from msif_lite.engine.capture import BatchCapture, capture_batch, per_sequence_grads
+from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, IdentityIHVP, InverseHVP
 from msif_lite.engine.layers import Grads, TrackedModule, check_finite
+from msif_lite.engine.multistage import MultiStageIHVP
 from msif_lite.engine.tasks import Task
 
 
@@ -48,18 +57,107 @@ def query_gradients(
     return {m.name: torch.cat([p[m.name] for p in parts]) for m in modules}
 
 
-def precondition(query_grads: Grads, ihvp: InverseHVP) -> Grads:
-    """P = (G + λI)⁻¹ ∇m, once per query (Notebook 06 §Scoring documents)."""
+def layer_inverse(ihvp: InverseHVP, name: str) -> InverseHVP | None:
+    """The block (G_l + λ_l I)⁻¹ of layer `name` of a block-diagonal inverse, as an InverseHVP
+    of that one layer (the same λ_l: the damping heuristic is per layer); None when `ihvp` is
+    not known to be block-diagonal (then it must be applied to all layers at once)."""
+    from msif_lite.engine.curvature import ScaledIdentityIHVP
+
+    if isinstance(ihvp, IdentityIHVP | ScaledIdentityIHVP):
+        return ihvp
+    if isinstance(ihvp, EKFACIHVP | KFACIHVP):
+        one = replace(ihvp.factors, layers=(ihvp.factors.layer(name),))
+        return type(ihvp)(one, ihvp.damping)
+    if isinstance(ihvp, MultiStageIHVP):
+        ft, pt = layer_inverse(ihvp.finetune, name), layer_inverse(ihvp.pretrain, name)
+        if ft is None or pt is None:
+            return None
+        return MultiStageIHVP(ft, pt, ihvp.alpha, ihvp.include_alpha)
+    return None
+
+
+def _blocks(ihvp: InverseHVP, names: Sequence[str]) -> dict[str, InverseHVP] | None:
+    blocks = {n: layer_inverse(ihvp, n) for n in names}
+    return None if any(b is None for b in blocks.values()) else blocks  # type: ignore[return-value]
+
+
+def precondition(query_grads: Grads, ihvp: InverseHVP, *, layerwise: bool = True) -> Grads:
+    """P = (G + λI)⁻¹ ∇m, once per query (Notebook 06 §Scoring documents). `layerwise`: one
+    layer at a time when the inverse is block-diagonal (`layer_inverse`), so only one layer's
+    intermediates exist at once; the result is the same."""
     check_finite(query_grads, "query gradients")
-    out = ihvp.apply(query_grads)
+    blocks = _blocks(ihvp, list(query_grads)) if layerwise else None
+    if blocks is None:
+        out = ihvp.apply(query_grads)
+    else:
+        out = {k: blocks[k].apply({k: v})[k] for k, v in query_grads.items()}
     check_finite(out, f"preconditioned query gradients ({ihvp.name})")
     return out
 
 
-def _as_query_grads(model, task, queries, modules) -> Grads:
-    if isinstance(queries, Mapping):
-        return dict(queries)
-    return query_gradients(model, task, queries, modules)
+def _query_captures(model, task, queries, modules, batch_size: int) -> list[BatchCapture]:
+    return [capture_batch(model, task, b, modules, measurement=True)
+            for b in _split(queries, batch_size)]  # fmt: skip
+
+
+def preconditioned_queries(
+    model: nn.Module,
+    task: Task,
+    queries,
+    modules: Sequence[TrackedModule],
+    ihvp: InverseHVP,
+    *,
+    rank: int | None = None,
+    batch_size: int = 16,
+    layerwise: bool = True,
+):
+    """P_l = (G_l + λ_l I)⁻¹ ∇m_l for a query batch, layer by layer: the captured (ā, Ds) of
+    all queries are kept (Q·T·(d_in + o) per layer), then each layer's ∇m_l = Σ_t Ds_t ā_tᵀ is
+    formed, preconditioned and (with `rank`) truncated to rank r before the next layer.
+    Returns Grads, or `LowRankGrads` with `rank`. Peak: the kept result plus one layer's
+    (Q, o, d_in) temporaries (not the (1 + stages)·Q·P of `precondition` on all layers).
+    `layerwise=False` (or an inverse that is not block-diagonal): the dense path, for
+    comparison."""
+    from msif_lite.engine.lowrank import LowRankGrads, truncate
+
+    blocks = _blocks(ihvp, [m.name for m in modules]) if layerwise else None
+    if blocks is None:
+        pre = precondition(query_gradients(model, task, queries, modules, batch_size), ihvp,
+                           layerwise=False)  # fmt: skip
+        return pre if rank is None else truncate(pre, rank)
+    caps = _query_captures(model, task, queries, modules, batch_size)
+    dense: Grads = {}
+    left: dict[str, torch.Tensor] = {}
+    right: dict[str, torch.Tensor] = {}
+    for i, m in enumerate(modules):
+        g = torch.cat([c.layers[i].per_sequence_grad() for c in caps])
+        check_finite({m.name: g}, "query gradients")
+        p = blocks[m.name].apply({m.name: g})[m.name]
+        del g
+        check_finite({m.name: p}, f"preconditioned query gradients ({ihvp.name})")
+        if rank is None:
+            dense[m.name] = p
+        else:
+            low = truncate({m.name: p}, rank)
+            left[m.name], right[m.name] = low.left[m.name], low.right[m.name]
+        del p
+    return dense if rank is None else LowRankGrads(left, right, rank)
+
+
+def precondition_lowrank(query_grads: Grads, ihvp: InverseHVP, rank: int, *,
+                         layerwise: bool = True):  # fmt: skip
+    """Rank-r truncation of P = (G + λI)⁻¹ ∇m for given query gradients, layer by layer
+    (each layer truncated as soon as it is preconditioned)."""
+    from msif_lite.engine.lowrank import LowRankGrads, truncate
+
+    blocks = _blocks(ihvp, list(query_grads)) if layerwise else None
+    if blocks is None:
+        return truncate(precondition(query_grads, ihvp, layerwise=False), rank)
+    left, right = {}, {}
+    for k, v in query_grads.items():
+        low = truncate(precondition({k: v}, blocks[k], layerwise=False), rank)
+        left[k], right[k] = low.left[k], low.right[k]
+    return LowRankGrads(left, right, rank)
 
 
 def pairwise_scores(
@@ -74,6 +172,7 @@ def pairwise_scores(
     progress: bool = True,
     preconditioned: bool = False,
     rank: int | None = None,
+    layerwise: bool = True,
 ) -> torch.Tensor:
     """I[q, n] = Σ_l ⟨P_{q,l}, DW_{n,l}⟩ with P = (G + λI)⁻¹∇m(q): (Q, N), or (Q, N, L)
     per layer with `by_module` (layers in `modules` order; summing over L gives the total).
@@ -81,23 +180,28 @@ def pairwise_scores(
     `query_grads_or_batch`: a query batch, or query gradients ∇m (Grads); with
     `preconditioned=True`, Grads that are already P = precondition(∇m, ihvp).
     `rank`: score with the rank-r truncated SVD of each layer's P (msif_lite.engine.lowrank;
-    Notebook 09), never forming the candidates' DW."""
-    queries = _as_query_grads(model, task, query_grads_or_batch, modules)
-    if preconditioned:
-        if not isinstance(query_grads_or_batch, Mapping):
-            raise ValueError("preconditioned=True needs Grads from precondition(...), not a batch")
-        check_finite(queries, "preconditioned query gradients")
-        pre = queries
-    else:
-        pre = precondition(queries, ihvp)
-    if rank is not None:
-        if by_module:
-            raise ValueError("by_module=True needs full-rank queries (rank=None)")
-        from msif_lite.engine.lowrank import pairwise_scores_lowrank, truncate
+    Notebook 09), never forming the candidates' DW. Queries are preconditioned (and truncated)
+    one layer at a time (`preconditioned_queries`); `layerwise=False` keeps the dense path."""
+    from msif_lite.engine.lowrank import pairwise_scores_lowrank, truncate
 
-        low = truncate(pre, rank)
-        del pre
-        return pairwise_scores_lowrank(model, task, low, candidates, modules, progress=progress)
+    if rank is not None and by_module:
+        raise ValueError("by_module=True needs full-rank queries (rank=None)")
+    given = isinstance(query_grads_or_batch, Mapping)
+    if preconditioned:
+        if not given:
+            raise ValueError("preconditioned=True needs Grads from precondition(...), not a batch")
+        pre = dict(query_grads_or_batch)
+        check_finite(pre, "preconditioned query gradients")
+        pre = pre if rank is None else truncate(pre, rank)
+    elif given:
+        pre = (precondition(dict(query_grads_or_batch), ihvp, layerwise=layerwise)
+               if rank is None else precondition_lowrank(dict(query_grads_or_batch), ihvp, rank,
+                                                         layerwise=layerwise))  # fmt: skip
+    else:
+        pre = preconditioned_queries(model, task, query_grads_or_batch, modules, ihvp, rank=rank,
+                                     layerwise=layerwise)  # fmt: skip
+    if rank is not None:
+        return pairwise_scores_lowrank(model, task, pre, candidates, modules, progress=progress)
     cols = []
     for batch in tqdm(candidates, desc="pairwise scores", disable=not progress):
         dtype = pre[modules[0].name].dtype
