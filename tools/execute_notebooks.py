@@ -6,7 +6,9 @@
 Stored outputs must come from a real run and hold no absolute paths, timings or memory
 addresses: progress bars (stderr streams with carriage returns / it/s) are dropped, the
 repository path is replaced by '<repo>', and widget state is not saved. Run times per
-notebook and mode are merged into notebooks/run_times.json (for the README table).
+notebook and mode are merged into notebooks/run_times.json (for the README table), with the
+kernel's peak resident memory in full mode (`peak_mb`: the larger of the kernel's own and its
+children's `ru_maxrss`, read by one extra cell run after the last one and then removed).
 """
 
 from __future__ import annotations
@@ -49,15 +51,33 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
-def execute(path: Path, save: bool, timeout: int) -> float:
+PEAK_MARK = "msif-peak-rss-kib="
+PEAK_CELL = ("import resource as _r\n"
+             f"print('{PEAK_MARK}' + str(max(_r.getrusage(_r.RUSAGE_SELF).ru_maxrss, "
+             "_r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss)))")
+
+
+def peak_mb(cell: nbformat.NotebookNode) -> float:
+    """The peak RSS the measurement cell printed (Linux reports ru_maxrss in KiB), in MB."""
+    text = "".join(o.get("text", "") for o in cell.get("outputs", [])
+                   if o.get("output_type") == "stream")
+    if PEAK_MARK not in text:
+        raise RuntimeError(f"the peak-memory cell printed no measurement: {text!r}")
+    return int(text.split(PEAK_MARK, 1)[1].split()[0]) * 1024 / 1e6
+
+
+def execute(path: Path, save: bool, timeout: int) -> tuple[float, float]:
+    """Run every cell in a fresh kernel; return (seconds, kernel peak RSS in MB)."""
     nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(PEAK_CELL))
     t0 = time.perf_counter()
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     seconds = time.perf_counter() - t0
+    peak = peak_mb(nb.cells.pop())
     if save:
         nbformat.write(clean(nb), path)
-    return seconds
+    return seconds, peak
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,18 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     mode = "fast" if os.environ.get("MSIF_FAST", "0") not in ("", "0") else "full"
     for path in a.notebooks:
-        s = execute(path, save=not a.check, timeout=a.timeout)
-        print(f"{path.name}: {mode} mode, {s:.0f} s", flush=True)
-        record_time(path.name, mode, s)
+        s, peak = execute(path, save=not a.check, timeout=a.timeout)
+        print(f"{path.name}: {mode} mode, {s:.0f} s, peak {peak:.0f} MB", flush=True)
+        record_time(path.name, mode, s, peak if mode == "full" else None)
     return 0
 
 
-def record_time(name: str, mode: str, seconds: float) -> None:
-    """Merge one run time into notebooks/run_times.json, re-reading it just before writing
-    (other notebooks may have been executed meanwhile)."""
+def record_time(name: str, mode: str, seconds: float, peak: float | None = None) -> None:
+    """Merge one run time (and, in full mode, the peak memory in MB) into
+    notebooks/run_times.json, re-reading it just before writing (other notebooks may have
+    been executed meanwhile)."""
     times_path = REPO / "notebooks" / "run_times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
-    times.setdefault(name, {})[mode] = round(seconds)
+    entry = times.setdefault(name, {})
+    entry[mode] = round(seconds)
+    if peak is not None:
+        entry["peak_mb"] = round(peak)
+    entry.setdefault("peak_mb", None)
     tmp = times_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(dict(sorted(times.items())), indent=2) + "\n")
     os.replace(tmp, times_path)
