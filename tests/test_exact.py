@@ -120,6 +120,26 @@ def test_ggn_matvec_batched_and_split_batches():
     torch.testing.assert_close(summed(v[0]), x.shape[0] * (G @ v[0]), **TIGHT)
 
 
+@pytest.mark.parametrize("arch", ["gpt-neox", "gpt2"])
+def test_float32_products_and_cached_linearisation_match_float64(arch):
+    """dtype=float32 (a float32 copy of the model) agrees with the float64 G·v to rtol 1e-5
+    (float32 eps 1.2e-7 times the accumulation over tokens and layers), returns v's dtype,
+    and leaves the float64 model untouched; cache=True gives the same products twice."""
+    model, task, batch, modules = tiny_lm(arch)
+    P = sum(m.numel for m in modules)
+    v = torch.randn(4, P, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref = ggn_matvec(model, task, [batch, batch], modules)(v)
+    fast = ggn_matvec(model, task, [batch, batch], modules, dtype=torch.float32, cache=True)
+    for _ in range(2):  # the second call reuses the cached primal passes
+        out = fast(v)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    assert next(model.parameters()).dtype == torch.float64
+    cached64 = ggn_matvec(model, task, [batch, batch], modules, cache=True)
+    torch.testing.assert_close(cached64(v), ref, **TIGHT)
+    torch.testing.assert_close(cached64(v), ref, **TIGHT)
+
+
 @pytest.mark.parametrize("which", ["ggn", "hessian"])
 def test_matvec_result_carries_no_autograd_graph(which):
     """Embeddings and norms are untracked but still require grad: G·v must not hold a graph."""
@@ -276,6 +296,66 @@ def test_cg_converges_to_dense_solve(mlp_system):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-8)
     assert cg.converged.all() and (cg.residuals < 1e-10).all()
     assert (cg.iterations <= G.shape[0] + 5).all() and (cg.iterations > 0).all()
+
+
+def test_preconditioned_cg_converges_faster_to_the_same_solution(mlp_system):
+    """PCG with M = (diag(G) + λ)⁻¹ (Jacobi) and with the exact inverse reaches the dense
+    solve to rtol 1e-6; the exact inverse as M needs a single iteration."""
+    model, task, batch, modules, G, v = mlp_system
+    lam = 1e-3
+    ref = flatten(DenseSolveIHVP(G, modules, lam).apply(v), modules)
+    plain = ConjugateGradientIHVP(G, modules, lam, tol=1e-12)
+    flatten(plain.apply(v), modules)
+    inv = torch.linalg.inv(G + lam * torch.eye(G.shape[0], dtype=G.dtype))
+    jacobi = 1.0 / (torch.diagonal(G) + lam)
+    for M in (lambda r: r * jacobi, lambda r: r @ inv):
+        pcg = ConjugateGradientIHVP(G, modules, lam, tol=1e-12, preconditioner=M)
+        torch.testing.assert_close(flatten(pcg.apply(v), modules), ref, rtol=1e-6, atol=1e-8)
+        assert pcg.converged.all() and (pcg.residuals < 1e-10).all()
+    assert (pcg.iterations == 1).all() and (plain.iterations > 5).all()
+
+
+def test_cg_float32_products_with_float64_refinement_reach_float64_accuracy(mlp_system):
+    """float32 products stall CG near their own rounding; one refinement round with the
+    float64 residual brings the true residual below 1e-10 (the tol) and the solution to
+    the dense solve at rtol 1e-6."""
+    model, task, batch, modules, G, v = mlp_system
+    lam = 1e-3
+    ref = flatten(DenseSolveIHVP(G, modules, lam).apply(v), modules)
+    mv32 = ggn_matvec(model, task, batch, modules, dtype=torch.float32)
+    exact64 = ggn_matvec(model, task, batch, modules)
+    noisy = ConjugateGradientIHVP(mv32, modules, lam, tol=1e-10, max_iter=60,
+                                  check_matvec=exact64)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        noisy.apply(v)
+    assert (noisy.residuals > 1e-9).any()  # float32 products alone do not get there
+    cg = ConjugateGradientIHVP(mv32, modules, lam, tol=1e-10, max_iter=60,
+                               check_matvec=exact64, refine=4)  # fmt: skip
+    out = flatten(cg.apply(v), modules)
+    assert cg.converged.all() and (cg.residuals <= 1e-10).all()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_cg_and_lissa_snapshots_equal_shorter_runs(mlp_system):
+    """x_k kept during one run = a separate run with budget k (CG and LiSSA)."""
+    *_, modules, G, v = mlp_system
+    lam = 1e-2
+    long = ConjugateGradientIHVP(G, modules, lam, max_iter=12, tol=0.0, snapshots=(3, 7))
+    flatten(long.apply(v), modules)
+    for k in (3, 7):
+        short = flatten(ConjugateGradientIHVP(G, modules, lam, max_iter=k, tol=0.0).apply(v),
+                        modules)  # fmt: skip
+        torch.testing.assert_close(long.snapshot_solutions[k], short, **TIGHT)
+    top = torch.linalg.eigvalsh(G).max().item() + lam
+    deep = LissaIHVP(G, modules, lam, depth=20, scale=top, snapshots=(5,))
+    flatten(deep.apply(v), modules)
+    shallow = flatten(LissaIHVP(G, modules, lam, depth=5, scale=top).apply(v), modules)
+    torch.testing.assert_close(deep.snapshot_solutions[5], shallow, **TIGHT)
+    with pytest.raises(ValueError, match="without a preconditioner"):
+        ConjugateGradientIHVP(G, modules, lam, snapshots=(2,), preconditioner=lambda r: r)
+    with pytest.raises(ValueError, match="1..depth"):
+        LissaIHVP(G, modules, lam, depth=5, snapshots=(6,))
 
 
 def test_cg_reports_non_convergence(mlp_system):

@@ -28,11 +28,17 @@ from torch import nn
 from msif_lite.attribution.attributor import Attributor
 from msif_lite.bench import common
 from msif_lite.config import pick
-from msif_lite.engine.exact import ConjugateGradientIHVP, LissaIHVP, block_diagonal, ggn_matvec
+from msif_lite.engine.exact import (
+    ConjugateGradientIHVP,
+    LissaIHVP,
+    PrecomputedIHVP,
+    block_diagonal,
+    ggn_matvec,
+)
 from msif_lite.engine.factors import FactorConfig
 from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_ekfac
 from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping, IdentityIHVP
-from msif_lite.engine.layers import find_modules
+from msif_lite.engine.layers import find_modules, flatten, unflatten
 from msif_lite.engine.scores import pairwise_scores, precondition, query_gradients
 from msif_lite.engine.tasks import LanguageModelingTask
 from msif_lite.eval import metrics
@@ -53,7 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="msif-lite bench accuracy", description=__doc__.split("\n")[0])
     p.add_argument("--queries", type=int, default=pick(10, 3), help="world queries (default 10)")
     p.add_argument("--candidates", type=int, default=pick(500, 40), help="candidate documents")
-    p.add_argument("--fit", type=int, default=pick(64, 8), help="documents G is fitted on")
+    p.add_argument("--fit", type=int, default=pick(64, 8),
+                   help="documents G and the factors are fitted on (0: the whole corpus)")
     p.add_argument("--damping-rel", type=float, default=pick(5.0, 300.0),
                    help="λ = this × trace(G)/P (the mean GGN eigenvalue)")
     p.add_argument("--damping", type=float, help="absolute λ (overrides --damping-rel)")
@@ -61,6 +68,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--converged-below", type=float, default=1e-6,
                    help="a query counts as converged when its recomputed residual is below this")
     p.add_argument("--max-iter", type=int, default=pick(1000, 500), help="ground-truth CG cap")
+    p.add_argument("--products", choices=("float32", "float64"), default="float32",
+                   help="precision of the G·v products in every solver (the CG recurrences, "
+                        "the refinement residuals and the final residual check stay float64)")
+    p.add_argument("--refine", type=int, default=3,
+                   help="ground truth: rounds of iterative refinement with float64 residuals")
+    p.add_argument("--precondition", choices=("ekfac", "none"), default="none",
+                   help="ground truth: preconditioned CG with the EK-FAC of the most label "
+                        "draws (the same exact solution; at small λ it did not cut the "
+                        "iterations on the kit's models) or plain CG (default; its first k "
+                        "iterates are the cg_k rows)")
     p.add_argument("--cg", type=int, nargs=2, default=pick([10, 30], [2, 8]), help="CG budgets")
     p.add_argument("--lissa", type=int, nargs=2, default=pick([50, 200], [5, 20]),
                    help="LiSSA depths")
@@ -68,11 +85,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--power-iters", type=int, default=pick(20, 8), help="for λ_max(G)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="where every method runs (e.g. cuda)")
     p.add_argument("--block-truth", action="store_true",
                    help="also solve with the exact block-diagonal GGN (what K-FAC/EK-FAC "
                         "approximate; costs one G·v per layer per iteration) and correlate every "
                         "method with it too")
-    p.add_argument("--label-draws", type=int, nargs="*", default=pick([16], [2]),
+    p.add_argument("--label-draws", type=int, nargs="*", default=pick([4, 16], [2]),
                    help="extra rows ekfac_draws<R>/kfac_draws<R>: factors fitted with R sampled "
                         "labels per token (the documents repeated R times) instead of one, to "
                         "show how much of the gap is Monte-Carlo noise of the sampled Fisher")
@@ -89,14 +107,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def choose_documents(world, n_queries: int, n_candidates: int, n_fit: int, seed: int):
-    """Seeded: queries, candidates = their true sources ∪ random documents, fitting docs."""
+    """Seeded: queries, candidates = their true sources ∪ random documents, fitting docs
+    (n_fit ≤ 0: every document of the corpus)."""
     rng = random.Random(seed)
     queries = rng.sample(world.queries, min(n_queries, len(world.queries)))
     sources = sorted({d for q in queries for d in q.source_doc_ids})
     rest = sorted(d.doc_id for d in world.documents if d.doc_id not in set(sources))
     extra = rng.sample(rest, max(0, min(n_candidates - len(sources), len(rest))))
     all_ids = sorted(d.doc_id for d in world.documents)
-    return queries, sorted(sources + extra), rng.sample(all_ids, min(n_fit, len(all_ids)))
+    fit = all_ids if n_fit <= 0 else rng.sample(all_ids, min(n_fit, len(all_ids)))
+    return queries, sorted(sources + extra), fit
 
 
 def lambda_max(matvec: Callable, p: int, iters: int, seed: int, dtype) -> float:
@@ -119,6 +139,7 @@ def hutchinson_mean_eig(matvec: Callable, p: int, probes: int, seed: int, dtype)
 
 def correlations(scores: torch.Tensor, truth: torch.Tensor) -> dict:
     """Per-query Spearman and Pearson against the ground truth, mean ± std over queries."""
+    scores, truth = scores.cpu(), truth.cpu()
     sp = torch.tensor([metrics.spearman(s, t) for s, t in zip(scores, truth)])
     pe = torch.tensor([metrics.pearson(s, t) for s, t in zip(scores, truth)])
     std = (lambda x: float(x.std()) if len(x) > 1 else 0.0)  # noqa: E731
@@ -138,21 +159,28 @@ class _Run:
         pairs = [(p.prompt, p.answer) for p in world.finetune_qa]
         att = Attributor(shipped.pretrained, shipped.finetuned, tok, docs, pairs, alpha=1.0)
         # only its tokenisation is used: documents = text + eos; questions = prompt + answer
-        self.model: nn.Module = shipped.pretrained.double().eval()  # CG residuals to 1e-6
+        dev = torch.device(args.device)
+        self.model: nn.Module = shipped.pretrained.double().eval().to(dev)  # float64 truth
         self.task, self.dtype = LanguageModelingTask(), torch.float64
         self.queries, self.cand_ids, self.fit_ids = choose_documents(
             world, args.queries, args.candidates, args.fit, args.seed)
-        bs = args.batch_size
-        self.fit_b = [att.collate([att.candidate(d) for d in self.fit_ids[i:i + bs]])
-                      for i in range(0, len(self.fit_ids), bs)]  # fmt: skip
-        self.cand_b = [att.collate([att.candidate(d) for d in self.cand_ids[i:i + bs]])
+        bs, n_corpus = args.batch_size, len(world.documents)
+        self.n_corpus = n_corpus
+        # G is a sum over documents: batching them by length changes nothing but the padding
+        fit = sorted((att.candidate(d) for d in self.fit_ids), key=lambda c: len(c.input_ids))
+        self.fit_b = [att.collate(fit[i:i + bs]).to(dev) for i in range(0, len(fit), bs)]
+        self.cand_b = [att.collate([att.candidate(d) for d in self.cand_ids[i:i + bs]]).to(dev)
                        for i in range(0, len(self.cand_ids), bs)]  # fmt: skip
-        q_batch = att.collate([att.qa_example(q.prompt, q.answer) for q in self.queries])
+        q_batch = att.collate([att.qa_example(q.prompt, q.answer) for q in self.queries]).to(dev)
         self.mods, self.mlp = find_modules(self.model), find_modules(self.model, include="mlp")
         self.n_params = sum(m.numel for m in self.mods)
         self.qg = query_gradients(self.model, self.task, q_batch, self.mods, bs)
         self.fcfg = FactorConfig(fisher="sampled", seed=args.seed, progress=self.progress)
-        self.matvec = ggn_matvec(self.model, self.task, self.fit_b, self.mods)
+        dt = torch.float32 if args.products == "float32" else torch.float64
+        self.matvec = ggn_matvec(self.model, self.task, self.fit_b, self.mods, dtype=dt,
+                                 cache=True)  # fmt: skip
+        self.matvec64 = ggn_matvec(self.model, self.task, self.fit_b, self.mods)
+        self.on_update: Callable[[], None] | None = None  # e.g. write partial results
         self.results: dict[str, dict] = {}
         self.scores: dict[str, torch.Tensor] = {}
 
@@ -164,8 +192,9 @@ class _Run:
         return out, t.seconds, mem.peak_mb
 
     def score(self, name: str, ihvp, fit_s: float = 0.0, fit_mb: float = 0.0,
-              mlp_only: bool = False) -> None:  # fmt: skip
-        """score_s: preconditioning the queries, P = (G+λI)⁻¹∇m, + scoring every candidate."""
+              mlp_only: bool = False, solve_s: float = 0.0) -> None:  # fmt: skip
+        """score_s: preconditioning the queries, P = (G+λI)⁻¹∇m, + scoring every candidate
+        (+ solve_s: a solve done beforehand, e.g. the share of a run a snapshot came from)."""
         modules = self.mlp if mlp_only else self.mods
         grads = {m.name: self.qg[m.name] for m in modules}
         with common.PeakMemory() as mem, common.Timer() as t, warnings.catch_warnings():
@@ -174,10 +203,12 @@ class _Run:
                 pre = precondition(grads, ihvp)
             self.scores[name] = pairwise_scores(self.model, self.task, pre, self.cand_b, ihvp,
                                                 modules, preconditioned=True, progress=False)
-        self.results[name] = {"fit_s": fit_s, "score_s": t.seconds,
+        self.results[name] = {"fit_s": fit_s, "score_s": t.seconds + solve_s,
                               "peak_mem_mb": max(fit_mb, mem.peak_mb), "layers": len(modules)}
         if self.progress:
-            print(f"  {name}: fit {fit_s:.1f}s, score {t.seconds:.1f}s", flush=True)
+            print(f"  {name}: fit {fit_s:.1f}s, score {t.seconds + solve_s:.1f}s", flush=True)
+        if self.on_update is not None:
+            self.on_update()
 
     def spectrum(self) -> None:
         """The exact G's scale: λ is set relative to its mean eigenvalue trace(G)/P."""
@@ -196,7 +227,8 @@ class _Run:
         """Fit and score EK-FAC and K-FAC on all tracked layers; returns the EK-FAC factors."""
         m, t, c, lam = self.model, self.task, self.fcfg, Damping(absolute=self.lam)
         ek, s, mb = self.fitted(lambda: fit_ekfac(m, t, batches, c, self.mods))
-        self.score(f"ekfac{suffix}", EKFACIHVP(ek, lam), s, mb)
+        self.ekfac_ihvp = EKFACIHVP(ek, lam)  # the last one (most draws) preconditions the truth
+        self.score(f"ekfac{suffix}", self.ekfac_ihvp, s, mb)
         kf, s, mb = self.fitted(lambda: fit_eigenbasis(fit_covariances(m, t, batches, c,
                                                                        self.mods)))  # fmt: skip
         self.score(f"kfac{suffix}", KFACIHVP(kf, lam), s, mb)
@@ -215,23 +247,53 @@ class _Run:
         # estimate of trace(G): rare labels carry much of it, so it typically comes out low.
         self.trace_ekfac = sum(float(f.lam.sum()) for f in ek.layers) / self.n_params
 
+    def preconditioner(self) -> Callable | None:
+        """Flat r ↦ (G_EKFAC + λI)⁻¹ r for the ground truth's PCG (None: plain CG)."""
+        if self.args.precondition == "none":
+            return None
+        ihvp, mods = self.ekfac_ihvp, self.mods
+        return lambda r: flatten(ihvp.apply(unflatten(r, mods)), mods)
+
     def iterative(self) -> None:
-        """Ground truth, then the budgeted iterative methods on the same exact G."""
+        """Ground truth (PCG on the exact G, float64 recurrences and residuals), then the
+        budgeted iterative methods: one run each of CG and LiSSA at the largest budget,
+        scored at every budget from its snapshots (the same iterates as shorter runs)."""
         a, mv, mods, lam, pr = self.args, self.matvec, self.mods, self.lam, self.progress
+        plain = a.precondition == "none"  # then cg_k are the truth's own first k iterates
         self.gt = ConjugateGradientIHVP(mv, mods, lam, max_iter=a.max_iter, tol=a.tol,
-                                        progress=pr)  # fmt: skip
+                                        progress=pr, preconditioner=self.preconditioner(),
+                                        check_matvec=self.matvec64, refine=a.refine,
+                                        snapshots=a.cg if plain else ())  # fmt: skip
         self.score("ground_truth", self.gt)
         self.truth = self.scores.pop("ground_truth")
         self.gt_info = self.results.pop("ground_truth")
-        for k in a.cg:
-            cg = ConjugateGradientIHVP(mv, mods, lam, max_iter=k, tol=0.0, progress=pr)
-            self.score(f"cg_{k}", cg)
-            self.results[f"cg_{k}"]["relative_residual_max"] = float(cg.residuals.max())
+        if plain:
+            per_product = self.gt_info["score_s"] / max(1, int(self.gt.iterations.max()))
+            self.from_snapshots("cg", self.gt, a.cg, per_product)
+        else:
+            cg = ConjugateGradientIHVP(mv, mods, lam, max_iter=max(a.cg), tol=0.0, progress=pr,
+                                       snapshots=a.cg)  # fmt: skip
+            self.budgets("cg", cg, a.cg)
         self.lissa_scale = 1.05 * (self.top + lam)  # converges for scale > λ_max(G+λI)/2
-        for k in a.lissa:
-            li = LissaIHVP(mv, mods, lam, depth=k, scale=self.lissa_scale, progress=pr)
-            self.score(f"lissa_{k}", li)
-            self.results[f"lissa_{k}"]["last_increment_max"] = float(li.increments.max())
+        li = LissaIHVP(mv, mods, lam, depth=max(a.lissa), scale=self.lissa_scale, progress=pr,
+                       snapshots=a.lissa)  # fmt: skip
+        self.budgets("lissa", li, a.lissa)
+        self.results[f"lissa_{max(a.lissa)}"]["last_increment_max"] = float(li.increments.max())
+
+    def budgets(self, kind: str, solver, ks: Sequence[int]) -> None:
+        """Solve once at max(ks); score each budget k from the snapshot x_k, charged k/max
+        of the solve's time (each iteration is one batched G·v)."""
+        with torch.no_grad(), warnings.catch_warnings(), common.Timer() as t:
+            warnings.simplefilter("ignore")  # a budgeted CG warns that it did not converge
+            solver.solve(flatten({m.name: self.qg[m.name] for m in self.mods}, self.mods))
+        self.from_snapshots(kind, solver, ks, t.seconds / max(ks))
+
+    def from_snapshots(self, kind: str, solver, ks: Sequence[int], per_product: float) -> None:
+        """Score `<kind>_<k>` from the solver's snapshot x_k, charged k products' time."""
+        for k in sorted(ks):
+            pre = PrecomputedIHVP(solver.snapshot_solutions[k], self.mods)
+            self.score(f"{kind}_{k}", pre, solve_s=per_product * k)
+            self.results[f"{kind}_{k}"]["products"] = k
 
     def block_truth(self) -> None:
         """The exact per-layer blocks of G: separates the block-diagonal approximation's cost
@@ -252,13 +314,16 @@ class _Run:
         converged = gt.residuals < a.converged_below
         info = {
             "method": "conjugate gradient on the full GGN (all tracked layers, not "
-                      "block-diagonal), batched over queries, float64",
+                      f"block-diagonal), batched over queries: {a.products} G·v products, "
+                      "float64 recurrences, preconditioner "
+                      f"{'EK-FAC (most label draws)' if a.precondition == 'ekfac' else 'none'}, "
+                      f"up to {a.refine} rounds of iterative refinement with float64 residuals",
             "tol": a.tol, "max_iter": a.max_iter, "converged_below": a.converged_below,
             "iterations": gt.iterations.tolist(), "relative_residual": gt.residuals.tolist(),
             "all_converged": bool(converged.all()), "score_s": self.gt_info["score_s"],
             "peak_mem_mb": self.gt_info["peak_mem_mb"],
-            "check": "relative residual ‖b − (G+λI)x‖/‖b‖ recomputed with one more exact G·x "
-                     "after CG stops; converged = residual < converged_below for every query",
+            "check": "relative residual ‖b − (G+λI)x‖/‖b‖ recomputed with one more float64 "
+                     "G·x after CG stops; converged = residual < converged_below for every query",
         }  # fmt: skip
         if not info["all_converged"]:
             warnings.warn("ground-truth CG did not converge for every query; see the JSON",
@@ -277,6 +342,7 @@ class _Run:
             "n_candidates": len(self.cand_ids),
             "n_true_sources": len({d for q in self.queries for d in q.source_doc_ids}),
             "n_fit_sequences": len(self.fit_ids), "n_fit_tokens": n_tok,
+            "n_corpus_docs": self.n_corpus, "products": a.products,
             "fit_doc_ids": self.fit_ids,
             "label_draws": "ekfac/kfac: one sampled label per token (as the paper and "
                            "kronfluence); <name>_draws<R>: R draws",
@@ -294,9 +360,13 @@ class _Run:
         }  # fmt: skip
 
 
-def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
-    """Fit, solve and score with every method; returns the JSON payload."""
+def run(shipped, args: argparse.Namespace, model_label: str,
+        on_update: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+    """Fit, solve and score with every method; returns the JSON payload. on_update gets the
+    results so far after every method (to write partial results as the run goes)."""
     r = _Run(shipped, args)
+    if on_update is not None:
+        r.on_update = lambda: on_update(r.results)
     r.spectrum()
     r.approximations()
     r.iterative()
@@ -304,7 +374,13 @@ def run(shipped, args: argparse.Namespace, model_label: str) -> dict:
         r.block_truth()
     for name in r.results:
         r.results[name].update(correlations(r.scores[name], r.truth))
-    return {"methods": r.results, "ground_truth": r.ground_truth_info(),
+    gt = r.ground_truth_info()
+    settings = {"n_fit_docs": len(r.fit_ids), "n_corpus_docs": r.n_corpus,
+                "whole_corpus": len(r.fit_ids) == r.n_corpus, "damping": r.lam,
+                "damping_rel_to_mean_eig": r.lam / r.mean_eig, "products": args.products,
+                "ground_truth_relative_residual": gt["relative_residual"],
+                "ground_truth_iterations": gt["iterations"]}  # fmt: skip
+    return {"methods": r.results, "ground_truth": gt, "settings": settings,
             "setup": r.setup_info(model_label), "paper": PAPER}
 
 
@@ -381,18 +457,23 @@ def plot(payload: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`msif-lite bench accuracy`: run, then write <out>/accuracy.json and .md."""
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def load(args: argparse.Namespace):
+    """(shipped pipeline, model label) for the run's --preset / --world / --checkpoints."""
     world, ckpt = args.world, args.checkpoints
     if world is None or ckpt is None:
         w, c = trained_pipeline(args.preset)
         world, ckpt = world or w, ckpt or c
     shipped = load_shipped(args.preset, world_dir=world, checkpoint_dir=ckpt)
     source = f"{args.preset} pipeline" if args.checkpoints is None else shipped.root.name
-    label = f"{shipped.finetuned_meta.preset} ({source}, pretrained θ_pt)"
+    return shipped, f"{shipped.finetuned_meta.preset} ({source}, pretrained θ_pt)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`msif-lite bench accuracy`: run, then write <out>/accuracy.json and .md."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shipped, label = load(args)
     payload = run(shipped, args, label)
     path = common.write_results("accuracy", payload, markdown(payload), args.out)
     plot(payload, path.with_suffix(".png"))

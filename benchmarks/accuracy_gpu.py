@@ -1,0 +1,37 @@
+"""Exp 1 on the paper's toy shape (GPT-NeoX, 2 layers, hidden 256) with G over the whole
+pre-training corpus of the default world (1,004 documents, ~19k tokens), on one CUDA GPU.
+
+    python benchmarks/accuracy_gpu.py            # on a GPU: < 10 min, writes results/accuracy_gpu/
+    python benchmarks/accuracy_gpu.py --tiny     # CPU smoke test of the same code path (~1 min)
+
+The same `benchmarks/accuracy_trend.py` machinery as the CPU trend (G and every approximation
+on the same documents, λ = 0.1·trace(G)/P, EK-FAC-preconditioned CG ground truth with float32
+products, float64 recurrences and a float64 residual check), at fit sizes 64, 256 and the whole
+corpus. The paper-toy pipeline is trained once into .cache/trained/paper-toy if absent (on the
+GPU, about a minute). The results name the device (environment.device in the JSON).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import accuracy_trend  # noqa: E402
+
+GPU = ["--preset", "paper-toy", "--sizes", "64", "256", "0", "--sweep", "--damping-rel", "0.1",
+       "--runs", "runs/accuracy_gpu", "--out", "results/accuracy_gpu", "--threads", "4", "--",
+       "--device", "cuda", "--max-iter", "4000", "--tol", "1e-6"]  # fmt: skip
+TINY = ["--preset", "default", "--sizes", "16", "--sweep", "--damping-rel", "1",
+        "--runs", "runs/accuracy_gpu_tiny", "--out", "runs/accuracy_gpu_tiny", "--",
+        "--device", "cpu", "--queries", "2", "--candidates", "20", "--cg", "2", "4",
+        "--lissa", "3", "6", "--label-draws", "2", "--power-iters", "4", "--probes", "4",
+        "--max-iter", "400", "--tol", "1e-5", "--quiet"]  # fmt: skip
+
+if __name__ == "__main__":
+    tiny = "--tiny" in sys.argv[1:]
+    if not tiny and not torch.cuda.is_available():
+        sys.exit("no CUDA GPU here: run on a GPU machine, or `--tiny` for the CPU smoke test")
+    sys.exit(accuracy_trend.main(TINY if tiny else GPU))

@@ -1,0 +1,139 @@
+"""How fast is the exact GGN-vector product that every ground truth in the kit is built on?
+
+Seconds per G·v product per right-hand side (RHS) and per 1k tokens, for K RHS at once, on
+a shipped model with G over `--docs` documents, in one run, for three variants:
+
+- `before`: float64 model, one product recomputes every batch's primal pass (the
+  implementation the 64-document Exp 1 ground truth used, `results/accuracy_64docs.md`);
+- `float64_cached`: float64, each batch's primal pass and vjp closure kept across calls
+  (`cache=True`), documents batched by length;
+- `after`: as float64_cached with float32 products (`dtype=torch.float32`), which is what
+  `msif-lite bench accuracy` uses (its CG recurrences and residual checks stay float64).
+
+Each timing is the best of `--repeats` calls after one warm-up call; `rel_err_vs_before`
+is ‖Gv − Gv_before‖ / ‖Gv_before‖ over the K RHS. Run: `python benchmarks/exact_speed.py
+[--presets default lds] [--out results]`; writes <out>/exact_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Sequence
+
+import torch
+
+from msif_lite.attribution.attributor import Attributor
+from msif_lite.bench import common
+from msif_lite.config import pick
+from msif_lite.engine.exact import ggn_matvec
+from msif_lite.engine.layers import find_modules
+from msif_lite.engine.tasks import LanguageModelingTask
+from msif_lite.world.shipped import load_shipped
+
+VARIANTS = {  # name: (product dtype, cache, batch documents by length)
+    "before": (torch.float64, False, False),
+    "float64_cached": (torch.float64, True, True),
+    "after": (torch.float32, True, True),
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="exact_speed", description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", default=pick(["default", "lds"], ["lds"]),
+                   help="shipped pipelines (data/checkpoints/<preset>)")
+    p.add_argument("--docs", type=int, default=pick(64, 8), help="documents G is over")
+    p.add_argument("--rhs", type=int, nargs="+", default=pick([1, 10], [1, 3]),
+                   help="numbers K of right-hand sides per product")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--repeats", type=int, default=pick(3, 1))
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results")
+    return p.parse_args(argv)
+
+
+def batches_of(shipped, n_docs: int, batch_size: int, seed: int, by_length: bool) -> list:
+    """The same seeded documents as `bench accuracy --fit n_docs`, batched (by length or not)."""
+    w = shipped.world
+    att = Attributor(shipped.pretrained, shipped.finetuned, shipped.tokenizer,
+                     [(d.doc_id, d.text) for d in w.documents],
+                     [(q.prompt, q.answer) for q in w.finetune_qa], alpha=1.0)  # fmt: skip
+    ids = random.Random(seed).sample(sorted(d.doc_id for d in w.documents), n_docs)
+    cands = [att.candidate(d) for d in ids]
+    if by_length:
+        cands.sort(key=lambda c: len(c.input_ids))
+    return [att.collate(cands[i : i + batch_size]) for i in range(0, len(cands), batch_size)]
+
+
+def time_variant(model, batches, modules, v: torch.Tensor, dtype, cache: bool, repeats: int):
+    """(best seconds per call, the product, peak MiB) of one G·v variant."""
+    mv = ggn_matvec(model, LanguageModelingTask(), batches, modules, dtype=dtype, cache=cache)
+    with common.PeakMemory() as mem:
+        out = mv(v)  # warm-up (fills the cache)
+        best = float("inf")
+        for _ in range(repeats):
+            with common.Timer() as t:
+                mv(v)
+            best = min(best, t.seconds)
+    return best, out, mem.peak_mb
+
+
+def measure(preset: str, args: argparse.Namespace) -> list[dict]:
+    shipped = load_shipped(preset)
+    model = shipped.pretrained.double().eval()
+    modules = find_modules(model)
+    p = sum(m.numel for m in modules)
+    rows = []
+    for k in args.rhs:
+        v = torch.randn(k, p, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+        ref = None
+        for name, (dtype, cache, by_length) in VARIANTS.items():
+            b = batches_of(shipped, args.docs, args.batch_size, args.seed, by_length)
+            tokens = sum(int(x.attention_mask.sum()) for x in b)
+            s, out, mb = time_variant(model, b, modules, v, dtype, cache, args.repeats)
+            ref = out if ref is None else ref
+            rows.append({
+                "preset": preset, "model": shipped.finetuned_meta.preset, "n_params": p,
+                "docs": args.docs, "tokens": tokens,
+                "padded_tokens": sum(x.input_ids.numel() for x in b), "rhs": k,
+                "variant": name, "s_per_product": s, "s_per_product_per_rhs": s / k,
+                "s_per_product_per_rhs_per_1k_tokens": s / k / (tokens / 1000),
+                "rel_err_vs_before": float((out - ref).norm() / ref.norm()),
+                "peak_mem_mb": mb,
+            })  # fmt: skip
+            print(f"  {preset} K={k} {name}: {s:.3f} s per product", flush=True)
+    base = {(r["preset"], r["rhs"]): r["s_per_product"] for r in rows if r["variant"] == "before"}
+    for r in rows:
+        r["speedup_vs_before"] = base[(r["preset"], r["rhs"])] / r["s_per_product"]
+    return rows
+
+
+def markdown(payload: dict) -> str:
+    cols = ["preset", "model", "n_params", "tokens", "rhs", "variant", "s_per_product",
+            "s_per_product_per_rhs", "s_per_product_per_rhs_per_1k_tokens", "speedup_vs_before",
+            "rel_err_vs_before", "peak_mem_mb"]  # fmt: skip
+    return (
+        "# Exact GGN-vector products: seconds per product\n\n"
+        f"Made by `python benchmarks/exact_speed.py`; {payload['settings']['threads']} torch "
+        f"thread(s), best of {payload['settings']['repeats']} calls after a warm-up; G over "
+        f"{payload['settings']['docs']} documents. The machine was shared with other jobs, so "
+        "compare rows of this table with each other.\n\n"
+        + common.markdown_table(payload["rows"], cols, floatfmt=".3g")
+        + "\nbefore: float64, primal pass recomputed per call (the 64-document Exp 1 ground "
+        "truth). after: float32 products, cached linearisation, documents batched by length "
+        "(what `bench accuracy` now uses, with float64 CG recurrences and residuals). "
+        "rel_err_vs_before: relative difference of the product from `before`'s.\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [r for preset in args.presets for r in measure(preset, args)]
+    payload = {"rows": rows, "settings": {"docs": args.docs, "repeats": args.repeats,
+                                          "threads": args.threads, "seed": args.seed}}  # fmt: skip
+    path = common.write_results("exact_speed", payload, markdown(payload), args.out)
+    print(markdown(payload))
+    print(f"wrote {path}")
+    return 0
