@@ -2,7 +2,7 @@
 
     msif-lite trace "Where was Ludrur Draethund born?"     # the main job
     msif-lite trace "..." --json --method single_stage -k 5
-    msif-lite bench engine | accuracy | fact-tracing | retrieval | bloom560m | lds
+    msif-lite bench engine | accuracy | fact-tracing | retrieval | bloom560m | lds | variants
     msif-lite methods                                       # the registered methods
     msif-lite world --preset ci-fast --out runs/ci-fast     # generate, tokenize, train
 
@@ -28,6 +28,7 @@ BENCHES = {
     "retrieval": "msif_lite.bench.retrieval",
     "bloom560m": "msif_lite.bench.bloom560m",
     "lds": "msif_lite.bench.lds",
+    "variants": "msif_lite.bench.variants",
 }
 
 

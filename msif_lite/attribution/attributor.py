@@ -9,13 +9,14 @@ the text indexes. A method only says how to combine them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -25,16 +26,26 @@ from msif_lite.attribution.checks import (
     check_same_architecture,
     check_tokenizer_fits,
 )
-from msif_lite.attribution.methods import Method, ScoreSettings, Stage, get_method
+from msif_lite.attribution.methods import (
+    Method,
+    ScoreSettings,
+    Stage,
+    finetune_preconditioner,
+    get_method,
+    pretrain_preconditioner,
+)
 from msif_lite.engine.curvature import CurvatureKind, curvature
 from msif_lite.engine.factors import EKFACFactors, FactorConfig
 from msif_lite.engine.gradstore import Candidate, GradientStore
 from msif_lite.engine.ihvp import Damping, InverseHVP
 from msif_lite.engine.layers import Grads, TrackedModule, find_modules
 from msif_lite.engine.prompts import encode_document, encode_prompt_answer
-from msif_lite.engine.scores import query_gradients
+from msif_lite.engine.scores import query_gradients, self_influence
 from msif_lite.engine.storage import ArtifactError, CorruptArtifactError, data_fingerprint
 from msif_lite.engine.tasks import IGNORE_INDEX, LanguageModelingTask, TokenBatch, make_token_batch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from msif_lite.world.training import Checkpoint
 
 INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff \t\r\n"  # zero-width and white space
 
@@ -72,6 +83,9 @@ class AttributionConfig:
         default=".cache/msif", metadata={"help": "where factors and candidate gradients go"}
     )
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars (every stage)"})
+    gradient_cache_gb: float = field(
+        default=20.0, metadata={"help": "disk budget of a candidate set's cached gradients; "
+                                        "above it they are streamed, never written"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.factors, FactorConfig):
@@ -136,6 +150,8 @@ class Attributor:
         config: AttributionConfig = AttributionConfig(),
         *,
         alpha: float | None = None,
+        checkpoints: Sequence[Checkpoint] = (),
+        mentions: Mapping[str, str] | None = None,
     ):
         check_same_architecture(pretrained, finetuned)
         check_tokenizer_fits(finetuned, tokenizer)
@@ -161,6 +177,11 @@ class Attributor:
         self.ft_modules = find_modules(finetuned, fc.include, fc.exclude)
         self.cache = Path(config.cache_dir)
         self._norms: dict[tuple[Stage, str], float] = {}
+        self._self_inf: dict[tuple, float] = {}
+        # pre-training checkpoints (TracIn) and the entity each document is about (the
+        # post-mention variant); only the methods of Notebook 11 read them
+        self.checkpoints = tuple(checkpoints)
+        self.mentions = dict(mentions or {})
 
     @property
     def alpha(self) -> float:
@@ -249,10 +270,15 @@ class Attributor:
         return curvature(self.config.curvature).inverse(factors, damping)
 
     # ------------------------------------------------------------------ gradients
+    def gradient_store(self, model, modules, dtype: torch.dtype | None = None) -> GradientStore:
+        """A candidate-gradient store for any model with this Attributor's settings."""
+        return self._store(model, modules, dtype)
+
     def _store(self, model, modules, dtype: torch.dtype | None = None) -> GradientStore:
         return GradientStore(model, self.task, modules, self.collate, self.cache / "grads",
                              batch_size=self.config.batch_size, dtype=dtype,
-                             progress=self.config.progress)  # fmt: skip
+                             progress=self.config.progress,
+                             disk_budget_bytes=self.config.gradient_cache_gb * 1e9)  # fmt: skip
 
     @cached_property
     def pretrained_store(self) -> GradientStore:
@@ -287,10 +313,20 @@ class Attributor:
         if not questions:
             raise ValueError("no questions given")
         stage = Stage(at)
-        batch = self.collate([self.qa_example(q.prompt, q.answer) for q in questions])
-        g = query_gradients(self.stage_model(stage), self.task, batch,
-                            self.stage_modules(stage), self.config.batch_size)  # fmt: skip
+        g = self.query_grads_of(self.stage_model(stage), self.stage_modules(stage), questions)
         return self.rename(g, Stage.PRETRAINED)
+
+    def query_grads_of(self, model: nn.Module, modules: Sequence[TrackedModule],
+                       questions: Sequence[QuestionLike]) -> Grads:  # fmt: skip
+        """∇m(q) per question for any model (keyed by `modules`' names)."""
+        batch = self.collate([self.qa_example(q.prompt, q.answer) for q in questions])
+        return query_gradients(model, self.task, batch, modules, self.config.batch_size)
+
+    def checkpoint_model(self, checkpoint: Checkpoint) -> nn.Module:
+        """The pre-trained model's architecture with a checkpoint's weights."""
+        model = copy.deepcopy(self.pretrained)
+        model.load_state_dict(checkpoint.state)
+        return model.eval()
 
     def query_norms(self, questions: Sequence[QuestionLike], at: Stage) -> torch.Tensor:
         """‖∇m(q)‖ over the tracked layers, (Q,) float64."""
@@ -304,6 +340,22 @@ class Attributor:
             for d, n in zip(todo, self.store(at).norms(self.candidates(todo)).tolist()):
                 self._norms[(at, d)] = n
         return torch.tensor([self._norms[(at, d)] for d in doc_ids], dtype=torch.float64)
+
+    def self_influence(self, doc_ids: Sequence[str], at: Stage,
+                       settings: ScoreSettings) -> torch.Tensor:  # fmt: skip
+        """I(z, z) = ∇ℓ(z)ᵀ (H + λI)⁻¹ ∇ℓ(z) at stage `at` with that stage's damping of
+        `settings` (RelatIF's normaliser), (N,) float64, memoised per document."""
+        pt = at is Stage.PRETRAINED
+        tag = (at, settings.pretrain_damping if pt else settings.finetune_damping,
+               settings.float64)  # fmt: skip
+        todo = [d for d in dict.fromkeys(doc_ids) if (tag, d) not in self._self_inf]
+        if todo:
+            inv = (pretrain_preconditioner if pt else finetune_preconditioner)(self, settings)
+            vals = self_influence(self.stage_model(at), self.task,
+                                  self._batches(self.candidates(todo)), inv,
+                                  self.stage_modules(at), progress=False)  # fmt: skip
+            self._self_inf.update({(tag, d): float(v) for d, v in zip(todo, vals.tolist())})
+        return torch.tensor([self._self_inf[(tag, d)] for d in doc_ids], dtype=torch.float64)
 
     # ------------------------------------------------------------------ scores
     def scores(

@@ -47,6 +47,7 @@ class Normalise(str, Enum):
 
     NONE = "none"
     UNIT = "unit"  # divide by ‖∇m(q)‖·‖∇ℓ(z)‖ (gradient cosine; TrackStar's unit norm)
+    SELF_INFLUENCE = "self_influence"  # divide by √(∇ℓ(z)ᵀ P_z ∇ℓ(z)) (RelatIF)
 
 
 class TextQuery(str, Enum):
@@ -152,17 +153,20 @@ class GradientMethod(Method):
         return torch.tensor([g == self.layer_group for g in groups], dtype=torch.float64)
 
     def scale(self, att: Attributor, questions: Sequence[QuestionLike],
-              doc_ids: Sequence[str]) -> torch.Tensor | None:  # fmt: skip
+              doc_ids: Sequence[str], settings: ScoreSettings) -> torch.Tensor | None:  # fmt: skip
         """(Q, N) normalisation s(q, z), or None (s = 1)."""
         if self.normalise is Normalise.NONE:
             return None
+        if self.normalise is Normalise.SELF_INFLUENCE:
+            self_inf = att.self_influence(doc_ids, self.candidates_at, settings)
+            return self_inf.clamp_min(1e-30).rsqrt()[None, :].expand(len(questions), -1)
         return self.scale_from(att.query_norms(questions, self.query_at),
                                att.candidate_norms(doc_ids, self.candidates_at))  # fmt: skip
 
     def scale_from(self, query_norms: torch.Tensor,
                    candidate_norms: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
         """s(q, z) from ‖∇m(q)‖ (Q,) and ‖∇ℓ(z)‖ (N,): 1/(‖∇m‖‖∇ℓ‖) for UNIT, else None."""
-        if self.normalise is Normalise.NONE:
+        if self.normalise is not Normalise.UNIT:
             return None
         return 1.0 / (query_norms[:, None] * candidate_norms[None, :]).double().clamp_min(1e-30)
 
@@ -178,7 +182,7 @@ class GradientMethod(Method):
         pre = self.preconditioned(att, questions, settings)
         layers = att.store(self.candidates_at).scores(pre, att.candidates(doc_ids),
                                                       by_module=True).double()  # fmt: skip
-        s = self.scale(att, questions, doc_ids)
+        s = self.scale(att, questions, doc_ids, settings)
         return layers if s is None else layers * s[..., None]
 
     def scores(self, att, questions, doc_ids, settings):
@@ -273,6 +277,11 @@ register(GradientMethod(
     "multi_stage_alpha_inf", "Multi-stage as α → ∞",
     "∇m(q, θ_ft)ᵀ (H_pt + λ_pt I)⁻¹ ∇ℓ(z, θ_pt): α(H_ft + αI)⁻¹ → I, isolates what the "
     "fine-tuning curvature adds", FT, PT, pretrain_preconditioner, damped_stage=PT))
+register(GradientMethod(
+    "multi_stage_relatif", "Multi-stage, self-influence normalised (RelatIF)",
+    "the multi-stage score / √(∇ℓ(z)ᵀ (H_pt + λ_pt I)⁻¹ ∇ℓ(z)) (RelatIF; Barshan et al. 2020)",
+    FT, PT, multi_stage_preconditioner, damped_stage=PT, uses_alpha=True,
+    normalise=Normalise.SELF_INFLUENCE))
 register(TextMethod("bm25", "BM25 (question + answer)",
                     "BM25 (bm25s) of question + answer against the document text", "bm25"))
 register(TextMethod("embedding", "Embedding cosine (question + answer)",
@@ -290,4 +299,11 @@ register(RandomMethod("random", "Random", "a seeded random score: the floor"))
 def describe_methods() -> str:
     """One line per registered method (the CLI's --method help)."""
     return "\n".join(f"{n}: {m.description}" for n, m in METHODS.items())
+
+
+
+# the variants of Notebook 11 and multi_stage_projected (attribution/projected.py) register
+# themselves (after the registry above exists)
+from msif_lite.attribution import projected as _projected  # noqa: E402, F401
+from msif_lite.attribution import variants as _variants  # noqa: E402, F401
 

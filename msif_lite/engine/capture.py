@@ -42,6 +42,16 @@ class LayerCapture:
         """DW_n = Σ_t Ds_{n,t} ā_{n,t}ᵀ, shape (B, out, d_in) (one batched GEMM)."""
         return torch.bmm(self.ds.transpose(1, 2), self.a)  # contiguous (B, out, d_in)
 
+    def token_scores(self, preconditioned: torch.Tensor) -> torch.Tensor:
+        """I[q, b, t] = Ds_{b,t}ᵀ P_q ā_{b,t}: position t's part of ⟨P_q, DW_b⟩ (DW_b =
+        Σ_t Ds_{b,t} ā_{b,t}ᵀ); P (Q, out, d_in)."""
+        return (torch.einsum("bto,qoi->qbti", self.ds, preconditioned) * self.a).sum(-1)
+
+    def token_grad_sq_norms(self) -> torch.Tensor:
+        """‖Ds_{b,t} ā_{b,t}ᵀ‖² = ‖Ds_{b,t}‖² ‖ā_{b,t}‖²: the squared norm of position t's
+        (rank-one) part of DW_b, (B, T)."""
+        return self.ds.pow(2).sum(-1) * self.a.pow(2).sum(-1)
+
     def nbytes(self) -> int:
         return self.a.numel() * self.a.element_size() + self.ds.numel() * self.ds.element_size()
 

@@ -272,10 +272,6 @@ def per_token_scores(
     pre = preconditioned_query_grads
     dtype = pre[modules[0].name].dtype
     cap = capture_batch(model, task, candidate_batch, modules, dtype=dtype)
-    total = None
-    for m, x in zip(modules, cap.layers):
-        ds_p = torch.einsum("bto,qoi->qbti", x.ds, pre[m.name])
-        s = (ds_p * x.a).sum(-1)
-        total = s if total is None else total + s
+    total = sum(x.token_scores(pre[m.name]) for m, x in zip(modules, cap.layers))
     check_finite({"per-token scores": total}, "scores")
     return total.masked_fill(~cap.mask, 0.0)

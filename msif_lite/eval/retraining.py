@@ -31,6 +31,7 @@ from msif_lite.world.generate import World
 from msif_lite.world.lm import answer_correct, build_model, config_hash, tokenizer_hash
 from msif_lite.world.training import (
     PIPELINE_PRESETS,
+    Checkpoint,
     PipelinePreset,
     finetune,
     pretrain,
@@ -108,6 +109,19 @@ def retrain(
     finetune(model, reference, tokenizer, world.finetune_qa,
              replace(p.finetune, seed=data_seed, progress=False), p.alpha)  # fmt: skip
     return model
+
+
+def pretrain_checkpoints(
+    world: World, tokenizer, cfg: RetrainConfig, every: int, device: torch.device | None = None,
+) -> list[Checkpoint]:
+    """Re-run the pipeline's pre-training on the whole corpus (same initialisation, data order
+    and schedule as `cfg`), keeping the weights every `every` steps and after the last: the
+    checkpoints TracIn sums over (Notebook 11). The last one reproduces θ_pt."""
+    p = cfg.preset
+    model = build_model(p.model, len(tokenizer), cfg.init_seed, tokenizer).to(device or "cpu")
+    res = pretrain(model, tokenizer, world, replace(p.pretrain, seed=cfg.data_seed,
+                                                    progress=False, checkpoint_every=every))
+    return res.checkpoints
 
 
 def outcome(model, tokenizer, queries: Sequence) -> dict:

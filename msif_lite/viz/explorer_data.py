@@ -18,7 +18,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from msif_lite.attribution.attributor import Attributor
-from msif_lite.attribution.methods import GradientMethod, ScoreSettings, Stage, get_method
+from msif_lite.attribution.methods import (
+    GradientMethod,
+    Normalise,
+    ScoreSettings,
+    Stage,
+    get_method,
+)
 from msif_lite.engine.ihvp import Damping
 from msif_lite.engine.layers import Grads
 from msif_lite.engine.prompts import as_prompt, retrieval_text, strip_scaffold
@@ -191,12 +197,14 @@ class ExplorerData:
     def _stage(self, method: str) -> Stage:
         return get_method(method).candidates_at
 
-    def _scale(self, q: ExplorerQuery, method: str, doc_ids: Sequence[str]):
+    def _scale(self, q: ExplorerQuery, s: Settings, doc_ids: Sequence[str]):
         """The method's normalisation s(q, z) per document, or None (memoised)."""
-        m = get_method(method)
-        return self._cached(("scale", q, method, tuple(doc_ids)),
-                            lambda: None if (s := m.scale(self.att, [q], doc_ids)) is None
-                            else s[0])  # fmt: skip
+        m = get_method(s.method)
+        key = s if m.normalise is Normalise.SELF_INFLUENCE else s.method  # damping matters
+        return self._cached(("scale", q, key, tuple(doc_ids)),
+                            lambda: None if (v := m.scale(self.att, [q], doc_ids,
+                                                          self.score_settings(s))) is None
+                            else v[0])  # fmt: skip
 
     # ------------------------------------------------------------------ scores
     def _doc_grads(self, method: str, doc_ids: Sequence[str]) -> list[Grads]:
@@ -249,7 +257,7 @@ class ExplorerData:
             mat = self._pool_matrix(s.method, cands)
             layers = torch.stack([(mat[m.name] @ pre[m.name].reshape(-1).to(mat[m.name].dtype))
                                   .double() for m in modules], -1)  # fmt: skip
-            scale = self._scale(q, s.method, cands)
+            scale = self._scale(q, s, cands)
             if scale is not None:
                 layers = layers * scale[:, None]
             layers = layers * method.layer_mask(self.att)
@@ -285,7 +293,7 @@ class ExplorerData:
             cands = [self.att.candidate(d) for d in todo]
             tok = per_token_scores(model, self.att.task, pre, self.att.collate(cands), modules)
             tok = tok[0].double()
-            scale = self._scale(q, s.method, todo)
+            scale = self._scale(q, s, todo)
             if scale is not None:
                 tok = tok * scale[:, None]
             tk = self.att.tokenizer

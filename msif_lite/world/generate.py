@@ -174,6 +174,12 @@ class World:
             h.update(name.encode() + b"\0" + data)
         return h.hexdigest()
 
+    def document_mentions(self) -> dict[str, str]:
+        """doc_id → the name of the entity a document states facts about (documents that
+        state none are left out): the mentions of Notebook 11's after-mention variant."""
+        return {d.doc_id: self.entity_name(self.fact(d.fact_ids[0]).entity_id)
+                for d in self.documents if d.fact_ids}  # fmt: skip
+
     def pretrain_texts(self) -> list[str]:
         """The pre-training corpus as strings (documents of every kind, in doc-id order)."""
         return [d.text for d in self.documents]

@@ -55,12 +55,26 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
     seed: int = field(default=0, metadata={"help": "seed for batch order"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "keep a copy of the weights every this many steps and after the last one, "
+                "with the step's lr (TracIn over checkpoints, Notebook 11); 0 = off"})
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("set TrainConfig.steps and TrainConfig.batch_size >= 1")
         if not (self.lr > 0 and 0 <= self.min_lr_frac <= 1 and self.warmup >= 0):
             raise ValueError("set TrainConfig.lr > 0, min_lr_frac in [0, 1], warmup >= 0")
+        if self.checkpoint_every < 0:
+            raise ValueError("set TrainConfig.checkpoint_every >= 0 (0 keeps no checkpoints)")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The weights after `step` optimiser steps and the learning rate η of that step."""
+
+    step: int
+    lr: float
+    state: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -72,6 +86,7 @@ class TrainResult:
     steps: int
     seconds: float
     device: str
+    checkpoints: list[Checkpoint] = field(default_factory=list)  # TrainConfig.checkpoint_every
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -127,7 +142,7 @@ def _train(model, data, tokenizer, cfg: TrainConfig, desc: str, penalty=None) ->
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
-    losses, penalties = [], []
+    losses, penalties, checkpoints = [], [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, mininterval=2.0)
@@ -148,10 +163,15 @@ def _train(model, data, tokenizer, cfg: TrainConfig, desc: str, penalty=None) ->
         opt.step()
         losses.append(loss.item())
         penalties.append(pen.item())
+        every = cfg.checkpoint_every
+        if every and ((step + 1) % every == 0 or step + 1 == cfg.steps):
+            state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+            checkpoints.append(Checkpoint(step + 1, lr_at(step, cfg), state))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()
-    return TrainResult(losses, penalties, cfg.steps, time.perf_counter() - t0, dev.type)
+    return TrainResult(losses, penalties, cfg.steps, time.perf_counter() - t0, dev.type,
+                       checkpoints)
 
 
 def pretrain(
