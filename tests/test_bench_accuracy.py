@@ -121,3 +121,57 @@ def test_accuracy_bench_block_diagonal_reference(tiny_shipped, tmp_path, monkeyp
     text = diag.markdown({"block_mini": payload, "damping_5": payload})
     expected = payload["methods"]["block_exact"]["spearman_mean"]
     assert f"| {expected:.3f} ± " in text and f"costs {1 - expected:.2f} of Spearman" in text
+
+
+def test_whole_corpus_trend_and_damping_sweep(tiny_shipped, tmp_path, monkeypatch):
+    """benchmarks/accuracy_trend.py: G and the factors on 8 documents and on the whole corpus
+    (--fit 0), a damping sweep at 8; the composed accuracy.json has the headline on the whole
+    corpus (settings), one trend row per size × method, the sweep and the gap to the paper."""
+    root, world = tiny_shipped
+    monkeypatch.setenv("MSIF_FAST", "1")
+    spec = importlib.util.spec_from_file_location(
+        "accuracy_trend", Path(__file__).parents[1] / "benchmarks" / "accuracy_trend.py")
+    trend = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trend)
+    bench = ["--world", str(root / "world"), "--checkpoints", str(root / "ck"), "--queries", "2",
+             "--candidates", "20", "--cg", "2", "4", "--lissa", "3", "6", "--power-iters", "4",
+             "--label-draws", "2", "--quiet"]  # fmt: skip
+    argv = ["--sizes", "8", "0", "--damping-rel", "300", "--sweep", "3000", "--sweep-size", "8",
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--", *bench]  # fmt: skip
+    assert trend.main(argv) == 0
+    out = json.loads((tmp_path / "accuracy.json").read_text())
+    s = out["settings"]
+    assert not out["partial"] and s["whole_corpus"]
+    assert s["n_fit_docs"] == s["n_corpus_docs"] == len(world.documents)
+    assert max(s["ground_truth_relative_residual"]) < 1e-6
+    assert s["damping_rel_to_mean_eig"] == pytest.approx(300)
+    sizes = {r["n_fit_docs"] for r in out["trend"]}
+    assert sizes == {8, len(world.documents)}
+    for n in sizes:
+        assert {r["method"] for r in out["trend"] if r["n_fit_docs"] == n} >= {
+            "ekfac", "kfac", "ekfac_draws2", "grad_dot", "cg_2", "cg_4", "lissa_3", "lissa_6"}
+    lams = sorted({round(r["damping_rel_to_mean_eig"]) for r in out["damping_sweep"]})
+    assert lams == [300, 3000]
+    assert out["gap"]["paper_ekfac"] == 0.612 and "margin_over_grad_dot" in out["gap"]
+    assert (tmp_path / "runs" / "fit8_lam300" / "partial.json").is_file()
+    assert (tmp_path / "accuracy_trend.png").is_file()
+    assert "## Trend" in (tmp_path / "accuracy.md").read_text()
+
+
+def test_preconditioned_ground_truth_agrees_with_plain_cg(tiny_shipped, tmp_path, monkeypatch):
+    """--precondition ekfac (PCG) and plain CG solve the same system: converged residuals
+    below 1e-6 and the same scores (every method's Spearman vs each truth equal to 1e-3)."""
+    root, _ = tiny_shipped
+    monkeypatch.setenv("MSIF_FAST", "1")
+    res = {}
+    for pre in ("none", "ekfac"):
+        argv = ["--world", str(root / "world"), "--checkpoints", str(root / "ck"),
+                "--out", str(tmp_path / pre), "--queries", "2", "--candidates", "20", "--fit",
+                "6", "--cg", "2", "4", "--lissa", "3", "6", "--power-iters", "4",
+                "--precondition", pre, "--tol", "1e-8", "--quiet"]  # fmt: skip
+        assert main(argv) == 0
+        res[pre] = json.loads((tmp_path / pre / "accuracy.json").read_text())
+        assert max(res[pre]["ground_truth"]["relative_residual"]) < 1e-6
+    for name, r in res["none"]["methods"].items():
+        other = res["ekfac"]["methods"][name]["spearman_mean"]
+        assert r["spearman_mean"] == pytest.approx(other, abs=1e-3), name
