@@ -126,3 +126,18 @@ def test_student_copy_runs_in_fast_mode(tmp_path: Path, monkeypatch: pytest.Monk
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert any("mode=fast" in o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+
+
+DRAWS = re.compile(r"plt\.show\(\)|plt\.subplots\(|plt\.figure\(|"
+                   r"\b(?:score_distributions|rank_comparison|layer_contributions|token_heatmap)\(")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_cells_that_draw_show_their_figure(path: Path):
+    """A cell that builds a figure stores it as image/png (a library that switched the
+    matplotlib backend, or a figure never displayed, leaves the cell without one)."""
+    nb = json.loads(path.read_text())
+    missing = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+               and DRAWS.search("".join(c["source"]))
+               and not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+    assert not missing, f"cells {missing} draw a figure but store no image/png output"
