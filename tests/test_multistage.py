@@ -213,3 +213,85 @@ def test_two_stage_convex_prediction_matches_real_retraining():
     err_single = (-eps * single[:, chosen] - actual).norm()
     print(f"prediction error: multi-stage {err_ms:.3e}, single-stage {err_single:.3e}")
     assert err_ms < err_single
+
+
+def test_scaled_factors_are_the_factors_of_the_scaled_curvature(two_stage):
+    """EKFACFactors.scaled(c): (c·G_ekfac + λI)⁻¹ and, for K-FAC, (c·A⊗S + λI)⁻¹, dense."""
+    from msif_lite.engine.ihvp import KFACIHVP
+
+    s, c, lam = two_stage, 0.37, 1e-2
+    f = s["pt_f"]
+    dense = ekfac_dense(f, s["mpt"])
+    _, _, g = flat_query_and_candidate_grads(s)
+    vecs = {m.name: per_sequence_grads(s["pt"], s["task"], s["candidates"][1], s["mpt"])[m.name]
+            for m in s["mpt"]}
+    got = flatten(EKFACIHVP(f.scaled(c), Damping(absolute=lam)).apply(vecs), s["mpt"])
+    want = torch.linalg.solve(c * dense + lam * torch.eye(len(dense), dtype=dense.dtype),
+                              flatten(vecs, s["mpt"]).T).T
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-12)
+    kron = KFACIHVP(f.scaled(c), Damping(absolute=lam)).apply(vecs)
+    eig = [torch.outer(x.eig_s * c, x.eig_a) for x in f.layers]
+    kron_ref = KFACIHVP(f, Damping(absolute=lam))
+    kron_ref._denoms = [e + lam for e in eig]  # the same bases, eigenvalues scaled by c
+    torch.testing.assert_close(flatten(kron, s["mpt"]), flatten(kron_ref.apply(vecs), s["mpt"]),
+                               rtol=RTOL, atol=1e-12)  # fmt: skip
+    with pytest.raises(ValueError, match="positive factor"):
+        f.scaled(0.0)
+
+
+def test_token_mean_fine_tune_needs_the_curvature_over_the_mean_answer_length():
+    """The convex twin fine-tuned like the kit's LM: sequences of 1–5 'tokens' (rows) and the
+    token-mean loss Σ_n ℓ_n / Σ_n t_n + (α/2)‖θ − θ_pt‖². The curvature fitted as the kit
+    fits G_ft (per-sequence token sums, averaged over sequences) is T̄ times the Hessian of
+    that objective, so the multi-stage prediction must use G_ft / T̄ (AttributionConfig.
+    finetune_loss="token_mean"): it then matches retraining (Pearson > 0.99 per query,
+    relative error < 5 % at ε = 0.05/N) and beats the unscaled G_ft by 5×."""
+    torch.manual_seed(0)
+    d, c, n_pt, lam, alpha = 5, 4, 60, 1e-2, 0.05
+    lengths = torch.tensor([1, 5, 3, 4, 2, 5, 1, 4, 3, 5])
+    teacher = torch.randn(c, d, dtype=torch.float64)
+    x_pt = torch.randn(n_pt, d, dtype=torch.float64)
+    y_pt = torch.distributions.Categorical(logits=x_pt @ teacher.T).sample()
+    n_rows = int(lengths.sum())
+    x_ft = torch.randn(n_rows, d, dtype=torch.float64) + 0.7
+    y_ft = torch.distributions.Categorical(logits=x_ft @ (teacher + 0.5).T).sample()
+    xq, yq = torch.randn(4, d, dtype=torch.float64), torch.randint(0, c, (4,))
+    task = ClassificationTask()
+
+    def two_stage(weights):
+        model = torch.nn.Linear(d, c).double()
+        torch.nn.init.zeros_(model.weight)
+        torch.nn.init.zeros_(model.bias)
+        fit_convex(model, task, (x_pt, y_pt), lam, weights, tol=1e-12)
+        pt = copy.deepcopy(model)  # rows = tokens: fit_convex's row mean is the token mean
+        fit_convex(model, task, (x_ft, y_ft), alpha, anchor=trainable_vector(pt), tol=1e-12)
+        return pt, model
+
+    pt, ft = two_stage(None)
+    base = task.measurement(ft, (xq, yq)).detach()
+    modules = find_modules(pt)
+    t_bar = n_rows / len(lengths)
+    g_fit = dense_ggn(ft, task, (x_ft, y_ft), find_modules(ft)) * t_bar  # Σ over a sequence's
+    g_pt = dense_ggn(pt, task, (x_pt, y_pt), modules)  # rows, averaged over the sequences
+    qg = query_gradients(ft, task, (xq, yq), find_modules(ft))
+
+    def predicted(scale: float) -> torch.Tensor:
+        ihvp = MultiStageIHVP(DenseSolveIHVP(scale * g_fit, modules, alpha),
+                              DenseSolveIHVP(g_pt, modules, lam), alpha)  # fmt: skip
+        return pairwise_scores(pt, task, qg, [(x_pt, y_pt)], ihvp, modules, progress=False)
+
+    eps, chosen = 0.05 / n_pt, list(range(0, n_pt, 3))  # small ε: the first-order regime
+    actual = []
+    for i in chosen:
+        w = torch.ones(n_pt, dtype=torch.float64)
+        w[i] += n_pt * eps
+        actual.append(task.measurement(two_stage(w)[1], (xq, yq)).detach() - base)
+    actual = torch.stack(actual).T
+    token_mean = -eps * predicted(1.0 / t_bar)[:, chosen]
+    as_fitted = -eps * predicted(1.0)[:, chosen]
+    for q in range(actual.shape[0]):
+        assert torch.corrcoef(torch.stack([actual[q], token_mean[q]]))[0, 1] > 0.99
+    err_tm, err_fit = (token_mean - actual).norm(), (as_fitted - actual).norm()
+    print(f"T̄ = {t_bar}: relative error with G/T̄ {err_tm / actual.norm():.3e}, with G as "
+          f"fitted {err_fit / actual.norm():.3e}")
+    assert err_tm < 0.05 * actual.norm() and err_tm < 0.2 * err_fit

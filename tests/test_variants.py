@@ -197,3 +197,29 @@ def test_registered_variants_are_in_the_registry():
     for n in ("multi_stage_relatif", "multi_stage_token_unit", "multi_stage_token_positive",
               "multi_stage_after_mention", "tracin"):
         assert get_method(n).name == n
+
+
+def test_finetune_curvature_is_scaled_to_the_token_mean_objective(tiny):
+    """H_ft = G_ft / T̄ with T̄ the mean answer tokens (+ eos) per fine-tuning pair; the
+    'example_mean' setting keeps G_ft as fitted."""
+    from msif_lite.engine.ihvp import EKFACIHVP
+    from msif_lite.engine.tasks import Normalisation
+
+    t = _att(tiny)
+    lens = [sum(lab != -100 for lab in t.qa_example(p, a).labels[1:]) for p, a in t.finetune_pairs]
+    assert t.finetune_objective_scale == pytest.approx(len(lens) / sum(lens))
+    assert sum(lens) > len(lens)  # answers are longer than one token: the factor matters
+    v = t.query_grads(_queries(t), Stage.FINETUNED)
+    v = t.rename(v, Stage.FINETUNED)
+    got = t.inverse(Stage.FINETUNED, Damping(absolute=t.alpha)).apply(v)
+    want = EKFACIHVP(t.finetune_factors.scaled(len(lens) / sum(lens)),
+                     Damping(absolute=t.alpha)).apply(v)  # fmt: skip
+    for k in v:
+        torch.testing.assert_close(got[k], want[k])
+    s, cache = tiny
+    ex = Attributor(s.pretrained, s.finetuned, s.tokenizer, [(d.doc_id, d.text) for d in
+                    s.world.documents[:12]], t.finetune_pairs,
+                    AttributionConfig(cache_dir=str(cache), progress=False,
+                                      factors=FactorConfig(max_batches=2),
+                                      finetune_loss=Normalisation.EXAMPLE_MEAN), alpha=s.alpha)
+    assert ex.finetune_objective_scale == 1.0

@@ -42,7 +42,13 @@ from msif_lite.engine.layers import Grads, TrackedModule, find_modules
 from msif_lite.engine.prompts import encode_document, encode_prompt_answer
 from msif_lite.engine.scores import query_gradients, self_influence
 from msif_lite.engine.storage import ArtifactError, CorruptArtifactError, data_fingerprint
-from msif_lite.engine.tasks import IGNORE_INDEX, LanguageModelingTask, TokenBatch, make_token_batch
+from msif_lite.engine.tasks import (
+    IGNORE_INDEX,
+    LanguageModelingTask,
+    Normalisation,
+    TokenBatch,
+    make_token_batch,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from msif_lite.world.training import Checkpoint
@@ -78,6 +84,13 @@ class AttributionConfig:
     include_alpha: bool = field(
         default=True, metadata={"help": "multi_stage reports α·(…) = −dm/dε (True) or (…)/1"}
     )
+    finetune_loss: Normalisation = field(
+        default=Normalisation.TOKEN_MEAN,
+        metadata={"help": "how the fine-tuning loss the model was trained with averages its "
+                          "pairs: 'token_mean' (the Hugging Face loss; the kit's fine-tune) "
+                          "makes H_ft = G_ft / T̄, T̄ = mean answer tokens per pair, so that "
+                          "(H_ft + αI) uses the α of the objective; 'example_mean' uses G_ft "
+                          "as fitted (per-pair token sums averaged over pairs)"})  # fmt: skip
     batch_size: int = field(default=16, metadata={"help": "sequences per forward/backward"})
     cache_dir: str = field(
         default=".cache/msif", metadata={"help": "where factors and candidate gradients go"}
@@ -102,6 +115,7 @@ class AttributionConfig:
                 raise TypeError(f"AttributionConfig.{name} must be a number (λ) or a Damping, "
                                 "e.g. 1e-4, Damping(absolute=1e-4) or Damping(heuristic_factor="
                                 f"0.1); got {value!r}")
+        object.__setattr__(self, "finetune_loss", Normalisation(self.finetune_loss))
         if self.batch_size < 1:
             raise ValueError("AttributionConfig.batch_size must be >= 1")
 
@@ -259,15 +273,32 @@ class Attributor:
     @cached_property
     def finetune_factors(self) -> EKFACFactors | None:
         """Factors of G_ft on the fine-tuning QA pairs at θ_ft (answer-only loss)."""
-        ex = [self.qa_example(p, a) for p, a in self.finetune_pairs]
-        return self._fit(self.finetuned, ex, Stage.FINETUNED)
+        return self._fit(self.finetuned, self.finetune_examples(), Stage.FINETUNED)
+
+    def finetune_examples(self) -> list[Candidate]:
+        """The fine-tuning pairs as training examples (the loss on the answer only)."""
+        return [self.qa_example(p, a) for p, a in self.finetune_pairs]
 
     def inverse(self, stage: Stage, damping: Damping, float64: bool = False) -> InverseHVP:
-        """(G_stage + λI)⁻¹ with the configured curvature (`AttributionConfig.curvature`)."""
+        """(H_stage + λI)⁻¹ with the configured curvature (`AttributionConfig.curvature`);
+        H_ft = c·G_ft with c = `finetune_objective_scale` (the fine-tune's loss normalisation)."""
         factors = self.pretrain_factors if stage is Stage.PRETRAINED else self.finetune_factors
+        if stage is Stage.FINETUNED and factors is not None:
+            factors = factors.scaled(self.finetune_objective_scale)
         if float64 and factors is not None:
             factors = factors.to(torch.float64)
         return curvature(self.config.curvature).inverse(factors, damping)
+
+    @cached_property
+    def finetune_objective_scale(self) -> float:
+        """c with H_ft = c·G_ft. G_ft is fitted from per-pair gradients (token sums), averaged
+        over pairs; the fine-tune minimised J = Σ_n ℓ_n / Σ_n t_n + (α/2)‖θ − θ_pt‖² (token
+        mean, `finetune_loss="token_mean"`), whose Hessian is G_ft / T̄, T̄ = Σ_n t_n / N the
+        mean number of answer tokens (+ eos) per pair: c = 1/T̄. With "example_mean", c = 1."""
+        if self.config.finetune_loss is Normalisation.EXAMPLE_MEAN:
+            return 1.0
+        t = [sum(lab != IGNORE_INDEX for lab in c.labels[1:]) for c in self.finetune_examples()]
+        return len(t) / sum(t)
 
     # ------------------------------------------------------------------ gradients
     def gradient_store(self, model, modules, dtype: torch.dtype | None = None) -> GradientStore:

@@ -270,6 +270,20 @@ class EKFACFactors(_Factors):
     def has_lambda(self) -> bool:
         return all(x.lam is not None for x in self.layers)
 
+    def scaled(self, c: float) -> EKFACFactors:
+        """Factors of c·G: the eigenbases are unchanged, eig_s and Λ are multiplied by c (so
+        K-FAC's λ_S λ_Aᵀ and EK-FAC's Λ both scale). Used to turn the fitted per-sequence G
+        into the Hessian of a token-mean objective (`AttributionConfig.finetune_loss`)."""
+        if not c > 0:
+            raise ValueError(f"scale the curvature by a positive factor, got {c}")
+
+        def mul(t):
+            return None if t is None else t * c
+
+        layers = tuple(EigenFactors(x.name, x.q_a, x.eig_a, x.q_s, mul(x.eig_s), mul(x.lam))
+                       for x in self.layers)  # fmt: skip
+        return dataclasses.replace(self, layers=layers)
+
     def to(self, dtype: torch.dtype) -> EKFACFactors:
         """The same factors in `dtype` (float64 keeps a tiny damping λ invertible)."""
         def cast(t):

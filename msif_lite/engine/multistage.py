@@ -16,6 +16,12 @@ exactly α and then by the pre-training curvature with damping λ_pt, dotted wit
 gradients at θ_pt. Both H are symmetric, so preconditioning the query in that order is
 the same as preconditioning the candidate in the opposite order.
 
+H_ft is the Hessian of the objective the fine-tune minimised. The kit's fine-tune (and any
+Hugging Face one) minimises the token *mean* Σ_n ℓ_n / Σ_n t_n plus the penalty, while G_ft
+is fitted from per-pair token sums averaged over pairs: H_ft = G_ft / T̄, T̄ the mean number
+of answer tokens per pair. The Attributor applies that factor (`AttributionConfig.
+finetune_loss`); without it α would be compared with a curvature T̄ times too large.
+
 The factor α changes the scale, not the ranking: `include_alpha=True` (the default)
 reports −dm/dε itself; False reports it divided by α. As α → ∞, α(H_ft + αI)⁻¹ → I and
 the score tends to single-stage influence at θ_pt with the query gradient taken at θ_ft.

@@ -13,6 +13,7 @@ Conventions (docs/design.md §Conventions, derived in notebooks 01 and 06):
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 from collections.abc import Sequence
@@ -27,6 +28,13 @@ IGNORE_INDEX = -100
 Fisher = Literal["sampled", "empirical"]
 """'sampled': labels drawn from the model (true Fisher = GGN for softmax CE);
 'empirical': the data labels (empirical Fisher)."""
+
+
+class Normalisation(str, enum.Enum):
+    """How a training objective averages its per-example losses ℓ_n (token sums)."""
+
+    TOKEN_MEAN = "token_mean"  # Σ_n ℓ_n / Σ_n t_n, t_n = target tokens (the HF LM loss)
+    EXAMPLE_MEAN = "example_mean"  # Σ_n ℓ_n / N
 
 
 class Task(Protocol):

@@ -22,7 +22,6 @@ sums within a batch).
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,14 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from msif_lite.engine.tasks import IGNORE_INDEX, Task, TokenBatch
-
-
-class Normalisation(str, enum.Enum):
-    """How the per-example losses are averaged in J."""
-
-    TOKEN_MEAN = "token_mean"  # Σ_n ℓ_n / Σ_n t_n, t_n = target tokens (the HF LM loss)
-    EXAMPLE_MEAN = "example_mean"  # Σ_n ℓ_n / N
+from msif_lite.engine.tasks import IGNORE_INDEX, Normalisation, Task, TokenBatch
 
 
 @dataclass(frozen=True)
