@@ -14,8 +14,11 @@ refuses (check_fits) when a stage would not fit. Writes results/bloom560m.json +
 - On a CPU: a reduced size — 4 blocks, hidden 128, 4 heads, vocabulary 4,096, all 16 linear
   layers, 8,192 fit tokens (16 batches of 4 × 128 tokens), float32 (no autocast), 16
   queries × 32 candidates; one intra-op thread — recorded as such in the JSON (`size`).
-`--size full|reduced` overrides the choice. Time predictions: FLOPs per stage divided by the
-throughput the floor measured (eigh: a 512×512 float64 probe scaled by n³).
+`--size full|reduced|tiny` overrides the choice (tiny: seconds, for a CPU smoke test).
+Scoring runs twice: full-rank queries, and rank-32 queries preconditioned layer by layer
+(`engine.scores.preconditioned_queries`), whose predicted peak at the full shape is < 24 GiB.
+Time predictions: FLOPs per stage divided by the throughput the floor measured (eigh: a
+512×512 float64 probe scaled by n³).
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class Size:
 FULL = Size("full (BLOOM-560m shape)", 1024, 24, 16, 250880, 512, 4, 1_000_000, 16, 64, 1000,
             "bfloat16")
 REDUCED = Size("reduced (CPU)", 128, 4, 4, 4096, 128, 4, 8192, 16, 32, 32, None)
+TINY = Size("tiny (CPU smoke test)", 32, 2, 2, 500, 32, 2, 256, 4, 16, 4, None)
+SIZES = {"full": FULL, "reduced": REDUCED, "tiny": TINY}
+LOW_RANK = 32  # the rank of the extra low-rank scoring stage (memory.MemoryOptions.query_rank)
 
 
 def _batches(size: Size, n_seq: int, seq_len: int, seed: int) -> list[TokenBatch]:
@@ -114,7 +120,8 @@ def run(size: Size, device: torch.device, progress: bool = False) -> dict:
                          query_len=size.query_len)  # fmt: skip
     plan = predict(cfg, opts, device)  # from the config alone, before building anything
     print(plan)
-    check_fits(plan, device, models_resident=1)  # all stages, scoring with 2 EK-FACs
+    check_fits(plan, device, models_resident=1,  # the stages run here, scoring with 2 EK-FACs
+               stages=("covariance", "eigendecomposition", "lambda", "scoring"))
     model = BloomForCausalLM(cfg).to(device).eval()
     task, mods = LanguageModelingTask(), find_modules(model)
     fcfg = FactorConfig(progress=progress, cache_activations_mb=0.0,
@@ -132,17 +139,17 @@ def run(size: Size, device: torch.device, progress: bool = False) -> dict:
     def floor(batches):
         _floor(model, task, batches, size, device)
 
-    rows, measured = [], {}
+    rows, measured, predicted = [], {}, dict(plan.peak)
 
     def stage(name, fn, mem_fn, held=0, pred_s=float("nan")):
-        print(f"[{name}] predicted peak {plan.peak.get(name, 0) / GiB:.3f} GiB", flush=True)
+        print(f"[{name}] predicted peak {predicted.get(name, 0) / GiB:.3f} GiB", flush=True)
         with Timer() as t:  # GPU: max_memory_allocated costs nothing, so meter the timed run
             peak, out = (0, fn()) if cpu else measure_peak(fn)
         if cpu:  # the profiler slows a CPU run down: meter a separate 2-batch run
             peak, _ = measure_peak(mem_fn)
         measured[name] = (t.seconds, peak + held)
         rows.append({"stage": name, "predicted_s": pred_s, "measured_s": t.seconds,
-                     "predicted_gib": plan.peak.get(name, float("nan")) / GiB,
+                     "predicted_gib": predicted.get(name, float("nan")) / GiB,
                      "measured_gib": (peak + held) / GiB})  # fmt: skip
         return out
 
@@ -175,6 +182,15 @@ def run(size: Size, device: torch.device, progress: bool = False) -> dict:
     c_tokens = size.n_candidates * size.seq_len
     stage("scoring", lambda: score(cands), lambda: score(cands[:2]), held=2 * nbytes(ek),
           pred_s=(fl["candidate"] + size.n_queries * fl["per_query_candidate"]) * c_tokens / rate)
+    rank = min(LOW_RANK, size.hidden)
+    low_plan = predict(cfg, replace(opts, query_rank=rank), device)
+
+    def score_low(cs):  # layer-by-layer preconditioning, truncated to rank r as it goes
+        return pairwise_scores(model, task, queries, cs, ihvp, mods, progress=progress, rank=rank)
+
+    predicted[f"scoring (rank {rank})"] = low_plan.peak["scoring"]
+    stage(f"scoring (rank {rank})", lambda: score_low(cands), lambda: score_low(cands[:2]),
+          held=2 * nbytes(ek), pred_s=fl["candidate"] * c_tokens / rate)
     return _payload(size, device, tokens, measured, rows, t_floor.seconds, len(mods))
 
 
@@ -189,6 +205,8 @@ def _payload(size: Size, device: torch.device, tokens: int, measured: dict, rows
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if not cpu else ""),
         "gpu": not cpu, "size": asdict(size), "fit_tokens": tokens, "fit_s": fit_s,
         "peak_mem_gib": peak / GiB, "scoring_peak_mem_gib": measured["scoring"][1] / GiB,
+        "scoring_lowrank_peak_mem_gib": next(v[1] for k, v in measured.items()
+                                             if k.startswith("scoring (rank")) / GiB,
         "floor_s": floor_s, "stages": rows,
         "tracked_layers": n_layers,
         "memory_measured_by": "torch.cuda.max_memory_allocated" if not cpu else
@@ -201,14 +219,16 @@ def _payload(size: Size, device: torch.device, tokens: int, measured: dict, rows
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=("auto", "full", "reduced"), default="auto")
+    p.add_argument("--size", choices=("auto", *SIZES), default="auto",
+                   help="full: the BLOOM-560m shape (default on a GPU); reduced: the CPU "
+                        "default; tiny: a seconds-long smoke test of the same script")
     p.add_argument("--out", default="results", help="results directory")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu":
         torch.set_num_threads(1)  # a shared 2-core machine: no OpenMP oversubscription
-    size = {"full": FULL, "reduced": REDUCED}.get(a.size, FULL if dev.type == "cuda" else REDUCED)
+    size = SIZES.get(a.size, FULL if dev.type == "cuda" else REDUCED)
     t0 = time.perf_counter()
     res = run(size, dev, a.progress)
     res["total_s"] = time.perf_counter() - t0
