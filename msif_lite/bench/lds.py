@@ -158,8 +158,15 @@ def removal_sets(world, scores: dict[str, torch.Tensor], targets: list[int],
 
 
 def run_removals(shipped: Shipped, cfg: RetrainConfig, sets: dict[str, list[str]],
-                 targets: list[int], partial: Path) -> dict[str, dict]:  # fmt: skip
-    """Retrain once per removal set (resumable); Δm on targets and on the other questions."""
+                 targets: list[int], partial: Path,
+                 previous: dict[str, dict] | None = None) -> dict[str, dict]:  # fmt: skip
+    """Retrain once per removal set (resumable); Δm on targets and on the other questions.
+
+    A row of `previous` (an earlier run's `top_k_removal`, same world, targets and seeds)
+    whose `removed` documents equal a set's is reused instead of retrained: the outcome of a
+    retrain depends only on what was removed and the seeds."""
+    old = {(tuple(r["removed"]), r["seed"]): r for r in (previous or {}).values()
+           if "removed" in r}  # fmt: skip
     world, tok = shipped.world, shipped.tokenizer
     done = {}
     if partial.exists():
@@ -170,6 +177,9 @@ def run_removals(shipped: Shipped, cfg: RetrainConfig, sets: dict[str, list[str]
     out = {}
     for name, removed in sets.items():
         seed = cfg.noise_seed if name == "none" else cfg.data_seed
+        if (tuple(removed), seed) in old:
+            out[name] = {**old[(tuple(removed), seed)], "reused": True}
+            continue
         key = hashlib.sha256(json.dumps([removed, seed, _settings(cfg)]).encode()).hexdigest()
         if key not in done:
             t0 = time.perf_counter()
@@ -186,11 +196,24 @@ def run_removals(shipped: Shipped, cfg: RetrainConfig, sets: dict[str, list[str]
                      "dm_others_mean": float(dm[others].mean()),
                      "acc_drop_targets": float((acc0 - acc)[targets].mean()),
                      "acc_drop_others": float((acc0 - acc)[others].mean()),
-                     "n_removed": len(removed), "seed": seed}  # fmt: skip
+                     "n_removed": len(removed), "seed": seed, "removed": list(removed)}  # fmt: skip
     return out
 
 
-def run(cfg: LDSBenchConfig, cache: Path, gt_path: Path | None = None) -> dict:
+def previous_removals(preset: str, n_targets: int, path: Path) -> dict[str, dict]:
+    """The committed leave-top-k-out rows of `preset` (results/lds.json) with their removed
+    documents, when they were for the same number of targets; else {}."""
+    if not path.exists():
+        return {}
+    w = json.loads(path.read_text()).get("worlds", {}).get(preset, {})
+    if w.get("settings", {}).get("removal_targets") != n_targets:
+        return {}
+    return {n: {k: v for k, v in r.items() if k != "reused"}
+            for n, r in w.get("top_k_removal", {}).items()}  # fmt: skip
+
+
+def run(cfg: LDSBenchConfig, cache: Path, gt_path: Path | None = None,
+        previous: Path = Path("results") / "lds.json") -> dict:
     """Everything the benchmark measures for one world, as the JSON payload."""
     t0 = time.perf_counter()
     wdir, cdir = trained_pipeline(cfg.retrain.pipeline)
@@ -219,7 +242,8 @@ def run(cfg: LDSBenchConfig, cache: Path, gt_path: Path | None = None) -> dict:
     rm_names = list(cfg.removal_methods or names)
     sets = removal_sets(world, {n: scores[n] for n in rm_names}, targets, k)
     removal = run_removals(shipped, cfg.retrain, sets, targets,
-                           cache / f"removal-{cfg.retrain.pipeline}.jsonl")  # fmt: skip
+                           cache / f"removal-{cfg.retrain.pipeline}.jsonl",
+                           previous_removals(world.preset, len(targets), previous))  # fmt: skip
     ceiling = noise_ceiling(gt)
     diag = diagnostics(gt, world, att, scores)
     return {"worlds": {world.preset: {
@@ -341,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gt_path = Path(a.ground_truth) if a.ground_truth else None
     if fast_mode() and gt_path is None:
         gt_path = Path(a.cache_dir) / "ground-truth-fast.json"
-    payload = run(cfg, Path(a.cache_dir), gt_path)
+    payload = run(cfg, Path(a.cache_dir), gt_path, Path(a.out) / "lds.json")
     args = sys.argv[1:] if argv is None else list(argv)
     for w in payload["worlds"].values():
         w["settings"]["command"] = " ".join(["msif-lite bench lds", *args])

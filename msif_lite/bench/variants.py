@@ -34,7 +34,13 @@ from msif_lite.attribution.attributor import AttributionConfig, Attributor
 from msif_lite.attribution.methods import Method, Stage, get_method
 from msif_lite.attribution.variants import TokenMethod, TokenSum, token_spans
 from msif_lite.bench.common import markdown_table, write_results
-from msif_lite.bench.lds import diagnostics, removal_sets, removal_targets, run_removals
+from msif_lite.bench.lds import (
+    diagnostics,
+    previous_removals,
+    removal_sets,
+    removal_targets,
+    run_removals,
+)
 from msif_lite.config import fast_mode
 from msif_lite.engine.capture import capture_batch
 from msif_lite.eval.metrics import lds, mean_reciprocal_rank, sem
@@ -166,8 +172,10 @@ def methods_for(names: Sequence[str]) -> list[Method]:
     return [get_method(n) for n in names] + list(INGREDIENTS)
 
 
-def run_world(pipeline: str, cfg: VariantsConfig, cache: Path) -> dict:
-    """Everything measured on one world (its shipped ground truth)."""
+def run_world(pipeline: str, cfg: VariantsConfig, cache: Path,
+              lds_results: Path = Path("results") / "lds.json") -> dict:  # fmt: skip
+    """Everything measured on one world (its shipped ground truth); removal sets already
+    retrained by `bench lds` (its results file) are reused."""
     wdir, cdir = trained_pipeline(pipeline)
     shipped = load_shipped(world_dir=wdir, checkpoint_dir=cdir)
     world, tok = shipped.world, shipped.tokenizer
@@ -201,7 +209,8 @@ def run_world(pipeline: str, cfg: VariantsConfig, cache: Path) -> dict:
     k = world.config.docs_per_fact
     rm = cfg.removal_methods if pipeline == cfg.pipelines[0] else cfg.hard_removal_methods
     sets = removal_sets(world, {n: scores[n] for n in rm}, targets, k)
-    removal = run_removals(shipped, rcfg, sets, targets, cache / f"removal-{pipeline}.jsonl")
+    removal = run_removals(shipped, rcfg, sets, targets, cache / f"removal-{pipeline}.jsonl",
+                           previous_removals(pipeline, len(targets), lds_results))
     return {
         "top_k_removal": removal,
         "lds": {n: {"mean": r["lds_mean"], "sem": r["lds_sem"]} for n, r in rows.items()},
