@@ -11,10 +11,23 @@ full-dimensional preconditioned query gradient (EK-FAC in the full space). With
 E[Π_inᵀ Π_in] = I and E[Π_outᵀ Π_out] = I (independent), the projected score is an unbiased
 estimate of ⟨P_l, DW_l⟩ (Johnson–Lindenstrauss); its error shrinks as 1/√k.
 
+Whitening (default for the registered method): a random projection keeps ⟨x, y⟩ only up to
+≈ ‖x‖‖y‖/√k, and the preconditioned query P = (H + λI)⁻¹∇m is dominated by low-curvature
+directions where candidate gradients are small, so cos(P, ∇ℓ) is tiny and the projection
+noise swamps the differences between documents. With the pre-training EK-FAC eigenbasis
+(Q_S, Q_A) and its damped eigenvalues D = Λ + λ_pt,
+
+    ⟨P, DW⟩ = ⟨(Q_Sᵀ P Q_A) ⊙ √D, (Q_Sᵀ DW Q_A) ⊘ √D⟩
+
+exactly (a rotation and a diagonal rescaling); both sides are then projected, the candidate
+side (H_pt + λ_pt I)^{-1/2}∇ℓ in the eigenbasis has balanced norms, and the estimate stays
+unbiased. The candidate side then forms DW_l per batch (B·o·d_in, not stored) before the
+projection; the store is keyed by the whitening too.
+
 Kinds: `orthogonal` (default): Π = √(d/k) · k orthonormal rows of a random rotation, so at
 k = d it is an orthogonal matrix and the score is exact; `gaussian`: i.i.d. N(0, 1/k) entries
 (TRAK-style). The matrices are drawn from `seed` and the layer name, so both sides and every
-run agree. Registered as `multi_stage_projected` (k_in = k_out = 64).
+run agree. Registered as `multi_stage_projected` (k_in = k_out = 64, whitened).
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -39,10 +52,39 @@ from msif_lite.attribution.methods import (
 )
 from msif_lite.engine.capture import BatchCapture
 from msif_lite.engine.gradstore import GradientStore
+from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP
 from msif_lite.engine.layers import Grads, TrackedModule
 
 if TYPE_CHECKING:  # pragma: no cover
     from msif_lite.attribution.attributor import Attributor
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """Per layer (Q_S, Q_A, √D): X ↦ (Q_Sᵀ X Q_A) ⊘ √D (candidates) or ⊙ √D (queries)."""
+
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    fingerprint: str
+
+    @classmethod
+    def from_inverse(cls, ihvp) -> Whitening | None:
+        """From an EK-FAC or K-FAC inverse (its damped eigenvalues); None for other inverses
+        (e.g. the identity curvature: nothing to whiten with)."""
+        if not isinstance(ihvp, EKFACIHVP | KFACIHVP):
+            return None
+        h, layers = hashlib.sha256(), {}
+        for f in ihvp.factors.layers:
+            d = f.lam if isinstance(ihvp, EKFACIHVP) else torch.outer(f.eig_s, f.eig_a)
+            root = (d + ihvp.damping_values[f.name]).sqrt()
+            layers[f.name] = (f.q_s, f.q_a, root)
+            for t in (f.q_s, f.q_a, root):
+                h.update(t.detach().double().cpu().numpy().tobytes())
+        return cls(layers, h.hexdigest()[:16])
+
+    def apply(self, name: str, x: torch.Tensor, query: bool) -> torch.Tensor:
+        q_s, q_a, root = (t.to(x.device, x.dtype) for t in self.layers[name])
+        rot = q_s.T @ x @ q_a
+        return rot * root if query else rot / root
 
 
 class ProjectionKind(str, Enum):
@@ -60,6 +102,7 @@ class KroneckerProjection:
     k_out: int
     kind: ProjectionKind = ProjectionKind.ORTHOGONAL
     seed: int = 0
+    whitening: Whitening | None = field(default=None, compare=False, repr=False, hash=False)
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -71,7 +114,8 @@ class KroneckerProjection:
 
     @property
     def fingerprint(self) -> str:
-        return f"kron-{self.kind.value}-{self.k_in}x{self.k_out}-seed{self.seed}"
+        w = f"-white{self.whitening.fingerprint}" if self.whitening is not None else ""
+        return f"kron-{self.kind.value}-{self.k_in}x{self.k_out}-seed{self.seed}{w}"
 
     def shape(self, module: TrackedModule) -> tuple[int, int]:
         return (min(self.k_out, module.out_features), min(self.k_in, module.d_in))
@@ -98,7 +142,10 @@ class KroneckerProjection:
         return p_out.to(like.device, like.dtype), p_in.to(like.device, like.dtype)
 
     def capture(self, capture: BatchCapture, modules: Sequence[TrackedModule]) -> Grads:
-        """(B, k_out, k_in) per layer: Σ_t (Π_out Ds_t)(Π_in ā_t)ᵀ, without forming DW."""
+        """(B, k_out, k_in) per layer: Σ_t (Π_out Ds_t)(Π_in ā_t)ᵀ, without forming DW; with
+        a whitening, Π_out [(Q_Sᵀ DW Q_A) ⊘ √D] Π_inᵀ (DW formed for this batch only)."""
+        if self.whitening is not None:
+            return self.dense(capture.grads(), modules, query=False)
         out = {}
         for m in modules:
             x = capture[m.name]
@@ -106,12 +153,16 @@ class KroneckerProjection:
             out[m.name] = torch.bmm((x.ds @ p_out.T).transpose(1, 2), x.a @ p_in.T)
         return out
 
-    def dense(self, grads: Grads, modules: Sequence[TrackedModule]) -> Grads:
-        """Π_out X Π_inᵀ for (…, o, d_in) matrices X per layer."""
+    def dense(self, grads: Grads, modules: Sequence[TrackedModule], query: bool = True) -> Grads:
+        """Π_out X Π_inᵀ for (…, o, d_in) matrices X per layer (whitened first, if set: the
+        query side ⊙ √D, the candidate side ⊘ √D)."""
         out = {}
         for m in modules:
-            p_out, p_in = self.matrices(m, grads[m.name])
-            out[m.name] = p_out @ grads[m.name] @ p_in.T
+            x = grads[m.name]
+            if self.whitening is not None:
+                x = self.whitening.apply(m.name, x, query)
+            p_out, p_in = self.matrices(m, x)
+            out[m.name] = p_out @ x @ p_in.T
         return out
 
 
@@ -141,19 +192,31 @@ class ProjectedGradientMethod(GradientMethod):
     with orthogonal projections)."""
 
     projection: KroneckerProjection = KroneckerProjection(64, 64)
+    whiten: bool = True  # whiten both sides by the pre-training EK-FAC first (module docstring)
 
     def __post_init__(self) -> None:
         if self.normalise is not Normalise.NONE:
             raise ValueError("ProjectedGradientMethod supports normalise=Normalise.NONE only")
 
+    def projection_for(self, att: Attributor, settings) -> KroneckerProjection:
+        """The projection, with the whitening of the candidate stage's curvature (damped as
+        the method's pre-training stage is) when `whiten`."""
+        if not self.whiten:
+            return self.projection
+        stage_damping = (settings.pretrain_damping if self.candidates_at is Stage.PRETRAINED
+                         else settings.finetune_damping)  # fmt: skip
+        white = Whitening.from_inverse(att.inverse(self.candidates_at, stage_damping))
+        return replace(self.projection, whitening=white, _cache={})
+
     def layer_scores(self, att, questions, doc_ids, settings):
         pre = self.preconditioned(att, questions, settings)
-        store = projected_store(att, self.candidates_at, self.projection)
+        store = projected_store(att, self.candidates_at, self.projection_for(att, settings))
         return store.scores(pre, att.candidates(doc_ids), by_module=True).double()
 
 
 register(ProjectedGradientMethod(
     "multi_stage_projected", "Multi-stage, projected candidate gradients (64×64 per layer)",
-    "the multi-stage score with candidate gradients stored as Π_out ∇ℓ Π_inᵀ (a Kronecker "
-    "random projection, LoGra-style; 64×64 per layer)", FT, PT, multi_stage_preconditioner,
+    "the multi-stage score with candidate gradients stored as Π_out W(∇ℓ) Π_inᵀ (whitened by "
+    "the pre-training EK-FAC, then a Kronecker random projection, LoGra-style; 64×64 per "
+    "layer)", FT, PT, multi_stage_preconditioner,
     damped_stage=PT, uses_alpha=True))

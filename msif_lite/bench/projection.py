@@ -4,7 +4,8 @@
 (gpt-neox-mini, `load_shipped`), fits both stages' EK-FAC once, and scores Q of the world's
 held-out questions (with their true answers) against its first N documents
 with the dense `multi_stage` method and with `multi_stage_projected` at Kronecker projection
-sizes k_in = k_out = k (orthogonal and Gaussian projections, several seeds), reporting per
+sizes k_in = k_out = k (orthogonal and Gaussian projections, whitened by the pre-training
+EK-FAC or not, several seeds), reporting per
 k: the mean Spearman ρ to the dense score over questions, the top-10 overlap, the store's
 bytes per document (disk) and, in the same run, the time and peak tensor memory
 (`memory.measure_peak`) of scoring against cold stores (candidate gradients computed and
@@ -45,9 +46,9 @@ def _attributor(n_docs: int, cache: str) -> tuple[Attributor, list, list[str]]:
     return att, list(s.world.queries), [d for d, _ in docs[:n_docs]]
 
 
-def _method(k: int, kind: ProjectionKind, seed: int):
+def _method(k: int, kind: ProjectionKind, seed: int, whiten: bool):
     return replace(METHODS["multi_stage_projected"], name=f"projected-{kind.value}-{k}-{seed}",
-                   projection=KroneckerProjection(k, k, kind, seed))
+                   projection=KroneckerProjection(k, k, kind, seed), whiten=whiten)
 
 
 def _timed(fn):
@@ -67,26 +68,28 @@ def run(n_questions: int, n_docs: int, seeds: int) -> dict:
              "spearman": 1.0, "spearman_min": 1.0, "top10_overlap": 1.0,
              "bytes_per_doc": dense_bytes, "disk_fraction": 1.0, "cold_score_s": dense_s,
              "peak_gib": dense_peak / GiB}]  # fmt: skip
-    for kind in ProjectionKind:
+    for whiten, kind in ((True, ProjectionKind.ORTHOGONAL), (False, ProjectionKind.ORTHOGONAL),
+                         (True, ProjectionKind.GAUSSIAN)):  # fmt: skip
         for k in KS:
             per_seed, times, peaks = [], [], []
             for seed in range(seeds if k < KS[-1] else 1):
-                m = _method(k, kind, seed)
+                m = _method(k, kind, seed, whiten)
                 s, sec, peak = _timed(lambda m=m: att.scores(m, qs, doc_ids))
                 per_seed.append(agreement(dense, s, k=10))
                 times.append(sec)
                 peaks.append(peak)
-            store = projected_store(att, m.candidates_at, m.projection)
+            store = projected_store(att, m.candidates_at, m.projection_for(att, att.settings))
             rho = [a["spearman"] for a in per_seed]
             rows.append({"method": "multi_stage_projected", "k": k if k < KS[-1] else "full",
-                         "kind": kind.value, "seeds": len(per_seed),
+                         "kind": kind.value + (", whitened" if whiten else ""),
+                         "seeds": len(per_seed),
                          "spearman": sum(rho) / len(rho), "spearman_min": min(rho),
                          "top10_overlap": sum(a["top10_overlap"] for a in per_seed) / len(rho),
                          "bytes_per_doc": store.bytes_per_document(),
                          "disk_fraction": store.bytes_per_document() / dense_bytes,
                          "cold_score_s": sum(times) / len(times),
                          "peak_gib": max(peaks) / GiB})  # fmt: skip
-            print(f"{kind.value:10s} k={rows[-1]['k']!s:>5s} ρ={rows[-1]['spearman']:.3f} "
+            print(f"{rows[-1]['kind']:22s} k={rows[-1]['k']!s:>5s} ρ={rows[-1]['spearman']:.3f} "
                   f"(min {rows[-1]['spearman_min']:.3f}) top10 {rows[-1]['top10_overlap']:.2f} "
                   f"{rows[-1]['cold_score_s']:.1f} s", flush=True)  # fmt: skip
     layers = [(m.name, m.out_features, m.d_in) for m in att.modules]

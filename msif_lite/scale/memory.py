@@ -37,7 +37,8 @@ batch) of T_q tokens, N candidates, S = 2 stages (1 single-stage). All numbers a
   largest of the dense query gradients act(Q_b, T_q) + 2·Q·P·g, their per-layer
   preconditioning 2·Q·P·g + (3 + S)·Q·od·g, and the candidate chunks
   Q·P·g + max(n·P'·g + act(B, T) + B·P·g, 2·n·P'·g) with n = chunk_mb / (P'·g) documents per
-  chunk (P' = P, or Σ_m k_out·k_in with a projection); above the disk budget the store
+  chunk (P' = P, or Σ_m k_out·k_in with a projection; a batch's DW, B·P·g, is formed before it
+  is whitened and projected); above the disk budget the store
   streams instead: Q·P·g + act(B, T) + B·P·g.
 - disk: the gradient cache N·P'·g (0 when it streams: N·P·g > gradient_cache_gb).
 
@@ -528,7 +529,7 @@ def _cached_scoring_terms(s: ModelShape, o: MemoryOptions, act, g_e: int
         out["streamed (over the disk budget)"] = Q * P * g_e + cand_act + B * P * g_e
         return out, 0
     n = min(o.n_candidates, max(1, int(o.chunk_mb * 2**20 // per_doc)))
-    out["candidate chunk"] = Q * P * g_e + max(n * per_doc + cand_act + B * P_store * g_e,
+    out["candidate chunk"] = Q * P * g_e + max(n * per_doc + cand_act + B * P * g_e,
                                                2 * n * per_doc)  # fmt: skip
     return out, o.n_candidates * per_doc
 
