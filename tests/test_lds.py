@@ -107,3 +107,11 @@ def test_bench_lds_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
     rows = (tmp_path / "cache" / "partial-lds-tiny.jsonl").read_text()
     assert bench.main(["--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     assert (tmp_path / "cache" / "partial-lds-tiny.jsonl").read_text() == rows
+    # a removal set already in lds.json (same documents, same seed) is reused, not retrained
+    removal = tmp_path / "cache" / "removal-lds-tiny.jsonl"
+    removal.unlink()
+    assert bench.main(["--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    again = json.loads((out / "lds.json").read_text())["worlds"]["lds-tiny"]["top_k_removal"]
+    assert all(v.get("reused") for v in again.values()) and not removal.exists()
+    assert {n: v["dm_targets_mean"] for n, v in again.items()} == \
+        {n: v["dm_targets_mean"] for n, v in r["top_k_removal"].items()}  # fmt: skip
