@@ -42,6 +42,9 @@ def parse_args(argv):
     p.add_argument("--sweep-size", type=int, default=64)
     p.add_argument("--runs", default="runs/accuracy_trend", help="one directory per run")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs")
+    p.add_argument("--compose-only", action="store_true",
+                   help="run nothing: compose <out>/accuracy.* from the finished runs and the "
+                        "partial.json of unfinished ones (methods done before it stopped)")
     p.add_argument("--out", default="results")
     p.add_argument("--threads", type=int, default=1)
     args, extra = p.parse_known_args(argv)
@@ -220,20 +223,27 @@ def main(argv=None) -> int:
     for name, n, rel in todo:
         out = Path(args.runs) / name
         done_file = out / "accuracy.json"
-        if args.reuse and done_file.is_file():
+        if (args.reuse or args.compose_only) and done_file.is_file():
             runs[name] = json.loads(done_file.read_text())
+            continue
+        if args.compose_only:
+            part = out / "partial.json"
+            p = json.loads(part.read_text()) if part.is_file() else {}
+            if "settings" in p:  # the ground truth was done: its methods so far count
+                runs[name] = p
             continue
         if shipped is None:
             shipped, label = accuracy.load(bench_args(args, n, rel, out))
         print(f"== {name}", flush=True)
         b = bench_args(args, n, rel, out)
         out.mkdir(parents=True, exist_ok=True)
-        payload = accuracy.run(shipped, b, label, on_update=lambda res, out=out: atomic_write_json(
-            out / "partial.json", {"methods": res}))  # fmt: skip
+        payload = accuracy.run(shipped, b, label, on_update=lambda p, out=out: atomic_write_json(
+            out / "partial.json", {**p, "partial": True}))  # fmt: skip
         common.write_results("accuracy", payload, accuracy.markdown(payload), out)
         runs[name] = payload
         compose(args, runs, done=len(runs) == len(todo))
-    compose(args, runs, done=len(runs) == len(todo))
+    compose(args, runs, done=all("partial" not in p for p in runs.values())
+            and len(runs) == len(todo))
     return 0
 
 

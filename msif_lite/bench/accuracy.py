@@ -219,6 +219,7 @@ class _Run:
             self.top = lambda_max(self.matvec, self.n_params, a.power_iters, a.seed, self.dtype)
         self.spectrum_s = t.seconds
         self.lam = float(a.damping) if a.damping is not None else a.damping_rel * self.mean_eig
+        self.lissa_scale = 1.05 * (self.top + self.lam)  # converges for scale > λ_max(G+λI)/2
         if self.progress:
             print(f"  λ = {self.lam:.3g} = {self.lam / self.mean_eig:.3g} × trace(G)/P "
                   f"(Hutchinson); λ_max(G) ≈ {self.top:.3g}", flush=True)
@@ -274,7 +275,6 @@ class _Run:
             cg = ConjugateGradientIHVP(mv, mods, lam, max_iter=max(a.cg), tol=0.0, progress=pr,
                                        snapshots=a.cg)  # fmt: skip
             self.budgets("cg", cg, a.cg)
-        self.lissa_scale = 1.05 * (self.top + lam)  # converges for scale > λ_max(G+λI)/2
         li = LissaIHVP(mv, mods, lam, depth=max(a.lissa), scale=self.lissa_scale, progress=pr,
                        snapshots=a.lissa)  # fmt: skip
         self.budgets("lissa", li, a.lissa)
@@ -320,6 +320,7 @@ class _Run:
                       f"up to {a.refine} rounds of iterative refinement with float64 residuals",
             "tol": a.tol, "max_iter": a.max_iter, "converged_below": a.converged_below,
             "iterations": gt.iterations.tolist(), "relative_residual": gt.residuals.tolist(),
+            "residual_before_each_refinement": getattr(gt, "round_residuals", []),
             "all_converged": bool(converged.all()), "score_s": self.gt_info["score_s"],
             "peak_mem_mb": self.gt_info["peak_mem_mb"],
             "check": "relative residual ‖b − (G+λI)x‖/‖b‖ recomputed with one more float64 "
@@ -360,18 +361,11 @@ class _Run:
         }  # fmt: skip
 
 
-def run(shipped, args: argparse.Namespace, model_label: str,
-        on_update: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
-    """Fit, solve and score with every method; returns the JSON payload. on_update gets the
-    results so far after every method (to write partial results as the run goes)."""
-    r = _Run(shipped, args)
-    if on_update is not None:
-        r.on_update = lambda: on_update(r.results)
-    r.spectrum()
-    r.approximations()
-    r.iterative()
-    if args.block_truth:
-        r.block_truth()
+def payload_of(r: _Run, args: argparse.Namespace, model_label: str) -> dict:
+    """The JSON payload of a run so far: every method scored, correlated with the ground truth
+    once it is known (before that, the methods' timings only)."""
+    if not hasattr(r, "gt_info"):
+        return {"methods": r.results}
     for name in r.results:
         r.results[name].update(correlations(r.scores[name], r.truth))
     gt = r.ground_truth_info()
@@ -382,6 +376,21 @@ def run(shipped, args: argparse.Namespace, model_label: str,
                 "ground_truth_iterations": gt["iterations"]}  # fmt: skip
     return {"methods": r.results, "ground_truth": gt, "settings": settings,
             "setup": r.setup_info(model_label), "paper": PAPER}
+
+
+def run(shipped, args: argparse.Namespace, model_label: str,
+        on_update: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+    """Fit, solve and score with every method; returns the JSON payload. on_update gets the
+    payload so far after every method (to write partial results as the run goes)."""
+    r = _Run(shipped, args)
+    if on_update is not None:
+        r.on_update = lambda: on_update(payload_of(r, args, model_label))
+    r.spectrum()
+    r.approximations()
+    r.iterative()
+    if args.block_truth:
+        r.block_truth()
+    return payload_of(r, args, model_label)
 
 
 def ordered(names) -> list[str]:

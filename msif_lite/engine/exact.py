@@ -350,7 +350,8 @@ class ConjugateGradientIHVP(_FlatIHVP):
       remove the error of low-precision products;
     - snapshots: iteration counts k at which x_k is kept in `snapshot_solutions[k]` (CG with a
       budget of k iterations, from the first round of the same run; no preconditioner).
-    After `apply`, `iterations` (K,) (all rounds), `residuals` (K,) = ‖b − (G+λI)x‖/‖b‖
+    After `apply`, `iterations` (K,) (all rounds), `round_residuals` (the true residuals
+    before each refinement round), `residuals` (K,) = ‖b − (G+λI)x‖/‖b‖
     (recomputed with check_matvec or matvec, not the recursive estimate) and `converged` (K,)
     describe each query's solve.
     """
@@ -424,9 +425,11 @@ class ConjugateGradientIHVP(_FlatIHVP):
         x, active = self._cg(b, torch.full_like(bnorm, self.tol), record=True)
         for k in self.snapshots:  # a query that converged before k keeps its final x
             self.snapshot_solutions.setdefault(k, x.clone())
+        self.round_residuals: list[list[float]] = []  # true residual before each refinement
         for _ in range(self.refine):
             r = b - self._A(x, self.check)
             rel = r.norm(dim=1) / bnorm
+            self.round_residuals.append(rel.tolist())
             if (rel <= self.tol).all():
                 break
             # the correction only has to bring the residual to tol·‖b‖, i.e. tol·‖b‖/‖r‖ of ‖r‖
