@@ -141,3 +141,11 @@ def test_cells_that_draw_show_their_figure(path: Path):
                and DRAWS.search("".join(c["source"]))
                and not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
     assert not missing, f"cells {missing} draw a figure but store no image/png output"
+
+
+def test_readme_notebook_table_shows_the_measured_times_and_memory():
+    readme = (REPO / "README.md").read_text()
+    times = json.loads((REPO / "notebooks" / "run_times.json").read_text())
+    assert set(times) == {p.name for p in NOTEBOOKS}, "run_times.json has one entry per notebook"
+    assert _tool("notebook_table").render(readme, times) == readme, \
+        "README table differs from notebooks/run_times.json: run python tools/notebook_table.py"

@@ -6,9 +6,10 @@
 Stored outputs must come from a real run and hold no absolute paths, timings or memory
 addresses: progress bars (stderr streams with carriage returns / it/s) are dropped, the
 repository path is replaced by '<repo>', and widget state is not saved. Run times per
-notebook and mode are merged into notebooks/run_times.json (for the README table), with the
-kernel's peak resident memory in full mode (`peak_mb`: the larger of the kernel's own and its
-children's `ru_maxrss`, read by one extra cell run after the last one and then removed).
+notebook and mode are merged into notebooks/run_times.json and the README's notebook table
+(tools/notebook_table.py), with the kernel's peak resident memory in full mode (`peak_mb`:
+the larger of the kernel's own and its children's `ru_maxrss`, read by one extra cell run
+after the last one and then removed).
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ def record_time(name: str, mode: str, seconds: float, peak: float | None = None)
     tmp = times_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(dict(sorted(times.items())), indent=2) + "\n")
     os.replace(tmp, times_path)
+    if str(REPO / "tools") not in sys.path:
+        sys.path.insert(0, str(REPO / "tools"))
+    from notebook_table import update_readme  # the README's notebook table shows these numbers
+
+    update_readme(REPO / "README.md", times_path)
 
 
 if __name__ == "__main__":
