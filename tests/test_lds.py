@@ -48,7 +48,7 @@ def tiny_pipeline(monkeypatch, tmp_path):
     monkeypatch.setitem(generate.WORLD_PRESETS, "lds-tiny",
                         WorldConfig(n_entities=6, docs_per_fact=2, vocab_size=300))
     monkeypatch.setitem(lm.MODEL_PRESETS, "tiny", lm.ModelPreset("tiny", "gpt-neox", 1, 32, 2,
-                                                                 64, 64))  # fmt: skip
+                                                                 64, 128))  # fmt: skip
     preset = training.PipelinePreset("lds-tiny", "tiny",
                                      training.TrainConfig(steps=6, warmup=1, progress=False),
                                      training.TrainConfig(steps=3, warmup=1, progress=False))
@@ -115,3 +115,39 @@ def test_bench_lds_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
     assert all(v.get("reused") for v in again.values()) and not removal.exists()
     assert {n: v["dm_targets_mean"] for n, v in again.items()} == \
         {n: v["dm_targets_mean"] for n, v in r["top_k_removal"].items()}  # fmt: skip
+
+
+def test_bench_variants_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
+    """The variants benchmark on the tiny world: LDS, MRR and cost of every variant, leave-
+    top-k-out reusing nothing it cannot, the diagnosis, the issue's JSON schema."""
+    from msif_lite.bench import lds as bench
+    from msif_lite.bench import variants
+
+    cfg = bench.LDSBenchConfig(RetrainConfig(tiny_pipeline, n_subsets=4, n_noise=2),
+                               removal_queries=2, removal_methods=("random",),
+                               methods=("multi_stage", "random"))  # fmt: skip
+    monkeypatch.setattr(bench, "FAST", cfg)
+    monkeypatch.setenv("MSIF_FAST", "1")
+    gt = tmp_path / "data" / "lds" / "lds-tiny.json"
+    out, cache = tmp_path / "results", str(tmp_path / "cache")
+    assert bench.main(["--out", str(out), "--cache-dir", cache, "--ground-truth", str(gt)]) == 0
+    vcfg = variants.VariantsConfig(pipelines=("lds-tiny",), diagnosis_only=(),
+                                   removal_methods=("multi_stage", "multi_stage_token_positive",
+                                                    "tracin", "random", "bm25"),
+                                   removal_queries=2, checkpoint_every=3)  # fmt: skip
+    monkeypatch.setattr(variants, "VariantsConfig", lambda: vcfg)
+    assert variants.main(["--out", str(out), "--cache-dir", cache]) == 0
+    r = json.loads((out / "variants.json").read_text())
+    assert {"top_k_removal", "lds", "mrr", "settings", "worlds"} <= set(r)
+    names = set(variants.VARIANTS) | {m.name for m in variants.INGREDIENTS}
+    assert set(r["lds"]) == names and set(r["mrr"]) == names
+    assert {"multi_stage", "tracin", "true_sources", "random", "none"} <= set(r["top_k_removal"])
+    assert r["top_k_removal"]["random"].get("reused")  # bench lds already removed that set
+    for v in r["top_k_removal"].values():
+        assert {"dm_targets_mean", "dm_others_mean"} <= set(v)
+    w = r["worlds"]["lds-tiny"]
+    assert w["settings"]["tracin_checkpoints"] == [3, 6]
+    assert set(w["diagnosis"]["at_theta_pt"]) == {"true_sources", "outranking", "all_documents"}
+    assert w["goal"]["best_gradient_method"] in variants.GRADIENT_REMOVALS
+    assert "Diagnosis" in (out / "variants.md").read_text()
+    assert (out / "variants.png").stat().st_size > 1000

@@ -74,6 +74,7 @@ class VariantsConfig:
                                              "random")  # fmt: skip
     removal_queries: int = 13  # one question per entity, removed together in one retrain
     checkpoint_every: int = 100  # TracIn: pre-training checkpoints every this many steps
+    diagnosis_only: tuple[str, ...] = ("default",)  # worlds without retraining ground truth
 
 
 # ---------------------------------------------------------------------------- diagnosis
@@ -228,6 +229,44 @@ def run_world(pipeline: str, cfg: VariantsConfig, cache: Path,
     }  # fmt: skip
 
 
+def run_diagnosis_world(preset: str, cache: Path) -> dict:
+    """A world without retraining ground truth (the shipped `default`): the diagnosis at
+    θ_pt and fact-tracing MRR of the variants over the whole corpus (TracIn left out: it
+    needs the pre-training re-run with checkpoints)."""
+    shipped = load_shipped(preset)
+    world = shipped.world
+    att = Attributor(shipped.pretrained, shipped.finetuned, shipped.tokenizer,
+                     [(d.doc_id, d.text) for d in world.documents],
+                     [(p.prompt, p.answer) for p in world.finetune_qa],
+                     AttributionConfig(cache_dir=str(cache / "msif"), progress=False),
+                     alpha=shipped.alpha, mentions=world.document_mentions())  # fmt: skip
+    truths = [set(q.source_doc_ids) for q in world.queries]
+    mrr, cost, ms = {}, {}, None
+    for m in methods_for([n for n in VARIANTS if n != "tracin"]):
+        t1 = time.perf_counter()
+        s = att.scores(m, world.queries, att.doc_ids).double()
+        cost[m.name] = round(time.perf_counter() - t1, 2)
+        mrr[m.name] = mean_reciprocal_rank(s, att.doc_ids, truths)
+        ms = s if m.name == "multi_stage" else ms
+    k = world.config.docs_per_fact
+    col = {d: i for i, d in enumerate(att.doc_ids)}
+    src = [[col[d] for d in q.source_doc_ids] for q in world.queries]
+    top = {i: ms[i].argsort(descending=True)[:k].tolist() for i in range(len(src))}
+    is_src = torch.zeros(len(col), dtype=torch.bool)
+    is_src[[j for c in src for j in c]] = True
+    outrank = torch.zeros(len(col), dtype=torch.bool)
+    outrank[[j for i, t in top.items() for j in t if j not in src[i]]] = True
+    st = document_stats(att, att.doc_ids)
+    groups = {"true_sources": is_src, "outranking": outrank & ~is_src,
+              "all_documents": torch.ones(len(col), dtype=torch.bool)}  # fmt: skip
+    return {"mrr": mrr, "cost_s": cost, "settings": {"pipeline": preset, "k": k,
+            "n_documents": len(world.documents), "n_queries": len(world.queries)},
+            "diagnosis": {"at_theta_pt": {g: {n: float(v[m].median()) for n, v in st.items()}
+                                          for g, m in groups.items()},
+                          "token_shares_multi_stage": token_shares(att, world, "multi_stage",
+                                                                   top, 40)}}  # fmt: skip
+
+
 def goal(removal: dict, rows: dict) -> dict:
     """The issue's yardstick: the best gradient method's Δm on the targets as a fraction of
     the true sources', and its LDS and Δm against BM25's."""
@@ -245,6 +284,9 @@ def goal(removal: dict, rows: dict) -> dict:
 def markdown(payload: dict) -> str:
     out = ["# Why influence misses the documents that cause the answer, and the variants\n"]
     for name, w in payload["worlds"].items():
+        if "top_k_removal" not in w:
+            out.append(_diagnosis_only_md(name, w))
+            continue
         rm, s = w["top_k_removal"], w["settings"]
         rows = [{"method": n, "LDS": f"{v['mean']:.3f} ± {v['sem']:.3f}",
                  "MRR": f"{w['mrr'][n]:.3f}", "score s": f"{w['cost_s'][n]:.1f}",
@@ -288,11 +330,27 @@ def markdown(payload: dict) -> str:
     return "".join(out)
 
 
+def _diagnosis_only_md(name: str, w: dict) -> str:
+    s, d = w["settings"], w["diagnosis"]
+    rows = [{"method": n, "MRR": f"{v:.3f}", "score s": f"{w['cost_s'][n]:.1f}"}
+            for n, v in sorted(w["mrr"].items(), key=lambda kv: -kv[1])]
+    return (f"\n## World `{name}` ({s['n_documents']} documents, {s['n_queries']} questions; "
+            "no retraining ground truth: diagnosis and fact tracing only)\n\n"
+            + markdown_table(rows, ["method", "MRR", "score s"]) + "\n- Median at θ_pt "
+            "(per-token loss, ‖∇ℓ(z)‖): " + "; ".join(
+                f"{g} {v['loss_per_token']:.3f}, {v['grad_norm']:.1f}"
+                for g, v in d["at_theta_pt"].items()) + ".\n- Where the multi-stage score "
+            "sits: " + "; ".join(
+                f"{g}: name {v['name']:.2f}, answer {v['answer']:.2f}, other {v['other']:.2f}, "
+                f"largest single position {v['largest_token']:.2f}"
+                for g, v in d["token_shares_multi_stage"].items()) + ".\n")
+
+
 def plot(payload: dict, path: Path) -> None:
     """Per world: LDS and leave-top-k-out Δm per method."""
     from matplotlib.figure import Figure
 
-    worlds = payload["worlds"]
+    worlds = {k: w for k, w in payload["worlds"].items() if "top_k_removal" in w}
     fig = Figure(figsize=(12, 4.5 * len(worlds)))
     axes = fig.subplots(len(worlds), 2, squeeze=False)
     for (a, b), (wname, w) in zip(axes, worlds.items()):
@@ -323,14 +381,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = VariantsConfig()
-    worlds = {p: run_world(p, cfg, Path(a.cache_dir)) for p in (a.pipeline or cfg.pipelines)}
+    worlds = {p: run_diagnosis_world(p, Path(a.cache_dir)) if p in cfg.diagnosis_only
+              else run_world(p, cfg, Path(a.cache_dir), Path(a.out) / "lds.json")
+              for p in (a.pipeline or (*cfg.pipelines, *cfg.diagnosis_only))}  # fmt: skip
     args = sys.argv[1:] if argv is None else list(argv)
     for w in worlds.values():
         w["settings"]["command"] = " ".join(["msif-lite bench variants", *args])
     old = Path(a.out) / "variants.json"
     if old.exists():
         worlds = {**json.loads(old.read_text()).get("worlds", {}), **worlds}
-    first = worlds.get(cfg.pipelines[0]) or next(iter(worlds.values()))
+    first = worlds.get(cfg.pipelines[0]) or next(w for w in worlds.values()
+                                                  if "top_k_removal" in w)
     payload = {**{k: first[k] for k in ("top_k_removal", "lds", "mrr", "settings")},
                "worlds": dict(sorted(worlds.items()))}  # fmt: skip
     path = write_results("variants", payload, markdown(payload), a.out)
