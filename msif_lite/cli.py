@@ -2,6 +2,8 @@
 
     msif-lite trace "Where was Ludrur Draethund born?"     # the main job
     msif-lite trace "..." --json --method single_stage -k 5
+    msif-lite trace --pretrained DIR_OR_HUB_ID --finetuned DIR_OR_HUB_ID \\
+        --corpus docs.jsonl --finetune-data ft.jsonl --alpha 1e-3 "Where was Ada born?"
     msif-lite bench engine | accuracy | fact-tracing | retrieval | bloom560m | lds | variants
     msif-lite methods                                       # the registered methods
     msif-lite world --preset ci-fast --out runs/ci-fast     # generate, tokenize, train
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 
 from msif_lite.attribution.methods import METHODS, describe_methods
 from msif_lite.engine.curvature import CURVATURES
+from msif_lite.engine.prompts import DEFAULT_TEMPLATE
 
 BENCHES = {
     "engine": "msif_lite.bench.engine",
@@ -51,7 +54,26 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--mlp-only", action="store_true", help="track MLP layers only")
     t.add_argument("--preset", default="default", help="shipped world/checkpoints to use")
     t.add_argument("--world", help="world directory (default data/world/<preset>)")
-    t.add_argument("--checkpoints", help="directory with pretrained/ and finetuned/")
+    t.add_argument("--checkpoints", help="directory with the kit's pretrained/ and finetuned/")
+    own = t.add_argument_group(
+        "your own model pair (instead of the shipped world; any Hugging Face causal LM)")
+    own.add_argument("--pretrained", metavar="DIR_OR_HUB_ID",
+                     help="θ_pt: a save_pretrained directory or a hub id (cached locally)")
+    own.add_argument("--finetuned", metavar="DIR_OR_HUB_ID", help="θ_ft, the fine-tune of it")
+    own.add_argument("--corpus", metavar="FILE",
+                     help="pre-training documents: .jsonl with 'id' and 'text' per line, or "
+                          "plain text (one document per blank-line-separated paragraph)")
+    own.add_argument("--finetune-data", metavar="FILE",
+                     help=".jsonl with 'prompt' and 'answer' per line (fits H_ft)")
+    own.add_argument("--alpha", type=float,
+                     help="proximity strength α of the fine-tune; required unless the "
+                          "fine-tuned directory records it (msif_meta.json)")
+    own.add_argument("--template", default=DEFAULT_TEMPLATE.describe()[1:-1],
+                     help="how questions and answers were joined in fine-tuning, for H_ft and "
+                          "the query alike; \\n is a newline (default '%(default)s')")
+    own.add_argument("--context-length", type=int,
+                     help="longest sequence in tokens (default: the model's position limit; "
+                          "longer documents are split into chunks doc#1, doc#2, …)")
     t.add_argument("--cache-dir", default=".cache/msif", help="factor/gradient cache")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -67,19 +89,87 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+OWN_PAIR = ("pretrained", "finetuned", "corpus", "finetune_data")
+
+
+def _own_pair(a: argparse.Namespace, cfg):
+    """The Attributor and notes for `--pretrained … --finetuned … --corpus … --finetune-data`."""
+    from msif_lite.attribution.attributor import Attributor
+    from msif_lite.attribution.checks import context_length
+    from msif_lite.scale.pairs import (
+        chunk_documents,
+        load_model_pair,
+        read_documents,
+        read_pairs,
+        recorded_alpha,
+    )
+
+    missing = [f"--{n.replace('_', '-')}" for n in OWN_PAIR if getattr(a, n) is None]
+    if missing:
+        raise ValueError(f"your own pair needs {', '.join(missing)} as well: --pretrained, "
+                         "--finetuned, --corpus and --finetune-data go together")  # fmt: skip
+    if a.world or a.checkpoints:
+        raise ValueError("--world / --checkpoints are for the kit's own checkpoints; leave "
+                         "them out with --pretrained / --finetuned")  # fmt: skip
+    alpha, source = a.alpha, "--alpha"
+    if alpha is None:
+        alpha, source = recorded_alpha(a.finetuned), f"recorded in {a.finetuned}"
+    if alpha is None:
+        raise ValueError(
+            f"α is unknown for {a.finetuned}: pass --alpha A, the proximity strength "
+            "(α/2)‖θ − θ_pt‖² the fine-tune was trained with (the kit's checkpoints record it "
+            "in msif_meta.json). A fine-tune without a proximity term has no α of its own: "
+            "α then only regularises (H_ft + αI); try --alpha 1e-3 and compare the ranking "
+            "at 1e-2 and 1e-4.")
+    if a.quiet or a.json:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    pair = load_model_pair(a.pretrained, a.finetuned)
+    n_ctx, ctx_source = context_length(pair.pretrained, pair.tokenizer, a.context_length)
+    docs = read_documents(a.corpus)
+    docs, report = chunk_documents(docs, pair.tokenizer, n_ctx)
+    pairs = read_pairs(a.finetune_data)
+    notes = [f"models: {pair.describe()}",
+             f"corpus: {report.n_documents} documents from {a.corpus}; {report} "
+             f"(context from {ctx_source})",
+             f"fine-tuning data: {len(pairs)} pairs from {a.finetune_data}, template "
+             f"{cfg.template.describe()}",
+             f"alpha = {alpha:g} ({source})", ""]  # fmt: skip
+    att = Attributor(pair.pretrained, pair.finetuned, pair.tokenizer, docs, pairs, cfg,
+                     alpha=alpha)  # fmt: skip
+    return att, notes
+
+
 def _trace(a: argparse.Namespace) -> int:
     from msif_lite.attribution.attributor import AttributionConfig
-    from msif_lite.attribution.trace import trace
+    from msif_lite.attribution.trace import trace, trace_attributor
     from msif_lite.engine.factors import FactorConfig
+    from msif_lite.engine.prompts import PromptTemplate
     from msif_lite.world.shipped import load_shipped
 
-    shipped = load_shipped(a.preset, world_dir=a.world, checkpoint_dir=a.checkpoints)
+    template = PromptTemplate.parse(a.template.replace("\\n", "\n").replace("\\t", "\t"))
     cfg = AttributionConfig(factors=FactorConfig(include="mlp" if a.mlp_only else None),
                             curvature=a.curvature, cache_dir=a.cache_dir,
-                            progress=not (a.quiet or a.json))  # fmt: skip
-    result = trace(shipped, a.question, answer=a.answer, k=a.k, n_candidates=a.candidates,
-                   method=a.method, config=cfg)  # fmt: skip
-    print(json.dumps(result.as_json(), indent=2) if a.json else result.as_text())
+                            progress=not (a.quiet or a.json), template=template,
+                            context_length=a.context_length)  # fmt: skip
+    if any(getattr(a, n) is not None for n in OWN_PAIR):
+        att, notes = _own_pair(a, cfg)
+        result = trace_attributor(att, a.question, answer=a.answer, k=a.k,
+                                  n_candidates=a.candidates, method=a.method, notes=notes)
+    else:
+        if a.alpha is not None:
+            raise ValueError("--alpha is for your own pair (--pretrained …); the kit's "
+                             "checkpoints record the α they were fine-tuned with")  # fmt: skip
+        shipped = load_shipped(a.preset, world_dir=a.world, checkpoint_dir=a.checkpoints)
+        result = trace(shipped, a.question, answer=a.answer, k=a.k, n_candidates=a.candidates,
+                       method=a.method, config=cfg)  # fmt: skip
+    if a.json:
+        if result.notes:
+            print("\n".join(n for n in result.notes if n), file=sys.stderr)
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        print(result.as_text())
     return 0
 
 

@@ -20,6 +20,7 @@ from msif_lite.engine.prompts import as_prompt
 from msif_lite.world.generate import make_world
 from msif_lite.world.lm import build_model
 from msif_lite.world.lm import train_tokenizer as make_tokenizer
+from msif_lite.world.training import Checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_empty_question_and_empty_candidates_are_refused(tiny_shipped, tmp_path)
     with pytest.raises(ValueError, match="candidate set is empty"):
         att.scores("grad_dot", s.world.queries[:1], [])
     with pytest.raises(ValueError, match="unknown method"):
-        att.scores("tracin", s.world.queries[:1], ["d00000"])
+        att.scores("no_such_method", s.world.queries[:1], ["d00000"])
     with pytest.raises(ValueError, match="no tokens"):
         att.qa_example("Question: Where?\nAnswer:", "   ")
 
@@ -96,7 +97,8 @@ def test_every_method_scores_the_same_candidates(tiny_shipped, tmp_path):
     att = Attributor(s.pretrained, s.finetuned, s.tokenizer,
                      [(d.doc_id, d.text) for d in s.world.documents],
                      [(p.prompt, p.answer) for p in s.world.finetune_qa], _cfg(tmp_path),
-                     alpha=s.alpha)  # fmt: skip
+                     alpha=s.alpha, mentions=s.world.document_mentions(),
+                     checkpoints=[Checkpoint(0, 1e-3, s.pretrained.state_dict())])  # fmt: skip
     ids = [d.doc_id for d in s.world.documents[:12]]
     for m in METHODS:
         out = att.scores(m, s.world.queries[:2], ids)

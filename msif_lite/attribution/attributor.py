@@ -23,8 +23,10 @@ from torch import nn
 
 from msif_lite.attribution.checks import (
     check_checkpoint_tokenizer,
+    check_fits_context,
     check_same_architecture,
     check_tokenizer_fits,
+    context_length,
 )
 from msif_lite.attribution.methods import (
     Method,
@@ -39,7 +41,7 @@ from msif_lite.engine.factors import EKFACFactors, FactorConfig
 from msif_lite.engine.gradstore import Candidate, GradientStore
 from msif_lite.engine.ihvp import Damping, InverseHVP
 from msif_lite.engine.layers import Grads, TrackedModule, find_modules
-from msif_lite.engine.prompts import encode_document, encode_prompt_answer
+from msif_lite.engine.prompts import DEFAULT_TEMPLATE, PromptTemplate, encode_document
 from msif_lite.engine.scores import query_gradients, self_influence
 from msif_lite.engine.storage import ArtifactError, CorruptArtifactError, data_fingerprint
 from msif_lite.engine.tasks import (
@@ -96,6 +98,16 @@ class AttributionConfig:
         default=".cache/msif", metadata={"help": "where factors and candidate gradients go"}
     )
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars (every stage)"})
+    template: PromptTemplate = field(
+        default=DEFAULT_TEMPLATE,
+        metadata={"help": "how a question becomes a prompt and prompt and answer are joined: "
+                          "prefix + question + suffix + joiner + answer + eos, for the "
+                          "fine-tuning pairs (H_ft) and the queries alike (engine.prompts)"})
+    context_length: int | None = field(
+        default=None,
+        metadata={"help": "longest sequence in tokens; None = the model's position limit "
+                          "(checks.context_length). Longer documents are refused: split them "
+                          "with scale.pairs.chunk_documents"})  # fmt: skip
     gradient_cache_gb: float = field(
         default=20.0, metadata={"help": "disk budget of a candidate set's cached gradients; "
                                         "above it they are streamed, never written"})
@@ -116,6 +128,11 @@ class AttributionConfig:
                                 "e.g. 1e-4, Damping(absolute=1e-4) or Damping(heuristic_factor="
                                 f"0.1); got {value!r}")
         object.__setattr__(self, "finetune_loss", Normalisation(self.finetune_loss))
+        if not isinstance(self.template, PromptTemplate):
+            raise TypeError("AttributionConfig.template must be a PromptTemplate, e.g. "
+                            "PromptTemplate(prefix='Question: ', suffix='\\nAnswer:', joiner=' ')")
+        if self.context_length is not None:
+            context_length(None, None, self.context_length)  # validates it
         if self.batch_size < 1:
             raise ValueError("AttributionConfig.batch_size must be >= 1")
 
@@ -190,6 +207,8 @@ class Attributor:
         self.modules: list[TrackedModule] = find_modules(pretrained, fc.include, fc.exclude)
         self.ft_modules = find_modules(finetuned, fc.include, fc.exclude)
         self.cache = Path(config.cache_dir)
+        self.context, self.context_source = context_length(pretrained, tokenizer,
+                                                           config.context_length)  # fmt: skip
         self._norms: dict[tuple[Stage, str], float] = {}
         self._self_inf: dict[tuple, float] = {}
         # pre-training checkpoints (TracIn) and the entity each document is about (the
@@ -212,6 +231,12 @@ class Attributor:
         if doc_id not in self.texts:
             raise KeyError(f"unknown document id {doc_id!r}")
         ids, labels = encode_document(self.tokenizer, self.texts[doc_id])
+        check_fits_context(len(ids), self.context, f"document {doc_id!r}",
+                           "split long documents into context-length chunks first with "
+                           "msif_lite.scale.pairs.chunk_documents(documents, tokenizer, "
+                           f"{self.context}) (ids doc#1, doc#2, …), or pass "
+                           "AttributionConfig(context_length=…) for a model without a "
+                           f"position limit (now from {self.context_source})")  # fmt: skip
         return Candidate(doc_id, tuple(ids), tuple(labels))
 
     def candidates(self, doc_ids: Sequence[str]) -> list[Candidate]:
@@ -225,10 +250,15 @@ class Attributor:
         return make_token_batch([c.input_ids for c in examples], self.pad_id, masks)
 
     def qa_example(self, prompt: str, answer: str) -> Candidate:
-        """prompt + ' ' + answer + eos with the loss on the answer tokens only."""
+        """template.as_prompt(prompt) + joiner + answer + eos with the loss on the answer
+        tokens only (`AttributionConfig.template`: the same for H_ft's pairs and queries)."""
         if not prompt.strip():
             raise ValueError("a question is empty: pass a question such as 'Where was X born?'")
-        ids, labels = encode_prompt_answer(self.tokenizer, prompt, answer)
+        template = self.config.template
+        prompt = template.as_prompt(prompt)
+        ids, labels = template.encode(self.tokenizer, prompt, answer)
+        check_fits_context(len(ids), self.context, f"the question/answer {prompt!r}",
+                           "shorten the question or the answer")
         answer_ids = [t for t in labels if t != IGNORE_INDEX][:-1]  # without the final eos
         special = set(self.tokenizer.all_special_ids)
         content = [t for t in answer_ids
@@ -414,6 +444,15 @@ class Attributor:
                 raise ValueError(f"{m.name!r} has no per-layer scores (not a gradient method)")
             return m.layer_scores(self, questions, doc_ids, s) * m.layer_mask(self)
         return m.scores(self, questions, doc_ids, s)
+
+    def top_k(self, method: str | Method, questions: Sequence, k: int = 10,
+              doc_ids: Sequence[str] | None = None, *, n_candidates: int | None = None):
+        """The k best documents per question as rows (rank, doc_id, score, text): see
+        `msif_lite.attribution.trace.top_k` (questions may be plain prompts, (prompt,
+        answer) pairs or objects with .prompt/.answer)."""
+        from msif_lite.attribution.trace import top_k
+
+        return top_k(self, method, questions, k, doc_ids, n_candidates=n_candidates)
 
     # ------------------------------------------------------------------ text baselines
     @cached_property

@@ -93,3 +93,43 @@ def check_tokenizer_fits(model: nn.Module, tokenizer) -> None:
             "the tokenizer does not match the model. Load the tokenizer saved with the "
             "checkpoint (AutoTokenizer.from_pretrained(<checkpoint dir>))."
         )
+
+
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
+                  "seq_length")  # fmt: skip
+"""Config fields that bound the positions a model can embed (learned or rotary tables)."""
+ALIBI_DEFAULT_CONTEXT = 2048
+"""Context used for a model without a position limit (BLOOM's ALiBi) when the tokenizer
+names none either: the sequence length BLOOM was pre-trained with."""
+_UNSET_MAX_LENGTH = 10**9  # transformers' model_max_length when a tokenizer names none (1e30)
+
+
+def context_length(model_or_config, tokenizer=None, override: int | None = None
+                   ) -> tuple[int, str]:  # fmt: skip
+    """(positions, where they come from) of the longest sequence the model can read.
+
+    Order: `override` (AttributionConfig.context_length); the config's position limit
+    (CONTEXT_FIELDS: max_position_embeddings for Llama / GPT-NeoX, n_positions for GPT-2);
+    for models without one (BLOOM's ALiBi) the tokenizer's model_max_length when it sets one,
+    else ALIBI_DEFAULT_CONTEXT."""
+    if override is not None:
+        if isinstance(override, bool) or not isinstance(override, int) or override < 2:
+            raise ValueError(f"context_length must be an integer >= 2, got {override!r}")
+        return override, "context_length setting"
+    cfg = getattr(model_or_config, "config", model_or_config)
+    for name in CONTEXT_FIELDS:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, f"config.{name}"
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < _UNSET_MAX_LENGTH:
+        return limit, "tokenizer.model_max_length (the model has no position limit)"
+    return ALIBI_DEFAULT_CONTEXT, "default for models without a position limit"
+
+
+def check_fits_context(n_tokens: int, context: int, what: str, fix: str) -> None:
+    """Refuse a sequence longer than the model's context (GPT-2 would raise an IndexError,
+    RoPE/ALiBi models would silently read positions they were never trained on)."""
+    if n_tokens > context:
+        raise ValueError(f"{what} is {n_tokens} tokens (with eos) but the model's context is "
+                         f"{context} positions: {fix}")

@@ -1,37 +1,50 @@
-"""Trace one question to the pre-training documents behind the fine-tuned model's answer:
+"""Trace a question to the pre-training documents behind the fine-tuned model's answer:
 the kit's main job (`msif-lite trace "<question>"`, Notebook 07 §Fact tracing).
 
 1. the fine-tuned model answers the question (greedy), unless an answer is given;
 2. candidate selection: the `n_candidates` documents nearest to "question + answer" under
-   all-MiniLM-L6-v2 (the paper's semantic pre-selection);
+   all-MiniLM-L6-v2 (the paper's semantic pre-selection); a corpus of at most
+   `n_candidates` documents is scored whole;
 3. the candidates are ranked by multi-stage influence (or another method) of the answer,
-   m = −log p(answer | question) at θ_ft.
+   m = −log p(answer | prompt) at θ_ft, prompt = `AttributionConfig.template.as_prompt`.
+
+`trace` runs it on the kit's world (`Shipped`), `trace_attributor` on any `Attributor`
+(a user's own model pair and corpus: `msif-lite trace --pretrained … --finetuned …`), and
+`top_k` ranks documents for many questions at once, as rows (doc_id, score, text).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
-from msif_lite.attribution.methods import get_method
-from msif_lite.engine.prompts import as_prompt, retrieval_text, strip_scaffold
+from msif_lite.attribution.methods import Method, get_method
+from msif_lite.engine.prompts import retrieval_text
 from msif_lite.world.lm import greedy_answers
 from msif_lite.world.shipped import Shipped
+
+MAX_ANSWER_TOKENS = 16
+"""Greedy decoding budget of the fine-tuned model's own answer (it stops at newline/eos)."""
 
 
 @dataclass(frozen=True)
 class TracedQuestion:
+    """A formatted prompt (`PromptTemplate.as_prompt`) and the answer attributed."""
+
     prompt: str
     answer: str
 
 
 @dataclass(frozen=True)
 class TraceHit:
+    """One ranked document: rank (1 = most helpful), its id, score and text."""
+
     rank: int
     doc_id: str
     score: float
     text: str
-    is_true_source: bool | None  # None when the question is not one the world knows
+    is_true_source: bool | None = None  # None when the question is not one the world knows
 
 
 def check_encodable(tokenizer, text: str, max_positions: int) -> list[int]:
@@ -52,6 +65,86 @@ def check_encodable(tokenizer, text: str, max_positions: int) -> list[int]:
     return ids
 
 
+def model_answer(att: Attributor, prompt: str, max_new_tokens: int = MAX_ANSWER_TOKENS) -> str:
+    """The fine-tuned model's greedy answer to a formatted prompt; refuses an empty one."""
+    answer = greedy_answers(att.finetuned, att.tokenizer, [prompt], max_new_tokens)[0]
+    if not answer.strip():
+        raise ValueError(
+            f"the fine-tuned model gave an empty answer to {prompt!r}, so there is nothing to "
+            "attribute: pass the answer to attribute (--answer, or a (prompt, answer) pair)."
+        )
+    return answer.strip()
+
+
+def as_questions(att: Attributor, questions: Sequence) -> list[TracedQuestion]:
+    """Questions as (formatted prompt, answer). Each item is a plain question or prompt
+    (str: the answer is the fine-tuned model's greedy answer), a (prompt, answer) pair, or
+    an object with .prompt and .answer. Prompts go through `att.config.template`."""
+    if isinstance(questions, str) or not questions:
+        raise ValueError("questions must be a non-empty list (of prompts or (prompt, answer) "
+                         "pairs), e.g. ['Where was Ada born?']")  # fmt: skip
+    t, out = att.config.template, []
+    for q in questions:
+        if isinstance(q, str):
+            prompt = t.as_prompt(q)
+            check_encodable(att.tokenizer, prompt, att.context)
+            out.append(TracedQuestion(prompt, model_answer(att, prompt)))
+        elif isinstance(q, tuple | list) and len(q) == 2 and all(isinstance(x, str) for x in q):
+            out.append(TracedQuestion(t.as_prompt(q[0]), q[1].strip()))
+        elif hasattr(q, "prompt") and hasattr(q, "answer"):
+            out.append(TracedQuestion(t.as_prompt(q.prompt), q.answer.strip()))
+        else:
+            raise TypeError(f"a question must be a str, a (prompt, answer) pair or have "
+                            f".prompt/.answer; got {q!r}")  # fmt: skip
+    return out
+
+
+def candidates_for(att: Attributor, q: TracedQuestion, n_candidates: int | None) -> list[str]:
+    """The whole corpus when it has at most `n_candidates` documents (or None), else the
+    `n_candidates` nearest to question + answer under the embedding index."""
+    if n_candidates is not None and n_candidates < 1:
+        raise ValueError("n_candidates must be >= 1 (or None: every document)")
+    if n_candidates is None or n_candidates >= len(att.doc_ids):
+        return list(att.doc_ids)
+    text = retrieval_text(q.prompt, q.answer)
+    cand = [d for d, _ in att.embedding_index.search([text], n_candidates)[0]]
+    if not cand:
+        raise ValueError("the candidate set is empty: raise n_candidates.")
+    return cand
+
+
+def rank(att: Attributor, doc_ids: Sequence[str], scores, k: int,
+         truth: set[str] | None = None) -> list[TraceHit]:  # fmt: skip
+    """The k highest-scoring of `doc_ids` as rows."""
+    order = scores.argsort(descending=True)[:k].tolist()
+    return [TraceHit(r + 1, doc_ids[i], float(scores[i]), att.texts[doc_ids[i]],
+                     None if truth is None else doc_ids[i] in truth)  # fmt: skip
+            for r, i in enumerate(order)]
+
+
+def top_k(att: Attributor, method: str | Method, questions: Sequence, k: int = 10,
+          doc_ids: Sequence[str] | None = None, *, n_candidates: int | None = None
+          ) -> list[list[TraceHit]]:  # fmt: skip
+    """Per question, the k most helpful documents as rows (rank, doc_id, score, text).
+
+    questions: see `as_questions` (plain prompts are answered by the fine-tuned model).
+    doc_ids: the candidates for every question; None: the whole corpus, or with
+    `n_candidates` the nearest documents per question (`candidates_for`)."""
+    m = get_method(method) if isinstance(method, str) else method
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    qs = as_questions(att, questions)
+    if doc_ids is not None or n_candidates is None or n_candidates >= len(att.doc_ids):
+        ids = list(doc_ids if doc_ids is not None else att.doc_ids)
+        scores = att.scores(m, qs, ids)
+        return [rank(att, ids, s, k) for s in scores]
+    out = []
+    for q in qs:
+        ids = candidates_for(att, q, n_candidates)
+        out.append(rank(att, ids, att.scores(m, [q], ids)[0], k))
+    return out
+
+
 def true_sources(shipped: Shipped, prompt: str) -> set[str] | None:
     """Ground-truth source documents when the prompt is one of the world's questions."""
     world = shipped.world
@@ -59,6 +152,36 @@ def true_sources(shipped: Shipped, prompt: str) -> set[str] | None:
         if item.prompt.strip() == prompt.strip():
             return set(world.fact(item.fact_id).source_doc_ids)
     return None
+
+
+def trace_attributor(
+    att: Attributor,
+    question: str,
+    *,
+    answer: str | None = None,
+    k: int = 10,
+    n_candidates: int | None = 100,
+    method: str = "multi_stage",
+    truth=None,
+    notes: Sequence[str] = (),
+) -> TraceResult:
+    """Rank candidate documents of `att` for one question (see the module docstring).
+    `truth(prompt)` gives the true sources when known; `notes` are printed with the result
+    (how the corpus was read, where α came from)."""
+    get_method(method)  # a clear error for an unknown method, before any work
+    if k < 1 or (n_candidates is not None and n_candidates < 1):
+        raise ValueError("k and n_candidates must be >= 1")
+    prompt = att.config.template.as_prompt(question)
+    check_encodable(att.tokenizer, prompt, att.context)
+    if answer is not None and not answer.strip():
+        raise ValueError("the answer is empty: pass a real --answer, or none to attribute the "
+                         "fine-tuned model's own answer")  # fmt: skip
+    q = TracedQuestion(prompt, answer.strip() if answer is not None else model_answer(att, prompt))
+    cand = candidates_for(att, q, n_candidates)
+    scores = att.scores(method, [q], cand)[0]
+    hits = rank(att, cand, scores, k, None if truth is None else truth(prompt))
+    return TraceResult(q, method, hits, len(cand), att.describe(), answer is None,
+                       list(notes), att.config.template.strip(prompt))
 
 
 def trace(
@@ -71,37 +194,14 @@ def trace(
     method: str = "multi_stage",
     config: AttributionConfig | None = None,
 ) -> TraceResult:
-    """Rank candidate pre-training documents for one question (see the module docstring)."""
-    get_method(method)  # a clear error for an unknown method, before any work
-    if k < 1 or n_candidates < 1:
-        raise ValueError("k and n_candidates must be >= 1")
-    prompt = as_prompt(question)
-    check_encodable(shipped.tokenizer, prompt, shipped.finetuned.config.max_position_embeddings)
-    if answer is None:
-        answer = greedy_answers(shipped.finetuned, shipped.tokenizer, [prompt])[0]
-    if not answer.strip():
-        raise ValueError(
-            "the fine-tuned model gave an empty answer, so there is nothing to attribute: "
-            "pass --answer to attribute a specific answer."
-        )
-    q = TracedQuestion(prompt, answer.strip())
+    """`trace_attributor` on the kit's world and checkpoints, with its true sources."""
+    get_method(method)
     docs = [(d.doc_id, d.text) for d in shipped.world.documents]
     pairs = [(p.prompt, p.answer) for p in shipped.world.finetune_qa]
     att = Attributor(shipped.pretrained, shipped.finetuned, shipped.tokenizer, docs, pairs,
                      config or AttributionConfig(), alpha=shipped.alpha)  # fmt: skip
-    text = retrieval_text(prompt, q.answer)
-    cand = [d for d, _ in att.embedding_index.search([text], n_candidates)[0]]
-    if not cand:
-        raise ValueError("the candidate set is empty: raise n_candidates.")
-    scores = att.scores(method, [q], cand)[0]
-    truth = true_sources(shipped, prompt)
-    order = scores.argsort(descending=True)[:k].tolist()
-    hits = [
-        TraceHit(r + 1, cand[i], float(scores[i]), att.texts[cand[i]],
-                 None if truth is None else cand[i] in truth)  # fmt: skip
-        for r, i in enumerate(order)
-    ]
-    return TraceResult(q, method, hits, len(cand), att.describe())
+    return trace_attributor(att, question, answer=answer, k=k, n_candidates=n_candidates,
+                            method=method, truth=lambda p: true_sources(shipped, p))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -111,6 +211,9 @@ class TraceResult:
     hits: list[TraceHit]
     n_candidates: int
     settings: dict
+    answer_from_model: bool = True
+    notes: list[str] = field(default_factory=list)
+    bare_question: str = ""
 
     def as_json(self) -> list[dict]:
         """The hits as a list of {rank, doc_id, score, text, is_true_source}."""
@@ -118,18 +221,24 @@ class TraceResult:
 
     def as_text(self) -> str:
         q = self.question
+        known = any(h.is_true_source is not None for h in self.hits)
+        w = max([6] + [len(h.doc_id) for h in self.hits])
+        who = "fine-tuned model" if self.answer_from_model else "given"
         lines = [
-            f"question: {strip_scaffold(q.prompt)}",
-            f"answer (fine-tuned model): {q.answer}",
+            *self.notes,
+            f"question: {self.bare_question or q.prompt}",
+            f"answer ({who}): {q.answer}",
             f"method: {self.method} over {self.n_candidates} candidates "
             f"(curvature={self.settings['curvature']}, fisher={self.settings['fisher']}, "
             f"alpha={self.settings['alpha']:g}, "
             f"alpha included in scores: {self.settings['alpha_included_in_scores']})",
             "",
-            f"{'rank':>4}  {'score':>11}  {'true source':11}  doc_id  text",
+            f"{'rank':>4}  {'score':>11}  " + ("true source  " if known else "")
+            + f"{'doc_id':{w}}  text",
         ]
         for h in self.hits:
             mark = {True: "yes", False: "no", None: "unknown"}[h.is_true_source]
             text = h.text if len(h.text) <= 90 else h.text[:87] + "..."
-            lines.append(f"{h.rank:>4}  {h.score:>11.4g}  {mark:11}  {h.doc_id}  {text}")
+            col = f"{mark:11}  " if known else ""
+            lines.append(f"{h.rank:>4}  {h.score:>11.4g}  {col}{h.doc_id:{w}}  {text}")
         return "\n".join(lines)

@@ -11,8 +11,19 @@ does; it then checks that the two models can form a multi-stage pair:
   vocabulary size and gives the same token ids for `PROBE` as the pre-trained one, and the
   model's embedding has a row for every token.
 
-`read_texts` reads pre-training or fine-tuning text from a file (plain text or JSON lines)
-under a token budget; `world_texts` is the default stand-in: the kit's own world.
+Reading a user's data (`msif-lite trace --corpus FILE --finetune-data FILE`):
+
+- `read_documents`: (doc_id, text) pairs from a JSON-lines file ({"id": …, "text": …} per
+  line; the ids are kept) or from plain text (one document per blank-line-separated
+  paragraph, ids `<file stem>:<paragraph number>`); `read_texts` gives the texts only;
+- `read_pairs`: fine-tuning (prompt, answer) pairs from JSON lines ({"prompt", "answer"});
+- `chunk_documents`: the long-document policy. A document longer than the model's context
+  (`checks.context_length`) is cut, at token boundaries, into consecutive non-overlapping
+  chunks of at most context − 1 tokens (each chunk + eos fits), ids `doc#1`, `doc#2`, …;
+  each chunk is then a candidate of its own (what pre-training on packed or truncated
+  sequences saw). Documents that fit keep their id. The Attributor refuses a longer one.
+
+`world_texts` is the default stand-in: the kit's own world.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ class ModelPair:
         c = self.pretrained.config
         n = sum(p.numel() for p in self.pretrained.parameters())
         return (f"pre-trained: {_short(self.names[0])} → fine-tuned: {_short(self.names[1])} "
-                f"({c.model_type}, {n / 1e6:.1f}M parameters, vocabulary {len(self.tokenizer)})")
+                f"({c.model_type}, {n / 1e6:.3g}M parameters, vocabulary {len(self.tokenizer)})")
 
 
 def _short(name: str) -> str:
@@ -115,58 +126,197 @@ def load_model_pair(
     return ModelPair(pt, ft, tok, names)
 
 
-def read_texts(path: str | os.PathLike, field: str = "text", max_tokens: int | None = None,
-               tokenizer=None, split: str = "paragraph", errors: str = "strict") -> list[str]:
-    """Documents from a file, in order, until `max_tokens` is reached.
-
-    - `*.jsonl` / `*.json` (JSON lines): one document per line, the string under `field`
-      (a line that is a bare JSON string is taken as is); blank lines are skipped.
-    - anything else, plain text: `split="paragraph"` (default) makes one document per
-      blank-line-separated paragraph (its lines joined by spaces); `split="line"` one per
-      non-empty line.
-    Tokens are counted with `tokenizer` when given, else as whitespace-separated words; the
-    document that crosses the budget is the last one kept. `errors` is passed to the UTF-8
-    decoder ('strict' refuses invalid bytes, naming the offset; 'replace' or 'ignore' read on).
-    """
+def _read_utf8(path: str | os.PathLike, errors: str) -> tuple[Path, str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no text file at {p}")
-    if split not in ("paragraph", "line"):
-        raise ValueError(f"split must be 'paragraph' or 'line', got {split!r}")
     try:
-        raw = p.read_bytes().decode("utf-8", errors=errors)
+        return p, p.read_bytes().decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
         raise ValueError(f"{p}: invalid UTF-8 at byte {e.start} ({e.reason}); fix the file or "
                          "pass errors='replace' (or 'ignore') to read on") from e
-    if p.suffix in (".jsonl", ".json"):
+
+
+def _json_lines(p: Path, raw: str):
+    """(line number, parsed value) of every non-blank line."""
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p.name}:{i} is not a JSON line ({e.msg})") from e
+
+
+def _is_json_lines(p: Path) -> bool:
+    return p.suffix in (".jsonl", ".json")
+
+
+def read_documents(path: str | os.PathLike, field: str = "text", id_field: str = "id",
+                   max_tokens: int | None = None, tokenizer=None, split: str = "paragraph",
+                   errors: str = "strict") -> list[tuple[str, str]]:  # fmt: skip
+    """(doc_id, text) documents from a file, in order, until `max_tokens` is reached.
+
+    - `*.jsonl` / `*.json` (JSON lines): one document per line, the string under `field`
+      (a line that is a bare JSON string is taken as is); the id is `str(row[id_field])`
+      when the line has one, else `<file stem>:<line number>`; blank lines are skipped.
+    - anything else, plain text: `split="paragraph"` (default) makes one document per
+      blank-line-separated paragraph (its lines joined by spaces); `split="line"` one per
+      non-empty line; ids `<file stem>:<n>` (n = 1, 2, … over the documents).
+    Ids must be unique. Tokens are counted with `tokenizer` when given, else as
+    whitespace-separated words; the document that crosses the budget is the last one kept.
+    `errors` is passed to the UTF-8 decoder ('strict' refuses invalid bytes, naming the
+    offset; 'replace' or 'ignore' read on). Documents longer than the model's context:
+    `chunk_documents`.
+    """
+    if split not in ("paragraph", "line"):
+        raise ValueError(f"split must be 'paragraph' or 'line', got {split!r}")
+    p, raw = _read_utf8(path, errors)
+    if _is_json_lines(p):
         docs = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p.name}:{i} is not a JSON line ({e.msg})") from e
+        for i, row in _json_lines(p, raw):
             if isinstance(row, str):
-                docs.append(row)
+                docs.append((f"{p.stem}:{i}", row))
             elif isinstance(row, dict) and isinstance(row.get(field), str):
-                docs.append(row[field])
+                doc_id = row.get(id_field)
+                docs.append((f"{p.stem}:{i}" if doc_id is None else str(doc_id), row[field]))
             else:
                 raise ValueError(f"{p.name}:{i} has no string field {field!r} (keys: "
                                  f"{sorted(row) if isinstance(row, dict) else type(row).__name__})")
-    elif split == "line":
-        docs = [x.strip() for x in raw.splitlines() if x.strip()]
     else:
-        docs = [" ".join(x.split()) for x in raw.split("\n\n") if x.strip()]
+        texts = ([x.strip() for x in raw.splitlines() if x.strip()] if split == "line" else
+                 [" ".join(x.split()) for x in raw.split("\n\n") if x.strip()])  # fmt: skip
+        docs = [(f"{p.stem}:{n}", t) for n, t in enumerate(texts, 1)]
     if not docs:
         raise ValueError(f"{p} holds no documents (empty or blank): point to the corpus file")
-    return budget(docs, max_tokens, tokenizer)
+    seen: dict[str, int] = {}
+    for n, (d, _) in enumerate(docs):
+        if d in seen:
+            raise ValueError(f"{p.name}: the document id {d!r} occurs twice (documents "
+                             f"{seen[d] + 1} and {n + 1}); give every document a unique "
+                             f"{id_field!r}")  # fmt: skip
+        seen[d] = n
+    kept = budget([t for _, t in docs], max_tokens, tokenizer)
+    return docs[: len(kept)]
+
+
+def read_texts(path: str | os.PathLike, field: str = "text", max_tokens: int | None = None,
+               tokenizer=None, split: str = "paragraph", errors: str = "strict") -> list[str]:
+    """The texts of `read_documents(path, …)` (same formats, budget and errors)."""
+    return [t for _, t in read_documents(path, field, max_tokens=max_tokens, tokenizer=tokenizer,
+                                         split=split, errors=errors)]  # fmt: skip
+
+
+def read_pairs(path: str | os.PathLike, prompt_field: str = "prompt",
+               answer_field: str = "answer", errors: str = "strict") -> list[tuple[str, str]]:
+    """Fine-tuning (prompt, answer) pairs from a JSON-lines file, one
+    {"prompt": …, "answer": …} object per line. A prompt is a question ('Where was X
+    born?') or an already formatted prompt; `PromptTemplate.as_prompt` formats both alike."""
+    p, raw = _read_utf8(path, errors)
+    if not _is_json_lines(p):
+        raise ValueError(f"{p}: fine-tuning data must be JSON lines (.jsonl) with "
+                         f"{prompt_field!r} and {answer_field!r} fields per line")  # fmt: skip
+    pairs = []
+    for i, row in _json_lines(p, raw):
+        ok = isinstance(row, dict) and all(isinstance(row.get(f), str)
+                                           for f in (prompt_field, answer_field))  # fmt: skip
+        if not ok:
+            raise ValueError(f"{p.name}:{i} needs string fields {prompt_field!r} and "
+                             f"{answer_field!r} (keys: "
+                             f"{sorted(row) if isinstance(row, dict) else type(row).__name__})")
+        pairs.append((row[prompt_field], row[answer_field]))
+    if not pairs:
+        raise ValueError(f"{p} holds no fine-tuning pairs (empty or blank)")
+    return pairs
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    """What `chunk_documents` did: how many documents were split into how many chunks."""
+
+    context: int
+    n_documents: int
+    n_split: int
+    n_chunks: int
+    example: str = ""  # e.g. "long → long#1 … long#4"
+
+    def __str__(self) -> str:
+        if not self.n_split:
+            return f"all {self.n_documents} documents fit the context of {self.context} tokens"
+        return (f"{self.n_split} of {self.n_documents} documents longer than {self.context} "
+                f"tokens were split into {self.n_chunks} chunks ({self.example})")
+
+
+def _token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
+    """Character span of every token of `text` (fast tokenizers' offsets)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    return [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _split(tokenizer, text: str, size: int) -> list[str]:
+    """`text` cut at token boundaries into pieces that each encode to at most `size` tokens."""
+    spans = _token_spans(tokenizer, text)
+    pieces, i = [], 0
+    while i < len(spans):
+        j = min(i + size, len(spans))
+        while True:
+            end = spans[j][0] if j < len(spans) else len(text)
+            piece = text[spans[i][0]:end].strip()
+            n = count_tokens(piece, tokenizer) - 1
+            if n <= size or j == i + 1:
+                break
+            j = max(i + 1, j - (n - size))  # re-encoding a cut piece can add a token
+        if piece:
+            pieces.append(piece)
+        i = j
+    return pieces
+
+
+def chunk_documents(documents: Sequence[tuple[str, str]], tokenizer, context: int
+                    ) -> tuple[list[tuple[str, str]], ChunkReport]:  # fmt: skip
+    """Split every document whose tokens + eos exceed `context` (the model's positions,
+    `checks.context_length(model, tokenizer)`) into consecutive chunks of at most
+    context − 1 tokens cut at token boundaries, ids `<id>#1`, `<id>#2`, …, in order;
+    documents that fit keep their id (see the module docstring for the policy)."""
+    if isinstance(context, bool) or not isinstance(context, int) or context < 2:
+        raise ValueError(f"context must be an integer >= 2 tokens, got {context!r}")
+    out, n_split, n_chunks, example = [], 0, 0, ""
+    ids = {d for d, _ in documents}
+    for doc_id, text in documents:
+        if count_tokens(text, tokenizer) <= context:
+            out.append((doc_id, text))
+            continue
+        pieces = _split(tokenizer, text, context - 1)
+        clash = [f"{doc_id}#{n}" for n in range(1, len(pieces) + 1) if f"{doc_id}#{n}" in ids]
+        if clash:
+            raise ValueError(f"cannot name the chunks of {doc_id!r}: the id {clash[0]!r} is "
+                             "already a document's; rename it")  # fmt: skip
+        out.extend((f"{doc_id}#{n}", t) for n, t in enumerate(pieces, 1))
+        n_split, n_chunks = n_split + 1, n_chunks + len(pieces)
+        example = example or f"{doc_id} → {doc_id}#1 … {doc_id}#{len(pieces)}"
+    return out, ChunkReport(context, len(documents), n_split, n_chunks, example)
+
+
+def recorded_alpha(finetuned_dir: str | os.PathLike) -> float | None:
+    """The proximity strength α a fine-tuned checkpoint records, if it is one of the kit's
+    (`msif_meta.json` of the training pipeline, `msif_standin.json` of `save_standin`);
+    None for any other checkpoint (a hub id, a user's own fine-tune)."""
+    d = Path(finetuned_dir)
+    for name in ("msif_meta.json", "msif_standin.json"):
+        f = d / name
+        if f.is_file():
+            alpha = json.loads(f.read_text()).get("alpha")
+            if alpha is not None:
+                return float(alpha)
+    return None
 
 
 def count_tokens(text: str, tokenizer=None) -> int:
     if tokenizer is None:
         return len(text.split())
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + eos
+    """Tokens of `text` + eos with `tokenizer`, else whitespace-separated words."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return len(ids) + 1  # + eos
 
 
 def budget(docs: Sequence[str], max_tokens: int | None, tokenizer=None) -> list[str]:
