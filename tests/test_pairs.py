@@ -9,7 +9,17 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from msif_lite.scale.pairs import budget, load_model_pair, read_texts, world_texts
+from msif_lite.attribution.checks import ALIBI_DEFAULT_CONTEXT, context_length
+from msif_lite.scale.pairs import (
+    budget,
+    chunk_documents,
+    load_model_pair,
+    read_documents,
+    read_pairs,
+    read_texts,
+    recorded_alpha,
+    world_texts,
+)
 from msif_lite.world.generate import make_world
 from msif_lite.world.lm import train_tokenizer
 
@@ -117,3 +127,84 @@ def test_budget_and_world_defaults():
     assert budget(["a"], None) == ["a"]
     world, docs, pairs = world_texts()
     assert docs and pairs and all(isinstance(t, str) for _, t in docs)
+
+
+def test_read_documents_keeps_ids(tmp_path):
+    f = tmp_path / "corpus.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [{"id": "a-1", "text": "first"}, {"id": 7,
+                 "text": "second"}, {"text": "no id"}, "bare"]) + "\n")  # fmt: skip
+    assert read_documents(f) == [("a-1", "first"), ("7", "second"), ("corpus:3", "no id"),
+                                 ("corpus:4", "bare")]  # fmt: skip
+    assert read_documents(f, max_tokens=1) == [("a-1", "first")]
+    g = tmp_path / "notes.txt"
+    g.write_text("One para\nhere.\n\nTwo.\n")
+    assert read_documents(g) == [("notes:1", "One para here."), ("notes:2", "Two.")]
+    d = tmp_path / "dup.jsonl"
+    d.write_text(json.dumps({"id": "x", "text": "a"}) + "\n" + json.dumps({"id": "x", "text": "b"}))
+    with pytest.raises(ValueError, match="'x' occurs twice .*documents 1 and 2"):
+        read_documents(d)
+
+
+def test_read_pairs(tmp_path):
+    f = tmp_path / "ft.jsonl"
+    f.write_text(json.dumps({"prompt": "Where?", "answer": "Here"}) + "\n\n")
+    assert read_pairs(f) == [("Where?", "Here")]
+    f.write_text(json.dumps({"question": "Where?", "answer": "Here"}) + "\n")
+    with pytest.raises(ValueError, match="ft.jsonl:1 needs string fields 'prompt' and 'answer'"):
+        read_pairs(f)
+    assert read_pairs(f, prompt_field="question") == [("Where?", "Here")]
+    (tmp_path / "ft.txt").write_text("Where? Here\n")
+    with pytest.raises(ValueError, match="must be JSON lines"):
+        read_pairs(tmp_path / "ft.txt")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no fine-tuning pairs"):
+        read_pairs(tmp_path / "empty.jsonl")
+
+
+def test_chunk_documents_policy(tok):
+    words = " ".join(f"word{i} Istrelle" for i in range(60))
+    n_tokens = len(tok(words, add_special_tokens=False)["input_ids"])
+    docs = [("short", "A short one."), ("long", words)]
+    out, report = chunk_documents(docs, tok, 32)
+    assert out[0] == ("short", "A short one.")
+    ids = [d for d, _ in out[1:]]
+    assert ids == [f"long#{n}" for n in range(1, len(ids) + 1)]
+    assert len(ids) >= -(-n_tokens // 31)  # at least ⌈tokens / (context − 1)⌉ chunks
+    assert all(len(tok(t, add_special_tokens=False)["input_ids"]) <= 31 for _, t in out[1:])
+    assert "".join(t for _, t in out[1:]).replace(" ", "") == words.replace(" ", "")
+    assert str(report) == (f"1 of 2 documents longer than 32 tokens were split into {len(ids)} "
+                           f"chunks (long → long#1 … long#{len(ids)})")  # fmt: skip
+    same, report = chunk_documents(docs, tok, 10_000)
+    assert same == docs and "all 2 documents fit" in str(report)
+    with pytest.raises(ValueError, match="'long#1' is already a document's"):
+        chunk_documents(docs + [("long#1", "x")], tok, 32)
+    with pytest.raises(ValueError, match="integer >= 2"):
+        chunk_documents(docs, tok, 1)
+
+
+def test_context_length_sources(tok):
+    from transformers import GPT2Config, LlamaConfig
+
+    assert context_length(LlamaConfig(max_position_embeddings=96)) == (
+        96, "config.max_position_embeddings")
+    assert context_length(GPT2Config(n_positions=48))[0] == 48
+    bloom = BloomConfig()
+    assert context_length(bloom, tok)[0] == ALIBI_DEFAULT_CONTEXT  # tokenizer names no limit
+    tok.model_max_length, old = 77, tok.model_max_length
+    try:
+        assert context_length(bloom, tok) == (
+            77, "tokenizer.model_max_length (the model has no position limit)")
+    finally:
+        tok.model_max_length = old
+    assert context_length(bloom, tok, override=500) == (500, "context_length setting")
+    with pytest.raises(ValueError, match="integer >= 2"):
+        context_length(bloom, tok, override=0)
+
+
+def test_recorded_alpha(tmp_path):
+    assert recorded_alpha(tmp_path) is None
+    assert recorded_alpha("bigscience/bloomz-560m") is None  # a hub id records nothing
+    (tmp_path / "msif_standin.json").write_text(json.dumps({"alpha": 0.02}))
+    assert recorded_alpha(tmp_path) == 0.02
+    (tmp_path / "msif_meta.json").write_text(json.dumps({"alpha": 0.5, "stage": "finetuned"}))
+    assert recorded_alpha(tmp_path) == 0.5

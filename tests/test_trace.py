@@ -13,12 +13,12 @@ from helpers_world import build_tiny_shipped, load_tiny
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
 from msif_lite.attribution.checks import check_same_architecture
 from msif_lite.attribution.methods import METHODS
-from msif_lite.attribution.trace import trace
+from msif_lite.attribution.trace import as_questions, trace
 from msif_lite.cli import main
 from msif_lite.engine.factors import FactorConfig
-from msif_lite.engine.prompts import as_prompt
+from msif_lite.engine.prompts import DEFAULT_TEMPLATE, PromptTemplate, as_prompt, encode_pairs
 from msif_lite.world.generate import make_world
-from msif_lite.world.lm import build_model
+from msif_lite.world.lm import build_model, greedy_answers
 from msif_lite.world.lm import train_tokenizer as make_tokenizer
 from msif_lite.world.training import Checkpoint
 
@@ -120,3 +120,68 @@ def test_mismatched_models_and_tokenizers_are_refused(tiny_shipped, tmp_path):
     with pytest.raises(ValueError, match="α is unknown"):
         Attributor(s.pretrained, s.finetuned, s.tokenizer, [("d", "text")], [("q", "a")],
                    _cfg(tmp_path))  # fmt: skip
+
+
+def test_prompt_template_parse_and_errors():
+    t = PromptTemplate.parse("### Q: {question}\n### A:\n{answer}")
+    assert t == PromptTemplate("### Q: ", "\n### A:", "\n")
+    assert PromptTemplate.parse(t.describe()[1:-1].replace("\\n", "\n")) == t
+    assert PromptTemplate.parse("Question: {question}\nAnswer: {answer}") == DEFAULT_TEMPLATE
+    assert t.as_prompt("Where?") == "### Q: Where?\n### A:"
+    assert t.as_prompt(t.as_prompt("Where?")) == t.as_prompt("Where?")  # idempotent
+    assert t.strip(t.as_prompt("Where?")) == "Where?"
+    assert PromptTemplate("", "", " ").as_prompt(" <s>[INST] hi [/INST]") == "<s>[INST] hi [/INST]"
+    for bad in ("{answer} {question}", "no fields", "{question} {answer} tail"):
+        with pytest.raises(ValueError, match="template"):
+            PromptTemplate.parse(bad)
+    with pytest.raises(TypeError, match="PromptTemplate"):
+        AttributionConfig(template="Question: {question}")
+
+
+def test_the_template_is_one_setting_for_h_ft_and_queries(tiny_shipped, tmp_path):
+    """A custom template encodes the fine-tuning pairs (H_ft) and the queries alike, and is
+    part of the factor cache key through the token ids."""
+    s = _shipped(tiny_shipped)
+    t = PromptTemplate("Q: ", " A:", " ")
+    docs = [(d.doc_id, d.text) for d in s.world.documents[:20]]
+    raw = [(p.prompt.removeprefix("Question: ").removesuffix("\nAnswer:"), p.answer)
+           for p in s.world.finetune_qa]  # fmt: skip
+    att = Attributor(s.pretrained, s.finetuned, s.tokenizer, docs, raw,
+                     _cfg(tmp_path, template=t), alpha=s.alpha)  # fmt: skip
+    for (p, a), ex in zip(raw, att.finetune_examples()):
+        ids, labels = t.encode(s.tokenizer, f"Q: {p} A:", a)
+        assert (list(ex.input_ids), list(ex.labels)) == (ids, labels)
+    q = att.qa_example(raw[0][0], raw[0][1])
+    assert list(q.input_ids) == list(att.finetune_examples()[0].input_ids)
+    default = Attributor(s.pretrained, s.finetuned, s.tokenizer, docs, raw, _cfg(tmp_path),
+                         alpha=s.alpha)  # fmt: skip
+    # the kit's world prompts are already formatted: the default template leaves them as is
+    shipped_pairs = [(p.prompt, p.answer) for p in s.world.finetune_qa]
+    assert [c.input_ids for c in default.finetune_examples()] == [
+        tuple(ids) for ids, _ in encode_pairs(s.tokenizer, shipped_pairs)]
+    assert att.finetune_factors is not None and default.finetune_factors is not None
+    assert len(list((tmp_path / "cache" / "factors").glob("finetuned-*"))) == 2
+
+
+def test_top_k_rows_from_plain_prompts_and_pairs(tiny_shipped, tmp_path):
+    s = _shipped(tiny_shipped)
+    docs = [(d.doc_id, d.text) for d in s.world.documents[:15]]
+    pairs = [(p.prompt, p.answer) for p in s.world.finetune_qa]
+    att = Attributor(s.pretrained, s.finetuned, s.tokenizer, docs, pairs, _cfg(tmp_path),
+                     alpha=s.alpha)  # fmt: skip
+    q = s.world.queries[0]
+    plain = q.prompt.removeprefix("Question: ").removesuffix("\nAnswer:")
+    qs = as_questions(att, [plain, (q.prompt, q.answer)])
+    assert qs[0].prompt == qs[1].prompt == q.prompt
+    assert qs[0].answer == greedy_answers(s.finetuned, s.tokenizer, [q.prompt], 16)[0].strip()
+    rows = att.top_k("grad_dot", [plain, (q.prompt, q.answer)], k=4)
+    full = att.scores("grad_dot", qs, att.doc_ids)
+    for r, row in zip(full, rows):
+        assert [h.doc_id for h in row] == [att.doc_ids[i] for i in r.argsort(descending=True)[:4]]
+        assert [h.rank for h in row] == [1, 2, 3, 4] and all(h.text for h in row)
+    fixed = att.top_k("grad_dot", [(q.prompt, q.answer)], k=2, doc_ids=att.doc_ids[:3])[0]
+    assert {h.doc_id for h in fixed} <= set(att.doc_ids[:3])
+    with pytest.raises(ValueError, match="non-empty list"):
+        att.top_k("grad_dot", plain)
+    with pytest.raises(TypeError, match=r"\(prompt, answer\) pair"):
+        att.top_k("grad_dot", [3])
