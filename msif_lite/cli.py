@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="longest sequence in tokens (default: the model's position limit; "
                           "longer documents are split into chunks doc#1, doc#2, …)")
     t.add_argument("--cache-dir", default=".cache/msif", help="factor/gradient cache")
+    t.add_argument("--device", default="cpu",
+                   help="where the models run: cpu (default), cuda, cuda:1, … or auto (the "
+                        "first CUDA GPU if there is one, msif_lite.device())")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("methods", help="list the registered attribution methods")
@@ -90,6 +93,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 OWN_PAIR = ("pretrained", "finetuned", "corpus", "finetune_data")
+
+
+def _device(name: str):
+    """`--device`: 'auto' is msif_lite.device(); anything else a torch device name."""
+    import torch
+
+    from msif_lite.config import device
+
+    if name == "auto":
+        return device()
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:1 or auto"
+                         ) from e  # fmt: skip
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+    return dev
 
 
 def _own_pair(a: argparse.Namespace, cfg):
@@ -125,7 +146,7 @@ def _own_pair(a: argparse.Namespace, cfg):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    pair = load_model_pair(a.pretrained, a.finetuned)
+    pair = load_model_pair(a.pretrained, a.finetuned, device=_device(a.device))
     n_ctx, ctx_source = context_length(pair.pretrained, pair.tokenizer, a.context_length)
     docs = read_documents(a.corpus)
     docs, report = chunk_documents(docs, pair.tokenizer, n_ctx)
@@ -162,6 +183,9 @@ def _trace(a: argparse.Namespace) -> int:
             raise ValueError("--alpha is for your own pair (--pretrained …); the kit's "
                              "checkpoints record the α they were fine-tuned with")  # fmt: skip
         shipped = load_shipped(a.preset, world_dir=a.world, checkpoint_dir=a.checkpoints)
+        dev = _device(a.device)
+        shipped.pretrained.to(dev)
+        shipped.finetuned.to(dev)
         result = trace(shipped, a.question, answer=a.answer, k=a.k, n_candidates=a.candidates,
                        method=a.method, config=cfg)  # fmt: skip
     if a.json:

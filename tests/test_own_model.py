@@ -205,7 +205,7 @@ def test_cli_trace_on_own_pair(own_pair, capsys):
     base = ["trace", "--pretrained", str(pt), "--finetuned", str(ft), "--corpus", str(corpus),
             "--finetune-data", str(data), "--alpha", "0.01", "--cache-dir",
             str(root / "cache"), "--quiet"]  # fmt: skip
-    assert main(base + ["--json", "-k", "4", "--answer", "London",
+    assert main(base + ["--json", "-k", "4", "--answer", "London", "--device", "auto",
                         "Where was Ada Lovelace born?"]) == 0  # fmt: skip
     out = capsys.readouterr()
     hits = json.loads(out.out)
@@ -266,6 +266,13 @@ def test_cli_own_pair_errors(own_pair, capsys):
         (ft / "msif_meta.json").unlink()
     assert main(["trace", "--alpha", "0.1", "Where?"]) == 2
     assert "--alpha is for your own pair" in capsys.readouterr().err
+    own = ["trace", "--pretrained", str(pt), "--finetuned", str(ft), "--corpus", str(corpus),
+           "--finetune-data", str(data), "--alpha", "0.01", "Where?"]  # fmt: skip
+    assert main(own + ["--device", "nosuch"]) == 2
+    assert "is not a device: use cpu, cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(own + ["--device", "cuda"]) == 2
+        assert "no CUDA GPU is visible here" in capsys.readouterr().err
 
 
 def readme_block() -> str:
@@ -297,3 +304,25 @@ def test_readme_block_runs_as_printed(tmp_path, capsys):
     assert len(rows) == 10  # 5 rows for each of the two questions
     valid = {d for d, _ in DOCS[:7]} | {f"long#{n}" for n in range(1, 20)}
     assert all(r[2] in valid for r in rows)
+
+
+@pytest.mark.parametrize("name, group", [
+    ("model.layers.0.self_attn.q_proj", "attention"),  # Llama, Mistral, Qwen2, Gemma
+    ("model.layers.0.self_attn.o_proj", "attention"),
+    ("model.layers.0.mlp.gate_proj", "mlp"),
+    ("model.layers.0.mlp.down_proj", "mlp"),
+    ("transformer.h.0.attn.c_attn", "attention"),  # GPT-2 (Conv1D)
+    ("transformer.h.0.attn.c_proj", "attention"),
+    ("transformer.h.0.mlp.c_proj", "mlp"),
+    ("gpt_neox.layers.0.attention.dense", "attention"),  # GPT-NeoX
+    ("transformer.h.0.self_attention.query_key_value", "attention"),  # BLOOM, Falcon
+    ("transformer.h.0.mlp.dense_4h_to_h", "mlp"),
+    ("model.decoder.layers.0.fc1", "mlp"),  # OPT
+    ("model.decoder.layers.0.self_attn.out_proj", "attention"),
+    ("model.layers.0.mlp.gate_up_proj", "mlp"),  # Phi-3
+    ("transformer.h.0.mlp.fc_in", "mlp"),  # GPT-J
+])  # fmt: skip
+def test_layer_groups_of_common_families(name, group):
+    from msif_lite.engine.layers import layer_group
+
+    assert layer_group(name) == group
