@@ -180,6 +180,9 @@ def test_chunk_documents_policy(tok):
         chunk_documents(docs + [("long#1", "x")], tok, 32)
     with pytest.raises(ValueError, match="integer >= 2"):
         chunk_documents(docs, tok, 1)
+    slow = type("Slow", (), {"is_fast": False, "__call__": tok.__call__})()
+    with pytest.raises(ValueError, match="needs a fast tokenizer"):
+        chunk_documents(docs, slow, 32)
 
 
 def test_context_length_sources(tok):

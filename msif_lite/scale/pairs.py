@@ -249,6 +249,10 @@ class ChunkReport:
 
 def _token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
     """Character span of every token of `text` (fast tokenizers' offsets)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("chunk_documents cuts at token boundaries and needs a fast tokenizer "
+                         "(character offsets): load it with AutoTokenizer.from_pretrained(dir, "
+                         "use_fast=True)")  # fmt: skip
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return [tuple(o) for o in enc["offset_mapping"]]
 
