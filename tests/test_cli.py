@@ -40,3 +40,13 @@ def test_world_command_runs_the_pipeline(tmp_path):
     out = str(tmp_path / "w")
     assert main(["world", "--preset", "lds-fast", "--out", out, "--no-progress"]) == 0
     assert (tmp_path / "w" / "checkpoints" / "finetuned" / "msif_meta.json").exists()
+
+
+def test_trace_help_lists_the_own_pair_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["trace", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--pretrained", "--finetuned", "--corpus", "--finetune-data", "--alpha",
+                   "--template", "--context-length", "--device"):  # fmt: skip
+        assert option in out, option
+    assert "Question: {question}\\nAnswer: {answer}" in out  # the default template, shown
