@@ -110,7 +110,8 @@ def test_the_curvature_field_swaps_the_approximation(tmp_path):
                                ident.scores("grad_dot", qs, docs), rtol=1e-5, atol=0)  # fmt: skip
     kf = _att(s, tmp_path / "kf", curvature="kfac")
     assert not kf.pretrain_factors.has_lambda  # K-FAC fits no Λ pass
-    ihvp = MultiStageIHVP(KFACIHVP(kf.finetune_factors, Damping(absolute=kf.alpha)),
+    h_ft = kf.finetune_factors.scaled(kf.finetune_objective_scale)  # G_ft / T̄ (token mean)
+    ihvp = MultiStageIHVP(KFACIHVP(h_ft, Damping(absolute=kf.alpha)),
                           KFACIHVP(kf.pretrain_factors, Damping()), kf.alpha)
     pre = precondition(kf.query_grads(qs, Stage.FINETUNED), ihvp)
     by_hand = kf.pretrained_store.scores(pre, kf.candidates(docs)).double()

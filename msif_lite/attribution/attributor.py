@@ -217,6 +217,12 @@ class Attributor:
         self.mentions = dict(mentions or {})
 
     @property
+    def provides(self) -> frozenset[str]:
+        """The optional inputs this Attributor holds (`Method.requires`)."""
+        return frozenset({"checkpoints"} if self.checkpoints else ()) | \
+            frozenset({"mentions"} if self.mentions else ())  # fmt: skip
+
+    @property
     def alpha(self) -> float:
         return self.settings.alpha
 

@@ -124,6 +124,11 @@ class Method:
         """(Q, N) float64 scores, higher = more helpful to the answer."""
         raise NotImplementedError
 
+    def requires(self) -> frozenset[str]:
+        """Inputs beyond the two models and the corpus that this method reads from the
+        Attributor ("checkpoints", "mentions"); see `Attributor.provides`."""
+        return frozenset()
+
 
 @dataclass(frozen=True)
 class GradientMethod(Method):
@@ -235,6 +240,11 @@ def register(method: Method) -> Method:
 def get_method(name: str) -> Method:
     """The registered method called `name`; a clear error lists the others."""
     return METHODS.lookup(name)
+
+
+def available(att: Attributor) -> list[str]:
+    """The registered methods this Attributor has every input for (benchmarks, explorer)."""
+    return [n for n, m in METHODS.items() if m.requires() <= att.provides]
 
 
 def gradient_methods() -> list[str]:

@@ -116,6 +116,9 @@ class TokenMethod(Method):
             out.append(self.combine(cap, terms.double(), weights))
         return torch.cat(out, 1)
 
+    def requires(self) -> frozenset[str]:
+        return frozenset({"mentions"} if self.tokens is TokenSum.AFTER_MENTION else ())
+
     def candidates(self, att: Attributor, doc_ids: Sequence[str]) -> list[Candidate]:
         cands = att.candidates(doc_ids)
         if self.tokens is not TokenSum.AFTER_MENTION:
@@ -145,6 +148,9 @@ class TracInMethod(Method):
     """TracIn over pre-training checkpoints: Σ_c η_c ∇m(q, θ_c) · ∇ℓ(z, θ_c), the learning
     rate η_c of the step each checkpoint was kept at (Pruthi et al. 2020; with AdamW the
     products are not the optimiser's actual steps)."""
+
+    def requires(self) -> frozenset[str]:
+        return frozenset({"checkpoints"})
 
     def scores(self, att, questions, doc_ids, settings):
         if not att.checkpoints:

@@ -145,7 +145,7 @@ def score_everything(shipped: Shipped, draws: list[dict], cfg: BenchConfig, att:
     scores: dict = {}
     with Timer() as t:
         for name, m in METHODS.items():
-            if not isinstance(m, GradientMethod):
+            if not isinstance(m, GradientMethod) and m.requires() <= att.provides:
                 scores[name] = att.scores(name, qs, union).numpy()
     timings["text_and_random_s"] = t.seconds
     grad = gradient_scores(att, qs, union, att.settings, timings)
@@ -198,7 +198,8 @@ def run(shipped: Shipped, cfg: BenchConfig, cache_dir: str = ".cache/msif",
     truth = {j: set(world.queries[j].source_doc_ids) for j in used}
     keep: dict = {}
     res = metrics_of(sc, draws, truth, row, col, cfg.pools.seed, keep=keep)
-    emb_c = metrics_of(Scored(att, sc.qs, sc.union, {m: sc.scores[m] for m in METHODS}, {}),
+    emb_c = metrics_of(Scored(att, sc.qs, sc.union, {m: sc.scores[m] for m in METHODS
+                                                     if m in sc.scores}, {}),
                        draws, truth, row, col, cfg.pools.seed, pool="emb")  # fmt: skip
     checks = run_checks(att, sc, grads, cfg, [col[d] for d in check_docs(sc, cfg)])
     payload = report_payload(shipped, cfg, sc, draws, res, emb_c, keep, row, col, truth, used)
@@ -246,7 +247,7 @@ def report_payload(shipped, cfg, sc: Scored, draws, res, emb_c, keep, row, col, 
         "alpha_in_scores": True, "multi_stage_sweep_dtype": "float64",
     }  # fmt: skip
     return {
-        "methods": {m: res[m] for m in METHODS},
+        "methods": {m: res[m] for m in METHODS if m in res},
         "damping_sweep": {("heuristic" if lam is None else f"{lam:g}"): res[("damping", lam)]
                           for lam in cfg.dampings},  # fmt: skip
         "alpha_sweep": {f"{f:g}": {**res[("alpha", f)], "alpha": f * alpha}

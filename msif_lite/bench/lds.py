@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
-from msif_lite.attribution.methods import METHODS, Stage
+from msif_lite.attribution.methods import METHODS, Stage, available
 from msif_lite.bench.common import markdown_table, write_results
 from msif_lite.config import fast_mode
 from msif_lite.eval.metrics import lds, mean_reciprocal_rank, sem, spearman
@@ -227,8 +227,8 @@ def run(cfg: LDSBenchConfig, cache: Path, gt_path: Path | None = None,
                      [(d.doc_id, d.text) for d in world.documents],
                      [(p.prompt, p.answer) for p in world.finetune_qa],
                      AttributionConfig(cache_dir=str(cache / "msif"), progress=False),
-                     alpha=shipped.alpha)  # fmt: skip
-    names = list(cfg.methods or METHODS)
+                     alpha=shipped.alpha, mentions=world.document_mentions())  # fmt: skip
+    names = list(cfg.methods or available(att))  # TracIn's checkpoints: `bench variants`
     t1 = time.perf_counter()
     scores = all_scores(att, world.queries, names)
     score_s = time.perf_counter() - t1
@@ -258,6 +258,7 @@ def run(cfg: LDSBenchConfig, cache: Path, gt_path: Path | None = None,
         "settings": {**asdict(cfg.retrain), "k": k, "removal_targets": len(targets),
                      "sign": "prediction_j = −Σ_{z∈S_j} I(z,q): positive I helps (lowers m)",
                      "text_query": "question + answer (bm25, embedding); *_question: question",
+                     "skipped_methods": sorted(set(METHODS) - set(names)),
                      "ground_truth": str(path.relative_to(data_dir().parent))
                      if path.is_relative_to(data_dir().parent) else path.name,
                      "fast": fast_mode()},

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import ipywidgets as widgets
 
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
-from msif_lite.attribution.methods import METHODS
+from msif_lite.attribution.methods import METHODS, available
 from msif_lite.viz.explorer_data import (
     ExplorerData,
     ExplorerQuery,
@@ -144,7 +144,7 @@ class Explorer(widgets.VBox):
                                    continuous_update=False,
                                    layout=widgets.Layout(flex="0 1 200px", min_width="0"))
         self.method = widgets.Dropdown(
-            options=[(m.label, k) for k, m in METHODS.items()], value="multi_stage",
+            options=[(METHODS[k].label, k) for k in available(data.att)], value="multi_stage",
             description="method", layout=widgets.Layout(max_width="100%"),
         )
         slider = dict(base=10, step=0.25, continuous_update=False, readout_format=".2g",
