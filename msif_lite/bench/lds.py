@@ -57,7 +57,11 @@ class LDSBenchConfig:
 
     retrain: RetrainConfig = RetrainConfig("lds", n_subsets=32, n_noise=8)
     removal_queries: int = 13  # questions about distinct entities removed in one retrain
-    removal_methods: tuple[str, ...] | None = None  # None: every registered method
+    removal_methods: tuple[str, ...] | None = (
+        "multi_stage", "single_stage", "finetune_only", "grad_dot", "grad_cosine",
+        "multi_stage_cosine", "multi_stage_mlp", "multi_stage_alpha_inf", "bm25", "embedding",
+        "bm25_question", "embedding_question", "random",
+    )  # one retrain each; None: every scored method (the variants' removals: bench variants)
     methods: tuple[str, ...] | None = None  # None: every registered method
 
 
