@@ -1,7 +1,7 @@
 """Projected candidate gradients: a Kronecker random projection of each layer (LoGra-style).
 
-Notebook 09 §Disk. A layer's per-document gradient DW = Σ_t Ds_t ā_tᵀ is an (o, d_in) matrix;
-with random Π_in (k_in, d_in) and Π_out (k_out, o) the store keeps
+docs/design.md §Memory and disk at scale. A layer's per-document gradient DW = Σ_t Ds_t ā_tᵀ
+is an (o, d_in) matrix; with random Π_in (k_in, d_in) and Π_out (k_out, o) the store keeps
 
     G̃ = Π_out DW Π_inᵀ = Σ_t (Π_out Ds_t)(Π_in ā_t)ᵀ        (k_out, k_in)
 

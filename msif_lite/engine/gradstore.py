@@ -6,14 +6,14 @@ every damping or α in a sweep reuses them, so each document's gradient is compu
 and stored as an artifact keyed by (model weights, the document's tokens, the tracked
 layers, dtype). A store for other weights or layers never loads it.
 
-Scale (Notebook 09 §Disk): a document's dense gradient has P numbers (BLOOM-560m, MLP layers:
-201M, 0.81 GB in float32), so N documents write N·P·e bytes. Above `disk_budget_bytes` the
-store never writes them: `scores` and `norms` stream (each batch's gradients are computed,
-used and dropped; nothing on disk, recomputed on the next call), and `grads` refuses. A
-`projection` (e.g. `attribution.projected.KroneckerProjection`) stores k_out·k_in numbers per
-layer instead: G̃_l = Π_out DW_l Π_inᵀ = Σ_t (Π_out Ds_t)(Π_in ā_t)ᵀ, computed from the captured
-tokens without forming DW_l, and the queries are projected the same way before the dot.
-Scoring holds at most `chunk_bytes` of stored gradients at a time.
+Scale (docs/design.md §Memory and disk at scale): a document's dense gradient has P numbers
+(BLOOM-560m, MLP layers: 201M, 0.81 GB in float32), so N documents write N·P·e bytes. Above
+`disk_budget_bytes` the store never writes them: `scores` and `norms` stream (each batch's
+gradients are computed, used and dropped; nothing on disk, recomputed on the next call), and
+`grads` refuses. A `projection` (e.g. `attribution.projected.KroneckerProjection`) stores
+k_out·k_in numbers per layer instead: G̃_l = Π_out DW_l Π_inᵀ = Σ_t (Π_out Ds_t)(Π_in ā_t)ᵀ,
+computed from the captured tokens without forming DW_l, and the queries are projected the
+same way before the dot. Scoring holds at most `chunk_bytes` of stored gradients at a time.
 """
 
 from __future__ import annotations
