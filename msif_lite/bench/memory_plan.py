@@ -78,7 +78,8 @@ def build_config(arch: str, size: Size):
     if arch == "gpt2":
         return GPT2Config(vocab_size=size.vocab, n_embd=size.hidden, n_layer=size.n_layer,
                           n_head=heads, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
-                          attn_pdrop=0.0)  # fmt: skip
+                          attn_pdrop=0.0, bos_token_id=size.vocab - 1,
+                          eos_token_id=size.vocab - 1)  # fmt: skip
     raise ValueError(f"unknown arch {arch!r}: use one of {ARCHS}")
 
 
