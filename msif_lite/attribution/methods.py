@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -141,6 +141,9 @@ class GradientMethod(Method):
     uses_alpha: bool = False
     normalise: Normalise = Normalise.NONE
     layer_group: str | None = None  # e.g. "mlp": sum only those layers' part of the score
+    # the score is ⟨P∇m, ∇ℓ(z)⟩ over the dense stored candidate gradients, so the explorer
+    # may compute it from its own cached matrices (False: it calls Attributor.scores)
+    dense_dot: ClassVar[bool] = True
 
     def preconditioned(self, att: Attributor, questions: Sequence[QuestionLike],
                        settings: ScoreSettings) -> Grads:  # fmt: skip

@@ -37,7 +37,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -193,6 +193,7 @@ class ProjectedGradientMethod(GradientMethod):
 
     projection: KroneckerProjection = KroneckerProjection(64, 64)
     whiten: bool = True  # whiten both sides by the pre-training EK-FAC first (module docstring)
+    dense_dot: ClassVar[bool] = False  # scored on projected gradients, not the dense ones
 
     def __post_init__(self) -> None:
         if self.normalise is not Normalise.NONE:

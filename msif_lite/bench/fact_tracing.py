@@ -109,7 +109,8 @@ def gradient_scores(att: Attributor, qs, union: list[str], settings: ScoreSettin
     each stage's candidate gradients serves every method taken at that stage."""
     cands, out = att.candidates(union), {}
     for stage in (Stage.FINETUNED, Stage.PRETRAINED):  # θ_ft first, then freed
-        names = [n for n in gradient_methods() if METHODS[n].candidates_at is stage]
+        names = [n for n in gradient_methods()
+                 if METHODS[n].candidates_at is stage and METHODS[n].dense_dot]
         with Timer() as t:
             grads = CandidateGrads(att.store(stage, GRAD_DTYPE), cands)
             for name in names:
@@ -145,7 +146,8 @@ def score_everything(shipped: Shipped, draws: list[dict], cfg: BenchConfig, att:
     scores: dict = {}
     with Timer() as t:
         for name, m in METHODS.items():
-            if not isinstance(m, GradientMethod) and m.requires() <= att.provides:
+            dense = isinstance(m, GradientMethod) and m.dense_dot  # scored below, shared grads
+            if not dense and m.requires() <= att.provides:
                 scores[name] = att.scores(name, qs, union).numpy()
     timings["text_and_random_s"] = t.seconds
     grad = gradient_scores(att, qs, union, att.settings, timings)

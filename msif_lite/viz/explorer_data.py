@@ -43,7 +43,9 @@ def uses_alpha(method: str) -> bool:
 
 
 def is_gradient(method: str) -> bool:
-    return isinstance(get_method(method), GradientMethod)
+    """A gradient method whose score the explorer can split per layer and per token."""
+    m = get_method(method)
+    return isinstance(m, GradientMethod) and m.dense_dot
 
 
 @dataclass(frozen=True)
