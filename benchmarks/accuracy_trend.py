@@ -47,6 +47,8 @@ def parse_args(argv):
                         "partial.json of unfinished ones (methods done before it stopped)")
     p.add_argument("--out", default="results")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--note", action="append", default=[],
+                   help="a remark on the run for the markdown (e.g. about the machine's load)")
     args, extra = p.parse_known_args(argv)
     args.extra = [a for a in extra if a != "--"]
     return args
@@ -208,7 +210,7 @@ def compose(args, runs: dict, done: bool) -> None:
                            "planned_runs": [n for n, *_ in plan(args)],
                            "finished_runs": sorted(runs)}  # fmt: skip
     payload.update(partial=not done, trend=trend, damping_sweep=sweep,
-                   gap=gap(head, trend, sweep))
+                   gap=gap(head, trend, sweep), run_notes=list(args.note))
     path = common.write_results("accuracy", payload, markdown(payload), args.out)
     accuracy.plot(payload, path.with_suffix(".png"))
     plot(payload, path.parent / "accuracy_trend.png")
