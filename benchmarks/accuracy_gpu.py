@@ -31,7 +31,7 @@ TINY = ["--preset", "default", "--sizes", "16", "--sweep", "--damping-rel", "5",
         "--runs", "runs/accuracy_gpu_tiny", "--out", "runs/accuracy_gpu_tiny", "--",
         "--device", "cpu", "--queries", "2", "--candidates", "20", "--cg", "2", "4",
         "--lissa", "3", "6", "--label-draws", "2", "--power-iters", "4", "--probes", "4",
-        "--max-iter", "400", "--tol", "1e-5", "--quiet"]  # fmt: skip
+        "--max-iter", "400", "--tol", "1e-5", "--converged-below", "1e-5", "--quiet"]  # fmt: skip
 
 if __name__ == "__main__":
     tiny = "--tiny" in sys.argv[1:]
