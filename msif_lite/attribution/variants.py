@@ -1,7 +1,8 @@
 """Variants of the multi-stage score measured against retraining (Notebook 11).
 
 A transformer applies each weight matrix W at every position t of a document, so its
-gradient is a sum over positions, and so is the score (Notebook 06 §Per-token scores):
+gradient is a sum over positions, and so is the score
+(Notebook 06 §Which tokens carry the score?):
 
     ∇_W ℓ(z) = Σ_t Ds_t ā_tᵀ,    I(z, q) = Σ_t I_t,    I_t = Σ_l Ds_{t,l}ᵀ P_l ā_{t,l}
 
