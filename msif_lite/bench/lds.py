@@ -318,6 +318,16 @@ def _diagnostics_md(d: dict, k: int) -> str:
             f"that are its true sources: {hits}.\n")
 
 
+def removal_bars(ax, removal: dict[str, dict], title: str) -> None:
+    """Leave-top-k-out Δm per removal set on one axis: targets (red) over others (gray)."""
+    rn = sorted(removal, key=lambda m: removal[m]["dm_targets_mean"])
+    ax.barh(rn, [removal[m]["dm_targets_mean"] for m in rn], color="tab:red", label="targets")
+    ax.barh(rn, [removal[m]["dm_others_mean"] for m in rn], color="tab:gray", alpha=0.7,
+            label="other questions")  # fmt: skip
+    ax.set(xlabel="rise of −log p(answer), nats", title=title)
+    ax.legend(loc="lower right")
+
+
 def plot(payload: dict, path: Path) -> None:
     """Per world: LDS per method with the noise ceiling, and Δm of leave-top-k-out."""
     from matplotlib.figure import Figure
@@ -334,14 +344,7 @@ def plot(payload: dict, path: Path) -> None:
         a.set(xlabel="LDS (Spearman, mean ± sem over questions)",
               title=f"world {wname}: predicting retraining")
         a.legend(loc="lower right")
-        rm = w["top_k_removal"]
-        rn = sorted(rm, key=lambda m: rm[m]["dm_targets_mean"])
-        b.barh(rn, [rm[m]["dm_targets_mean"] for m in rn], color="tab:red", label="targets")
-        b.barh(rn, [rm[m]["dm_others_mean"] for m in rn], color="tab:gray", alpha=0.7,
-               label="other questions")  # fmt: skip
-        b.set(xlabel="rise of −log p(answer), nats",
-              title=f"world {wname}: remove each method's top-k, retrain")
-        b.legend(loc="lower right")
+        removal_bars(b, w["top_k_removal"], f"world {wname}: remove each method's top-k, retrain")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -37,6 +37,7 @@ from msif_lite.bench.common import markdown_table, write_results
 from msif_lite.bench.lds import (
     diagnostics,
     previous_removals,
+    removal_bars,
     removal_sets,
     removal_targets,
     run_removals,
@@ -141,9 +142,10 @@ def token_shares(att: Attributor, world, method: str, top: dict[int, list[int]],
     return {g: {k: float(np.mean(v)) for k, v in d.items()} for g, d in out.items()}
 
 
-def diagnose(att: Attributor, world, gt: GroundTruth, ms_scores: torch.Tensor) -> dict:
-    """Loss, gradient norms and token shares of the true sources vs the documents the
-    multi-stage score ranks above them; redundancy from the ground truth."""
+def source_groups(att: Attributor, world, ms_scores: torch.Tensor
+                  ) -> tuple[dict[int, list[int]], dict[str, torch.Tensor]]:  # fmt: skip
+    """Each question's multi-stage top-k (column indices), and (N,) masks of the true
+    sources, the documents in some top-k that are not sources, and all documents."""
     k = world.config.docs_per_fact
     col = {d: i for i, d in enumerate(att.doc_ids)}
     src = [[col[d] for d in q.source_doc_ids] for q in world.queries]
@@ -152,15 +154,25 @@ def diagnose(att: Attributor, world, gt: GroundTruth, ms_scores: torch.Tensor) -
     is_src[[j for s in src for j in s]] = True
     outrank = torch.zeros(len(col), dtype=torch.bool)
     outrank[[j for i, t in top.items() for j in t if j not in src[i]]] = True
+    return top, {"true_sources": is_src, "outranking": outrank & ~is_src,
+                 "all_documents": torch.ones(len(col), dtype=torch.bool)}  # fmt: skip
+
+
+def theta_pt_medians(att: Attributor, groups: dict[str, torch.Tensor]) -> dict:
+    """Per group, the median per-token loss and gradient norm at θ_pt (`document_stats`)."""
     st = document_stats(att, att.doc_ids)
-    groups = {"true_sources": is_src, "outranking": outrank & ~is_src,
-              "all_documents": torch.ones(len(col), dtype=torch.bool)}  # fmt: skip
+    return {g: {n: float(v[m].median()) for n, v in st.items()} for g, m in groups.items()}
+
+
+def diagnose(att: Attributor, world, gt: GroundTruth, ms_scores: torch.Tensor) -> dict:
+    """Loss, gradient norms and token shares of the true sources vs the documents the
+    multi-stage score ranks above them; redundancy from the ground truth."""
+    top, groups = source_groups(att, world, ms_scores)
     ent = {d.doc_id: {world.fact(f).entity_id for f in d.fact_ids} for d in world.documents}
     same = [world.fact(q.fact_id).entity_id in ent[att.doc_ids[j]]
             for i, q in enumerate(world.queries) for j in top[i]]  # fmt: skip
     return {
-        "at_theta_pt": {g: {s: float(v[m].median()) for s, v in st.items()}
-                        for g, m in groups.items()},  # fmt: skip
+        "at_theta_pt": theta_pt_medians(att, groups),
         "token_shares_multi_stage": token_shares(att, world, "multi_stage", top,
                                                  min(20, len(world.queries))),  # fmt: skip
         "multi_stage_top_k_same_entity": float(np.mean(same)),
@@ -249,21 +261,11 @@ def run_diagnosis_world(preset: str, cache: Path, n_queries: int = 48) -> dict:
         cost[m.name] = round(time.perf_counter() - t1, 2)
         mrr[m.name] = mean_reciprocal_rank(s, att.doc_ids, truths)
         ms = s if m.name == "multi_stage" else ms
-    k = world.config.docs_per_fact
-    col = {d: i for i, d in enumerate(att.doc_ids)}
-    src = [[col[d] for d in q.source_doc_ids] for q in world.queries]
-    top = {i: ms[i].argsort(descending=True)[:k].tolist() for i in range(len(src))}
-    is_src = torch.zeros(len(col), dtype=torch.bool)
-    is_src[[j for c in src for j in c]] = True
-    outrank = torch.zeros(len(col), dtype=torch.bool)
-    outrank[[j for i, t in top.items() for j in t if j not in src[i]]] = True
-    st = document_stats(att, att.doc_ids)
-    groups = {"true_sources": is_src, "outranking": outrank & ~is_src,
-              "all_documents": torch.ones(len(col), dtype=torch.bool)}  # fmt: skip
-    return {"mrr": mrr, "cost_s": cost, "settings": {"pipeline": preset, "k": k,
-            "n_documents": len(world.documents), "n_queries": len(world.queries)},
-            "diagnosis": {"at_theta_pt": {g: {n: float(v[m].median()) for n, v in st.items()}
-                                          for g, m in groups.items()},
+    top, groups = source_groups(att, world, ms)
+    return {"mrr": mrr, "cost_s": cost, "settings": {"pipeline": preset,
+            "k": world.config.docs_per_fact, "n_documents": len(world.documents),
+            "n_queries": len(world.queries)},
+            "diagnosis": {"at_theta_pt": theta_pt_medians(att, groups),
                           "token_shares_multi_stage": token_shares(att, world, "multi_stage",
                                                                    top, n_queries)}}  # fmt: skip
 
@@ -360,13 +362,7 @@ def plot(payload: dict, path: Path) -> None:
                xerr=[w["lds"][n]["sem"] for n in names], color="tab:blue")
         a.axvline(0, c="black", lw=0.8)
         a.set(xlabel="LDS (mean ± sem over questions)", title=f"{wname}: predicting retraining")
-        rm = w["top_k_removal"]
-        rn = sorted(rm, key=lambda n: rm[n]["dm_targets_mean"])
-        b.barh(rn, [rm[n]["dm_targets_mean"] for n in rn], color="tab:red", label="targets")
-        b.barh(rn, [rm[n]["dm_others_mean"] for n in rn], color="tab:gray", alpha=0.7,
-               label="other questions")  # fmt: skip
-        b.set(xlabel="rise of −log p(answer), nats", title=f"{wname}: remove top-k, retrain")
-        b.legend(loc="lower right")
+        removal_bars(b, w["top_k_removal"], f"{wname}: remove top-k, retrain")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
