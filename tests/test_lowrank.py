@@ -76,8 +76,16 @@ def test_lowrank_option_of_pairwise_scores_and_agreement(setup):
     assert agreement(full, full)["relative_error"] == 0.0
     with pytest.raises(ValueError, match="rank"):
         truncate(pre, 0)
-    with pytest.raises(ValueError, match="by_module"):
-        pairwise_scores(model, TASK, qg, batches, ihvp, mods, by_module=True, rank=2)
+    per_layer = pairwise_scores(model, TASK, qg, batches, ihvp, mods, progress=False, rank=4,
+                                by_module=True)  # fmt: skip
+    assert per_layer.shape == (*by_option.shape, len(mods))
+    torch.testing.assert_close(per_layer.sum(-1), by_option, rtol=1e-10, atol=1e-12)
+    low = truncate(pre, 4)
+    torch.testing.assert_close(pairwise_scores(model, TASK, low, batches, ihvp, mods,
+                                               progress=False, preconditioned=True),
+                               by_option, rtol=1e-10, atol=1e-12)  # fmt: skip
+    with pytest.raises(ValueError, match="preconditioned=True"):
+        pairwise_scores(model, TASK, low, batches, ihvp, mods, progress=False)
 
 
 class _Dense:

@@ -41,8 +41,15 @@ from msif_lite.engine.factors import EKFACFactors, FactorConfig
 from msif_lite.engine.gradstore import Candidate, GradientStore
 from msif_lite.engine.ihvp import Damping, InverseHVP
 from msif_lite.engine.layers import Grads, TrackedModule, find_modules
+from msif_lite.engine.lowrank import LowRankGrads
 from msif_lite.engine.prompts import DEFAULT_TEMPLATE, PromptTemplate, encode_document
-from msif_lite.engine.scores import query_gradients, self_influence
+from msif_lite.engine.scores import (
+    grad_sq_norms,
+    preconditioned_queries,
+    query_gradient_norms,
+    query_gradients,
+    self_influence,
+)
 from msif_lite.engine.storage import ArtifactError, CorruptArtifactError, data_fingerprint
 from msif_lite.engine.tasks import (
     IGNORE_INDEX,
@@ -210,6 +217,7 @@ class Attributor:
         self.context, self.context_source = context_length(pretrained, tokenizer,
                                                            config.context_length)  # fmt: skip
         self._norms: dict[tuple[Stage, str], float] = {}
+        self._query_norms: dict[tuple[Stage, str, str], float] = {}  # (stage, prompt, answer)
         self._self_inf: dict[tuple, float] = {}
         # pre-training checkpoints (TracIn) and the entity each document is about (the
         # post-mention variant); only the methods of Notebook 11 read them
@@ -386,8 +394,41 @@ class Attributor:
     def query_grads_of(self, model: nn.Module, modules: Sequence[TrackedModule],
                        questions: Sequence[QuestionLike]) -> Grads:  # fmt: skip
         """∇m(q) per question for any model (keyed by `modules`' names)."""
-        batch = self.collate([self.qa_example(q.prompt, q.answer) for q in questions])
-        return query_gradients(model, self.task, batch, modules, self.config.batch_size)
+        return query_gradients(model, self.task, self.query_batch(questions), modules,
+                               self.config.batch_size)  # fmt: skip
+
+    def query_batch(self, questions: Sequence[QuestionLike]) -> TokenBatch:
+        """The questions as one TokenBatch (template, loss on the answer tokens)."""
+        return self.collate([self.qa_example(q.prompt, q.answer) for q in questions])
+
+    def preconditioned_queries(self, questions: Sequence[QuestionLike], at: Stage | str,
+                               ihvp: InverseHVP | None, rank: int | None = None
+                               ) -> Grads | LowRankGrads:  # fmt: skip
+        """P_l = (H + λI)_l⁻¹ ∇m_l(q) at θ_ft or θ_pt, one layer at a time
+        (`engine.scores.preconditioned_queries`: captured once, each layer's gradient formed,
+        preconditioned, truncated to rank r if asked and its dense copy dropped before the
+        next layer), keyed by the pre-trained model's layer names. `ihvp=None`: P = I. The
+        norms ‖∇m(q)‖ seen on the way are kept for `query_norms`."""
+        if not questions:
+            raise ValueError("no questions given")
+        from msif_lite.engine.ihvp import IdentityIHVP
+
+        stage = Stage(at)
+        sq: list[torch.Tensor] = []  # Σ_l ‖∇m_l‖², accumulated layer by layer
+
+        def add(name: str, g: torch.Tensor) -> None:
+            sq.append(grad_sq_norms(g) + sq.pop() if sq else grad_sq_norms(g))
+
+        pre = preconditioned_queries(
+            self.stage_model(stage), self.task, self.query_batch(questions),
+            self.stage_modules(stage), ihvp if ihvp is not None else IdentityIHVP(), rank=rank,
+            batch_size=self.config.batch_size, on_gradient=add)  # fmt: skip
+        for q, v in zip(questions, sq[0].sqrt().tolist()):
+            self._query_norms[(stage, q.prompt, q.answer)] = v
+        if isinstance(pre, LowRankGrads):
+            return LowRankGrads(self.rename(pre.left, Stage.PRETRAINED),
+                                self.rename(pre.right, Stage.PRETRAINED), pre.rank)
+        return self.rename(pre, Stage.PRETRAINED)
 
     def checkpoint_model(self, checkpoint: Checkpoint) -> nn.Module:
         """The pre-trained model's architecture with a checkpoint's weights."""
@@ -396,9 +437,17 @@ class Attributor:
         return model.eval()
 
     def query_norms(self, questions: Sequence[QuestionLike], at: Stage) -> torch.Tensor:
-        """‖∇m(q)‖ over the tracked layers, (Q,) float64."""
-        g = self.query_grads(questions, at)
-        return sum(v.double().pow(2).sum((-2, -1)) for v in g.values()).sqrt()
+        """‖∇m(q)‖ over the tracked layers, (Q,) float64: those `preconditioned_queries` saw
+        (memoised per question), the others one layer at a time."""
+        stage = Stage(at)
+        keys = [(stage, q.prompt, q.answer) for q in questions]
+        todo = [q for q, k in zip(questions, keys) if k not in self._query_norms]
+        if todo:
+            n = query_gradient_norms(self.stage_model(stage), self.task, self.query_batch(todo),
+                                     self.stage_modules(stage), self.config.batch_size)
+            for q, v in zip(todo, n.tolist()):
+                self._query_norms[(stage, q.prompt, q.answer)] = v
+        return torch.tensor([self._query_norms[k] for k in keys], dtype=torch.float64)
 
     def candidate_norms(self, doc_ids: Sequence[str], at: Stage) -> torch.Tensor:
         """‖∇ℓ(z)‖ over the tracked layers, (N,) float64 (memoised per document)."""
@@ -433,9 +482,14 @@ class Attributor:
         *,
         settings: ScoreSettings | None = None,
         by_module: bool = False,
+        query_rank: int | None = None,
     ) -> torch.Tensor:
         """(Q, N) scores of `doc_ids` for each question (higher = more helpful); with
-        `by_module`, (Q, N, L) per tracked layer (gradient methods only)."""
+        `by_module`, (Q, N, L) per tracked layer (gradient methods only). `query_rank`: score
+        with rank-r preconditioned queries (gradient methods only; engine.lowrank, Notebook 09
+        §Low-rank query gradients): each layer's P_l is truncated to its top r singular
+        triples as soon as it is preconditioned, so the kept queries take Q·r·Σ_l(o + d_in)
+        numbers instead of Q·P (the normalisations use the full ‖∇m‖)."""
         m = get_method(method) if isinstance(method, str) else method
         if len(doc_ids) == 0:
             raise ValueError("the candidate set is empty: retrieval returned no documents. "
@@ -445,10 +499,15 @@ class Attributor:
         for q in questions:
             self.qa_example(q.prompt, q.answer)  # refuses empty questions and answers early
         s = settings or self.settings
-        if by_module:
+        if by_module or query_rank is not None:
             if not hasattr(m, "layer_scores"):
-                raise ValueError(f"{m.name!r} has no per-layer scores (not a gradient method)")
-            return m.layer_scores(self, questions, doc_ids, s) * m.layer_mask(self)
+                what = "per-layer scores" if by_module else "low-rank queries (query_rank)"
+                raise ValueError(f"{m.name!r} has no {what} (not a gradient method)")
+            kw = {} if query_rank is None else {"rank": query_rank}
+            layers = m.layer_scores(self, questions, doc_ids, s, **kw)
+            if by_module:
+                return layers * m.layer_mask(self)
+            return m.finish(layers, None, m.layer_mask(self))
         return m.scores(self, questions, doc_ids, s)
 
     def top_k(self, method: str | Method, questions: Sequence, k: int = 10,

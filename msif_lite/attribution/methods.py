@@ -27,8 +27,8 @@ import torch
 
 from msif_lite.engine.ihvp import Damping, InverseHVP
 from msif_lite.engine.layers import Grads
+from msif_lite.engine.lowrank import LowRankGrads
 from msif_lite.engine.multistage import MultiStageIHVP
-from msif_lite.engine.scores import precondition
 from msif_lite.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -146,11 +146,18 @@ class GradientMethod(Method):
     dense_dot: ClassVar[bool] = True
 
     def preconditioned(self, att: Attributor, questions: Sequence[QuestionLike],
-                       settings: ScoreSettings) -> Grads:  # fmt: skip
-        """P ∇m(q) per question, keyed by the candidate stage's layer names."""
-        qg = att.query_grads(questions, self.query_at)
-        pre = qg if self.preconditioner is None else precondition(
-            qg, self.preconditioner(att, settings))
+                       settings: ScoreSettings, rank: int | None = None
+                       ) -> Grads | LowRankGrads:  # fmt: skip
+        """P ∇m(q) per question, keyed by the candidate stage's layer names: one layer at a
+        time (`Attributor.preconditioned_queries`; the preconditioner is block-diagonal over
+        layers, multi-stage applies both stages per layer), so the dense query gradients and
+        preconditioned gradients of all layers never coexist. With `rank`, a `LowRankGrads`
+        (each layer truncated as soon as it is preconditioned)."""
+        ihvp = None if self.preconditioner is None else self.preconditioner(att, settings)
+        pre = att.preconditioned_queries(questions, self.query_at, ihvp, rank)
+        if isinstance(pre, LowRankGrads):
+            return LowRankGrads(att.rename(pre.left, self.candidates_at),
+                                att.rename(pre.right, self.candidates_at), pre.rank)
         return att.rename(pre, self.candidates_at)
 
     def layer_mask(self, att: Attributor) -> torch.Tensor:
@@ -185,9 +192,11 @@ class GradientMethod(Method):
         return s if scale is None else s * scale.to(s.device)
 
     def layer_scores(self, att: Attributor, questions: Sequence[QuestionLike],
-                     doc_ids: Sequence[str], settings: ScoreSettings) -> torch.Tensor:  # fmt: skip
-        """(Q, N, L) per-layer contributions, normalisation applied, layers not masked."""
-        pre = self.preconditioned(att, questions, settings)
+                     doc_ids: Sequence[str], settings: ScoreSettings,
+                     rank: int | None = None) -> torch.Tensor:  # fmt: skip
+        """(Q, N, L) per-layer contributions, normalisation applied, layers not masked;
+        `rank`: rank-r preconditioned queries (`preconditioned`)."""
+        pre = self.preconditioned(att, questions, settings, rank)
         layers = att.store(self.candidates_at).scores(pre, att.candidates(doc_ids),
                                                       by_module=True).double()  # fmt: skip
         s = self.scale(att, questions, doc_ids, settings)

@@ -209,8 +209,8 @@ class ProjectedGradientMethod(GradientMethod):
         white = Whitening.from_inverse(att.inverse(self.candidates_at, stage_damping))
         return replace(self.projection, whitening=white, _cache={})
 
-    def layer_scores(self, att, questions, doc_ids, settings):
-        pre = self.preconditioned(att, questions, settings)
+    def layer_scores(self, att, questions, doc_ids, settings, rank=None):
+        pre = self.preconditioned(att, questions, settings, rank)
         store = projected_store(att, self.candidates_at, self.projection_for(att, settings))
         return store.scores(pre, att.candidates(doc_ids), by_module=True).double()
 

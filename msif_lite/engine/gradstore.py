@@ -10,10 +10,12 @@ Scale (docs/design.md §Memory and disk at scale): a document's dense gradient h
 (BLOOM-560m, MLP layers: 201M, 0.81 GB in float32), so N documents write N·P·e bytes. Above
 `disk_budget_bytes` the store never writes them: `scores` and `norms` stream (each batch's
 gradients are computed, used and dropped; nothing on disk, recomputed on the next call), and
-`grads` refuses. A `projection` (e.g. `attribution.projected.KroneckerProjection`) stores
-k_out·k_in numbers per layer instead: G̃_l = Π_out DW_l Π_inᵀ = Σ_t (Π_out Ds_t)(Π_in ā_t)ᵀ,
-computed from the captured tokens without forming DW_l, and the queries are projected the
-same way before the dot. Scoring holds at most `chunk_bytes` of stored gradients at a time.
+`grads` refuses; streamed without a projection, a batch is captured once and scored one
+layer's DW at a time (`engine.scores.pairwise_scores`; rank-r queries never form DW). A
+`projection` (e.g. `attribution.projected.KroneckerProjection`) stores k_out·k_in numbers
+per layer instead: G̃_l = Π_out DW_l Π_inᵀ = Σ_t (Π_out Ds_t)(Π_in ā_t)ᵀ, computed from the
+captured tokens without forming DW_l, and the queries are projected the same way before the
+dot. Scoring holds at most `chunk_bytes` of stored gradients at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from msif_lite.engine.capture import BatchCapture, capture_batch
 from msif_lite.engine.layers import Grads, TrackedModule, check_finite
+from msif_lite.engine.lowrank import LowRankGrads
 from msif_lite.engine.storage import (
     ArtifactError,
     ArtifactKey,
@@ -203,27 +206,36 @@ class GradientStore:
         for i in range(0, len(candidates), n):
             yield self.grads(candidates[i : i + n])
 
-    def project_queries(self, preconditioned: Grads) -> Grads:
-        """The queries in the stored gradients' space: P itself, or Π_out P Π_inᵀ."""
+    def project_queries(self, preconditioned: Grads | LowRankGrads) -> Grads | LowRankGrads:
+        """The queries in the stored gradients' space: P itself, or Π_out P Π_inᵀ (formed one
+        layer at a time; rank-r queries are multiplied out, L R, one layer at a time)."""
         if self.projection is None:
             return preconditioned
-        return self.projection.dense(preconditioned, self.modules)
+        return {m.name: self.projection.dense({m.name: _layer(preconditioned, m.name)},
+                                              [m])[m.name] for m in self.modules}  # fmt: skip
 
     def scores(
         self,
-        preconditioned: Grads,
+        preconditioned: Grads | LowRankGrads,
         candidates: Sequence[Candidate],
         *,
         by_module: bool = False,
         chunk: int | None = None,
     ) -> torch.Tensor:
         """I[q, n] = Σ_l ⟨P_{q,l}, DW_{n,l}⟩ (Q, N), or (Q, N, L) per layer with `by_module`
-        (with a projection: Σ_l ⟨Π P_{q,l}, Π DW_{n,l}⟩)."""
+        (with a projection: Σ_l ⟨Π P_{q,l}, Π DW_{n,l}⟩). `preconditioned`: Grads, or rank-r
+        `LowRankGrads` (engine.lowrank; P_l = L_l R_l, formed one layer at a time against
+        stored gradients, never formed when streaming)."""
+        if len(candidates) == 0:
+            raise ValueError("the candidate set is empty: pass at least one document.")
+        if self.projection is None and self.streams(len(candidates)):
+            return self._streamed_scores(preconditioned, candidates, by_module)
         pre = self.project_queries(preconditioned)
         cols = []
         for g in self._chunks(candidates, chunk, "candidate scores"):
             per_layer = [
-                torch.einsum("qoi,noi->qn", pre[m.name].to(g[m.name].device, g[m.name].dtype),
+                torch.einsum("qoi,noi->qn",
+                             _layer(pre, m.name).to(g[m.name].device, g[m.name].dtype),
                              g[m.name])
                 for m in self.modules
             ]  # fmt: skip
@@ -231,9 +243,50 @@ class GradientStore:
             del g
         return torch.cat(cols, dim=1)
 
+    def _streamed_scores(self, pre: Grads | LowRankGrads, candidates: Sequence[Candidate],
+                         by_module: bool) -> torch.Tensor:  # fmt: skip
+        """Over the disk budget: each batch captured once and scored layer by layer by
+        `engine.scores.pairwise_scores` (one formula for streamed scores)."""
+        from msif_lite.engine.ihvp import IdentityIHVP
+        from msif_lite.engine.scores import pairwise_scores
+
+        if isinstance(pre, LowRankGrads):
+            if pre.left[self.modules[0].name].dtype != self.dtype:
+                pre = LowRankGrads({k: v.to(self.dtype) for k, v in pre.left.items()},
+                                   {k: v.to(self.dtype) for k, v in pre.right.items()}, pre.rank)
+        elif pre[self.modules[0].name].dtype != self.dtype:
+            pre = {k: v.to(self.dtype) for k, v in pre.items()}
+        return pairwise_scores(self.model, self.task, pre,
+                               (self.collate(c) for c in self._batch_lists(candidates)),
+                               IdentityIHVP(), self.modules, by_module=by_module,
+                               progress=self.progress, preconditioned=True)  # fmt: skip
+
+    def _batch_lists(self, candidates: Sequence[Candidate]) -> list[Sequence[Candidate]]:
+        return [candidates[i : i + self.batch_size]
+                for i in range(0, len(candidates), self.batch_size)]  # fmt: skip
+
     def norms(self, candidates: Sequence[Candidate], chunk: int | None = None) -> torch.Tensor:
         """‖∇ℓ(z)‖ over the tracked layers, (N,), for gradient cosine (of the projected
-        gradients with a projection)."""
+        gradients with a projection); streamed, one layer's DW at a time."""
+        from msif_lite.engine.scores import grad_sq_norms
+
+        if self.projection is None and len(candidates) and self.streams(len(candidates)):
+            out = []
+            for c in tqdm(self._batch_lists(candidates), desc="candidate norms (streamed)",
+                          disable=not self.progress):  # fmt: skip
+                cap = capture_batch(self.model, self.task, self.collate(c), self.modules)
+                sq = None
+                for x in cap.layers:
+                    dw = x.per_sequence_grad().to(self.dtype)
+                    check_finite({x.name: dw}, "candidate gradients")
+                    sq = grad_sq_norms(dw) if sq is None else sq + grad_sq_norms(dw)
+                out.append(sq.sqrt())
+            return torch.cat(out)
         out = [sum(v.double().pow(2).sum((-2, -1)) for v in g.values()).sqrt()
                for g in self._chunks(candidates, chunk, "candidate norms")]  # fmt: skip
         return torch.cat(out)
+
+
+def _layer(pre: Grads | LowRankGrads, name: str) -> torch.Tensor:
+    """One layer's (Q, o, d_in) query matrices: P_l, or L_l R_l for rank-r queries."""
+    return pre.dense_layer(name) if isinstance(pre, LowRankGrads) else pre[name]

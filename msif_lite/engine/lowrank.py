@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from msif_lite.engine.capture import BatchCapture, capture_batch
+from msif_lite.engine.capture import BatchCapture, LayerCapture, capture_batch
 from msif_lite.engine.layers import Grads, TrackedModule, check_finite
 from msif_lite.engine.tasks import Task
 from msif_lite.eval.metrics import spearman
@@ -46,15 +46,20 @@ class LowRankGrads:
         return sum(t.numel() * t.element_size() for d in (self.left, self.right)
                    for t in d.values())  # fmt: skip
 
-    def scores(self, capture: BatchCapture) -> torch.Tensor:
-        """(Q, B) scores Σ_l Σ_t Σ_k (L_lᵀ Ds_t)_k (R_l ā_t)_k of one captured batch."""
-        total = None
-        for x in capture.layers:
-            u = torch.einsum("bto,qor->qbtr", x.ds, self.left[x.name].to(x.ds.dtype))
-            v = torch.einsum("bti,qri->qbtr", x.a, self.right[x.name].to(x.a.dtype))
-            s = (u * v).sum((-1, -2))
-            total = s if total is None else total + s
-        return total
+    def dense_layer(self, name: str) -> torch.Tensor:
+        """One layer's rank-r matrices L R, (Q, o, d_in) (the others stay factored)."""
+        return self.left[name] @ self.right[name]
+
+    def layer_scores(self, x: LayerCapture) -> torch.Tensor:
+        """(Q, B) Σ_t Σ_k (L_lᵀ Ds_t)_k (R_l ā_t)_k = ⟨L_l R_l, DW_l⟩ of one captured layer."""
+        u = torch.einsum("bto,qor->qbtr", x.ds, self.left[x.name].to(x.ds.dtype))
+        v = torch.einsum("bti,qri->qbtr", x.a, self.right[x.name].to(x.a.dtype))
+        return (u * v).sum((-1, -2))
+
+    def scores(self, capture: BatchCapture, by_module: bool = False) -> torch.Tensor:
+        """(Q, B) scores Σ_l ⟨L_l R_l, DW_l⟩ of one captured batch, or (Q, B, L) per layer."""
+        per_layer = [self.layer_scores(x) for x in capture.layers]
+        return torch.stack(per_layer, -1) if by_module else sum(per_layer)
 
 
 def truncate(grads: Grads, rank: int) -> LowRankGrads:
@@ -88,14 +93,16 @@ def pairwise_scores_lowrank(
     modules: Sequence[TrackedModule],
     *,
     progress: bool = True,
+    by_module: bool = False,
 ) -> torch.Tensor:
-    """(Q, N) I[q, n] = Σ_l ⟨L_l R_l, DW_{n,l}⟩ for preconditioned low-rank queries; the same
-    as `pairwise_scores(..., preconditioned=True)` on `low.dense()`, without forming DW."""
+    """(Q, N) I[q, n] = Σ_l ⟨L_l R_l, DW_{n,l}⟩ for preconditioned low-rank queries ((Q, N, L)
+    per layer with `by_module`); the same as `pairwise_scores(..., preconditioned=True)` on
+    `low.dense()`, without forming DW."""
     cols = []
     dtype = next(iter(low.left.values())).dtype
     for batch in tqdm(candidates, desc="pairwise scores (low rank)", disable=not progress):
         cap = capture_batch(model, task, batch, modules, dtype=dtype)
-        s = low.scores(cap)
+        s = low.scores(cap, by_module)
         check_finite({"scores": s}, "candidate scores")
         cols.append(s)
     if not cols:

@@ -7,16 +7,19 @@ gradients is held at a time. Notebook 06 §Which tokens carry the score? splits 
 candidate's token positions: I_t = Σ_l Ds_tᵀ P_l ā_t, which sums over t to I.
 
 Layer by layer (Notebook 09 §Low-rank query gradients): the kit's curvatures are
-block-diagonal over the tracked layers, P_l = (G_l + λ_l I)⁻¹ ∇m_l, so `precondition` and
+block-diagonal over the tracked layers, P_l = (G_l + λ_l I)⁻¹ ∇m_l (multi-stage: both stages
+of layer l, c·(H_pt,l + λ_pt I)⁻¹ (H_ft,l + αI)⁻¹ ∇m_l), so `precondition` and
 `preconditioned_queries` precondition one layer at a time (`layer_inverse`); a rank-r query
 is truncated right after its layer is preconditioned, so neither the dense query gradients
-nor the dense preconditioned gradients of all layers are ever held together. An inverse
-that is not block-diagonal (the dense references of `engine.exact`) is applied whole.
+nor the dense preconditioned gradients of all layers are ever held together.
+`preconditioned_queries` is the one place this loop lives: `pairwise_scores` and
+`Attributor.scores` (through `GradientMethod.preconditioned`) both use it. An inverse that
+is not block-diagonal (the dense references of `engine.exact`) is applied whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -110,20 +113,25 @@ def preconditioned_queries(
     rank: int | None = None,
     batch_size: int = 16,
     layerwise: bool = True,
+    on_gradient: Callable[[str, torch.Tensor], None] | None = None,
 ):
     """P_l = (G_l + λ_l I)⁻¹ ∇m_l for a query batch, layer by layer: the captured (ā, Ds) of
     all queries are kept (Q·T·(d_in + o) per layer), then each layer's ∇m_l = Σ_t Ds_t ā_tᵀ is
     formed, preconditioned and (with `rank`) truncated to rank r before the next layer.
     Returns Grads, or `LowRankGrads` with `rank`. Peak: the kept result plus one layer's
     (Q, o, d_in) temporaries (not the (1 + stages)·Q·P of `precondition` on all layers).
-    `layerwise=False` (or an inverse that is not block-diagonal): the dense path, for
-    comparison."""
+    `on_gradient(name, ∇m_l)` sees each layer's (Q, o, d_in) query gradient before it is
+    preconditioned (e.g. to accumulate ‖∇m‖² without a second pass). `layerwise=False` (or
+    an inverse that is not block-diagonal): the dense path, for comparison."""
     from msif_lite.engine.lowrank import LowRankGrads, truncate
 
     blocks = _blocks(ihvp, [m.name for m in modules]) if layerwise else None
     if blocks is None:
-        pre = precondition(query_gradients(model, task, queries, modules, batch_size), ihvp,
-                           layerwise=False)  # fmt: skip
+        qg = query_gradients(model, task, queries, modules, batch_size)
+        for name, g in qg.items() if on_gradient is not None else ():
+            on_gradient(name, g)
+        pre = precondition(qg, ihvp, layerwise=False)
+        del qg
         return pre if rank is None else truncate(pre, rank)
     caps = _query_captures(model, task, queries, modules, batch_size)
     dense: Grads = {}
@@ -132,6 +140,8 @@ def preconditioned_queries(
     for i, m in enumerate(modules):
         g = torch.cat([c.layers[i].per_sequence_grad() for c in caps])
         check_finite({m.name: g}, "query gradients")
+        if on_gradient is not None:
+            on_gradient(m.name, g)
         p = blocks[m.name].apply({m.name: g})[m.name]
         del g
         check_finite({m.name: p}, f"preconditioned query gradients ({ihvp.name})")
@@ -142,6 +152,25 @@ def preconditioned_queries(
             left[m.name], right[m.name] = low.left[m.name], low.right[m.name]
         del p
     return dense if rank is None else LowRankGrads(left, right, rank)
+
+
+def query_gradient_norms(model: nn.Module, task: Task, queries,
+                         modules: Sequence[TrackedModule], batch_size: int = 16) -> torch.Tensor:
+    """‖∇m(q)‖ = sqrt(Σ_l ‖∇m_l‖_F²) over the tracked layers, (Q,) float64, one layer's
+    (Q, o, d_in) gradient at a time (from the kept captures, like `preconditioned_queries`)."""
+    caps = _query_captures(model, task, queries, modules, batch_size)
+    sq = None
+    for i, m in enumerate(modules):
+        g = torch.cat([c.layers[i].per_sequence_grad() for c in caps])
+        check_finite({m.name: g}, "query gradients")
+        s = grad_sq_norms(g)
+        sq = s if sq is None else sq + s
+    return sq.sqrt()
+
+
+def grad_sq_norms(g: torch.Tensor) -> torch.Tensor:
+    """‖g_q‖_F² per leading index of a (Q, o, d_in) layer gradient, float64."""
+    return g.double().pow(2).sum((-2, -1))
 
 
 def precondition_lowrank(query_grads: Grads, ihvp: InverseHVP, rank: int, *,
@@ -178,14 +207,18 @@ def pairwise_scores(
     per layer with `by_module` (layers in `modules` order; summing over L gives the total).
 
     `query_grads_or_batch`: a query batch, or query gradients ∇m (Grads); with
-    `preconditioned=True`, Grads that are already P = precondition(∇m, ihvp).
+    `preconditioned=True`, Grads that are already P = precondition(∇m, ihvp), or a
+    `LowRankGrads` (then scored at its rank).
     `rank`: score with the rank-r truncated SVD of each layer's P (msif_lite.engine.lowrank;
     Notebook 09), never forming the candidates' DW. Queries are preconditioned (and truncated)
     one layer at a time (`preconditioned_queries`); `layerwise=False` keeps the dense path."""
-    from msif_lite.engine.lowrank import pairwise_scores_lowrank, truncate
+    from msif_lite.engine.lowrank import LowRankGrads, pairwise_scores_lowrank, truncate
 
-    if rank is not None and by_module:
-        raise ValueError("by_module=True needs full-rank queries (rank=None)")
+    if isinstance(query_grads_or_batch, LowRankGrads):
+        if not preconditioned:
+            raise ValueError("LowRankGrads are preconditioned queries: pass preconditioned=True")
+        return pairwise_scores_lowrank(model, task, query_grads_or_batch, candidates, modules,
+                                       progress=progress, by_module=by_module)  # fmt: skip
     given = isinstance(query_grads_or_batch, Mapping)
     if preconditioned:
         if not given:
@@ -201,7 +234,8 @@ def pairwise_scores(
         pre = preconditioned_queries(model, task, query_grads_or_batch, modules, ihvp, rank=rank,
                                      layerwise=layerwise)  # fmt: skip
     if rank is not None:
-        return pairwise_scores_lowrank(model, task, pre, candidates, modules, progress=progress)
+        return pairwise_scores_lowrank(model, task, pre, candidates, modules, progress=progress,
+                                       by_module=by_module)  # fmt: skip
     cols = []
     for batch in tqdm(candidates, desc="pairwise scores", disable=not progress):
         dtype = pre[modules[0].name].dtype
