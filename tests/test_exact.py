@@ -140,6 +140,36 @@ def test_float32_products_and_cached_linearisation_match_float64(arch):
     torch.testing.assert_close(cached64(v), ref, **TIGHT)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "gpt-neox", "gpt2"])
+def test_analytic_output_hessian_matches_jvp_of_grad(kind):
+    """The closed form H u = p ⊙ u − p (pᵀu) per token (masked as in the loss) gives the same
+    G·v as jvp-of-grad of the loss, in float64 to rounding (TIGHT), and in float32 to the
+    float32 products' rtol 1e-5."""
+    model, task, batch, modules = tiny_mlp() if kind == "mlp" else tiny_lm(kind)
+    P = sum(m.numel for m in modules)
+    v = torch.randn(3, P, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ref = ggn_matvec(model, task, batch, modules, analytic=False)(v)
+    torch.testing.assert_close(ggn_matvec(model, task, batch, modules)(v), ref, **TIGHT)
+    fast = ggn_matvec(model, task, batch, modules, dtype=torch.float32, cache=True)
+    torch.testing.assert_close(fast(v), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+
+
+def test_output_hessian_product_is_the_loss_hessian_in_the_logits():
+    """task.output_hessian_product(f, batch)(u) = ∇²_f Σ_n ℓ_n · u (autograd Hessian of the
+    loss in the logits; prompt, padding and last positions count zero)."""
+    _, task, batch, _ = tiny_lm()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(*batch.input_ids.shape, 7, dtype=torch.float64, generator=g)
+    H = torch.autograd.functional.hessian(lambda o: task.loss_from_output(o, batch).sum(), logits)
+    u = torch.randn(logits.shape, dtype=torch.float64, generator=g)
+    want = (H.reshape(logits.numel(), -1) @ u.flatten()).reshape(logits.shape)
+    got = task.output_hessian_product(logits, batch)(u)
+    torch.testing.assert_close(got, want, **TIGHT)
+    # zero where the next token is no target: the last position, a prompt token, padding
+    assert got[:, -1].abs().max() == 0 and got[1, 0].abs().max() == 0
+    assert got[1, 2:].abs().max() == 0 and got[0, 0].abs().max() > 0
+
+
 @pytest.mark.parametrize("which", ["ggn", "hessian"])
 def test_matvec_result_carries_no_autograd_graph(which):
     """Embeddings and norms are untracked but still require grad: G·v must not hold a graph."""

@@ -268,6 +268,7 @@ class _Run:
         self.score("ground_truth", self.gt)
         self.truth = self.scores.pop("ground_truth")
         self.gt_info = self.results.pop("ground_truth")
+        self.truth_stability = self.stability(self.gt)
         if plain:
             per_product = self.gt_info["score_s"] / max(1, int(self.gt.iterations.max()))
             self.from_snapshots("cg", self.gt, a.cg, per_product)
@@ -279,6 +280,21 @@ class _Run:
                        snapshots=a.lissa)  # fmt: skip
         self.budgets("lissa", li, a.lissa)
         self.results[f"lissa_{max(a.lissa)}"]["last_increment_max"] = float(li.increments.max())
+
+    def stability(self, solver) -> dict | None:
+        """How settled the truth's ranking is: Spearman of the scores from x before the last
+        refinement round (a less converged solution, its true residual given) against the
+        final scores. None if no refinement round ran."""
+        if not getattr(solver, "round_solutions", None):
+            return None
+        keep, self.on_update = self.on_update, None
+        self.score("_before_last_round", PrecomputedIHVP(solver.round_solutions[-1], self.mods))
+        self.on_update = keep
+        self.results.pop("_before_last_round")
+        out = correlations(self.scores.pop("_before_last_round"), self.truth)
+        out["residual_before_last_round"] = solver.round_residuals[len(solver.round_solutions)
+                                                                   - 1]  # fmt: skip
+        return out
 
     def budgets(self, kind: str, solver, ks: Sequence[int]) -> None:
         """Solve once at max(ks); score each budget k from the snapshot x_k, charged k/max
@@ -301,10 +317,13 @@ class _Run:
         a = self.args
         block = ConjugateGradientIHVP(block_diagonal(self.matvec, self.mods), self.mods,
                                       self.lam, max_iter=a.max_iter, tol=a.tol,
-                                      progress=self.progress)  # fmt: skip
+                                      progress=self.progress,
+                                      check_matvec=block_diagonal(self.matvec64, self.mods),
+                                      refine=a.refine)  # fmt: skip
         self.score("block_exact", block)
         self.results["block_exact"]["iterations_max"] = int(block.iterations.max())
         self.results["block_exact"]["relative_residual_max"] = float(block.residuals.max())
+        self.results["block_exact"]["relative_residual"] = block.residuals.tolist()
         for name in self.results:
             self.results[name]["vs_block_exact"] = correlations(self.scores[name],
                                                                 self.scores["block_exact"])
@@ -322,6 +341,7 @@ class _Run:
             "iterations": gt.iterations.tolist(), "relative_residual": gt.residuals.tolist(),
             "residual_before_each_refinement": getattr(gt, "round_residuals", []),
             "all_converged": bool(converged.all()), "score_s": self.gt_info["score_s"],
+            "stability": self.truth_stability,
             "peak_mem_mb": self.gt_info["peak_mem_mb"],
             "check": "relative residual ‖b − (G+λI)x‖/‖b‖ recomputed with one more float64 "
                      "G·x after CG stops; converged = residual < converged_below for every query",

@@ -105,13 +105,17 @@ def ggn_matvec(
     average: bool = True,
     dtype: torch.dtype | None = None,
     cache: bool = False,
+    analytic: bool = True,
 ) -> Matvec:
     """v ↦ G v with G = (1/N) Σ_n J_nᵀ (∇²_f ℓ_n) J_n, exact (Notebook 02 §Derivation).
 
-    J_n = ∂f(z_n)/∂θ over the tracked layers (jvp), ∇²_f ℓ_n by jvp-of-grad of
-    `task.loss_from_output` (so padding and labels = −100 count exactly as in the loss),
-    then Jᵀ by vjp. Accepts v of shape (P,) or (K, P): the K right-hand sides go through
-    each batch together (vmap), sharing one primal pass; average=False gives the sum.
+    J_n = ∂f(z_n)/∂θ over the tracked layers (jvp), then ∇²_f ℓ_n, then Jᵀ by vjp. The
+    output Hessian: with analytic=True and a task that has `output_hessian_product` (softmax
+    cross-entropy: H u = p ⊙ u − p (pᵀu) per token, masked as in the loss), that closed form,
+    with p computed once per batch; otherwise (analytic=False, or another task) jvp-of-grad
+    of `task.loss_from_output` (so padding and labels = −100 count exactly as in the loss).
+    Accepts v of shape (P,) or (K, P): the K right-hand sides go through each batch together
+    (vmap), sharing one primal pass; average=False gives the sum.
 
     dtype: the products' precision (e.g. float32 on a float64 model: a float32 copy of
     the model computes G v, the result comes back in v's dtype; ~4× faster on CPU, with a
@@ -129,17 +133,23 @@ def ggn_matvec(
     work, dev = next(iter(p0.values())).dtype, next(iter(p0.values())).device
     saved: dict[int, tuple] = {}
 
+    closed_form = analytic and hasattr(task, "output_hessian_product")
+
     def linearised(i: int, batch) -> tuple:
-        """(f, output, vjp closure, ∇_f loss) of one batch at θ."""
+        """(f, vjp closure, u ↦ ∇²_f loss · u) of one batch at θ."""
         if i in saved:
             return saved[i]
         batch = _floats_to(batch, work)
         f = lambda p: functional_call(wrapped, p, (batch,))  # noqa: E731
-        dloss = grad(lambda o: task.loss_from_output(o, batch).sum())
         out, vjp_fn = vjp(f, p0)
+        if closed_form:
+            hess = task.output_hessian_product(out, batch)
+        else:
+            dloss = grad(lambda o: task.loss_from_output(o, batch).sum())
+            hess = lambda u: jvp(dloss, (out,), (u,))[1]  # noqa: E731
         if cache:
-            saved[i] = (f, out, vjp_fn, dloss)
-        return f, out, vjp_fn, dloss
+            saved[i] = (f, vjp_fn, hess)
+        return f, vjp_fn, hess
 
     def matvec(v: Tensor) -> Tensor:
         vs = v.reshape(-1, v.shape[-1])
@@ -149,11 +159,10 @@ def ggn_matvec(
         # torch.func transforms below ignore an outer no_grad, so G v carries no autograd graph
         with _math_sdpa(), torch.no_grad():
             for i, batch in enumerate(batches):
-                f, out, vjp_fn, dloss = linearised(i, batch)
+                f, vjp_fn, hess = linearised(i, batch)
 
-                def one(t, f=f, dloss=dloss, out=out, vjp_fn=vjp_fn):
-                    jv = jvp(f, (p0,), (t,))[1]
-                    return vjp_fn(jvp(dloss, (out,), (jv,))[1])[0]
+                def one(t, f=f, hess=hess, vjp_fn=vjp_fn):
+                    return vjp_fn(hess(jvp(f, (p0,), (t,))[1]))[0]
 
                 total += _to_flat(vmap(one)(tangents), mods)
         return (total * scale).to(v.device, v.dtype).reshape(v.shape)
@@ -351,7 +360,8 @@ class ConjugateGradientIHVP(_FlatIHVP):
     - snapshots: iteration counts k at which x_k is kept in `snapshot_solutions[k]` (CG with a
       budget of k iterations, from the first round of the same run; no preconditioner).
     After `apply`, `iterations` (K,) (all rounds), `round_residuals` (the true residuals
-    before each refinement round), `residuals` (K,) = ‖b − (G+λI)x‖/‖b‖
+    before each refinement round) and `round_solutions` (x before each round that ran),
+    `residuals` (K,) = ‖b − (G+λI)x‖/‖b‖
     (recomputed with check_matvec or matvec, not the recursive estimate) and `converged` (K,)
     describe each query's solve.
     """
@@ -426,12 +436,14 @@ class ConjugateGradientIHVP(_FlatIHVP):
         for k in self.snapshots:  # a query that converged before k keeps its final x
             self.snapshot_solutions.setdefault(k, x.clone())
         self.round_residuals: list[list[float]] = []  # true residual before each refinement
+        self.round_solutions: list[Tensor] = []  # x before each refinement round
         for _ in range(self.refine):
             r = b - self._A(x, self.check)
             rel = r.norm(dim=1) / bnorm
             self.round_residuals.append(rel.tolist())
             if (rel <= self.tol).all():
                 break
+            self.round_solutions.append(x.clone())
             # the correction only has to bring the residual to tol·‖b‖, i.e. tol·‖b‖/‖r‖ of ‖r‖
             d, active = self._cg(r, (self.tol / rel.clamp_min(1e-300)).clamp(max=1.0))
             x = x + d

@@ -97,6 +97,25 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator | None) -> to
     return draw.squeeze(-1).reshape(logits.shape[:-1])
 
 
+def softmax_ce_hessian_product(logits: torch.Tensor, weight: torch.Tensor):
+    """u ↦ w ⊙ (p ⊙ u − p (pᵀu)) over the last axis, p = softmax(logits): the Hessian of
+    Σ_i w_i CE(logits_i, y) in the logits, diag(p) − ppᵀ per row (it does not depend on y).
+
+    weight (logits.shape[:-1]) is 1 where a row counts in the loss and 0 where it does not
+    (padding, labels = IGNORE_INDEX). The returned function accepts u of logits' shape,
+    with any leading dimensions (e.g. K right-hand sides stacked in front, or under vmap).
+    """
+    x = logits.detach()
+    p = torch.softmax(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=-1)
+    p = p.to(x.dtype)
+    pw = p * weight.to(x.dtype).unsqueeze(-1)
+
+    def product(u: torch.Tensor) -> torch.Tensor:
+        return pw * (u - (p * u).sum(-1, keepdim=True))
+
+    return product
+
+
 # --------------------------------------------------------------------------- classification
 @dataclass
 class ClassificationTask:
@@ -119,6 +138,10 @@ class ClassificationTask:
 
     def measurement(self, model, batch):
         return self.loss(model, batch)
+
+    def output_hessian_product(self, output, batch):
+        """u ↦ ∇²_f Σ_n ℓ_n · u = (diag(p) − ppᵀ) u per example (softmax_ce_hessian_product)."""
+        return softmax_ce_hessian_product(output, output.new_ones(output.shape[:-1]))
 
     def token_mask(self, batch):
         return None
@@ -215,6 +238,15 @@ class LanguageModelingTask:
             reduction="none",
         )
         return tok.reshape(target.shape).sum(dim=1)
+
+    def output_hessian_product(self, output, batch: TokenBatch):
+        """u ↦ ∇²_f Σ_n ℓ_n · u for u of the logits' shape (B, T, V): (diag(p) − ppᵀ) u at
+        each position t whose next token batch.labels[:, t+1] is a target, 0 elsewhere (the
+        last position and the positions before prompt or padding labels), as in
+        `loss_from_output`."""
+        weight = torch.zeros(output.shape[:-1], device=output.device)
+        weight[:, :-1] = (batch.labels[:, 1:] != IGNORE_INDEX).float()
+        return softmax_ce_hessian_product(output, weight)
 
     def measurement(self, model, batch: TokenBatch):
         empty = (batch.labels[:, 1:] == IGNORE_INDEX).all(dim=1)
