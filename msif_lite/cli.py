@@ -5,6 +5,7 @@
     msif-lite trace --pretrained DIR_OR_HUB_ID --finetuned DIR_OR_HUB_ID \\
         --corpus docs.jsonl --finetune-data ft.jsonl --alpha 1e-3 "Where was Ada born?"
     msif-lite bench engine | accuracy | fact-tracing | retrieval | bloom560m | lds | variants
+    msif-lite bench memory-plan | projection
     msif-lite methods                                       # the registered methods
     msif-lite world --preset ci-fast --out runs/ci-fast     # generate, tokenize, train
 
@@ -32,6 +33,8 @@ BENCHES = {
     "bloom560m": "msif_lite.bench.bloom560m",
     "lds": "msif_lite.bench.lds",
     "variants": "msif_lite.bench.variants",
+    "memory-plan": "msif_lite.bench.memory_plan",
+    "projection": "msif_lite.bench.projection",
 }
 
 
@@ -212,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_methods())
             return 0
         if a.command == "bench":
-            return int(importlib.import_module(BENCHES[a.name]).main(a.args) or 0)
+            rc = importlib.import_module(BENCHES[a.name]).main(a.args)
+            return rc if isinstance(rc, int) else 0  # some benches return their results
         if a.command == "world":
             from msif_lite.world.training import main as world_main
 

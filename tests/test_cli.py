@@ -50,3 +50,16 @@ def test_trace_help_lists_the_own_pair_options(capsys):
                    "--template", "--context-length", "--device"):  # fmt: skip
         assert option in out, option
     assert "Question: {question}\\nAnswer: {answer}" in out  # the default template, shown
+
+
+def test_a_bench_that_returns_its_results_exits_zero(monkeypatch):
+    """memory-plan, projection and bloom560m return their results dict from main()."""
+    import sys
+    import types
+
+    fake = types.ModuleType("msif_fake_bench")
+    fake.main = lambda argv: {"rows": [], "argv": argv}
+    monkeypatch.setitem(sys.modules, "msif_fake_bench", fake)
+    monkeypatch.setitem(BENCHES, "fake", "msif_fake_bench")
+    assert main(["bench", "fake", "--out", "x"]) == 0
+    assert {"memory-plan", "projection"} <= set(BENCHES)
