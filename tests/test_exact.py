@@ -396,6 +396,20 @@ def test_cg_reports_non_convergence(mlp_system):
     assert not cg.converged.any() and (cg.iterations == 2).all() and (cg.residuals > 1e-6).all()
 
 
+def test_cg_time_limit_stops_and_reports(mlp_system):
+    """time_limit_s=0: no iteration runs, the queries are reported as not converged; a generous
+    limit changes nothing."""
+    *_, modules, G, v = mlp_system
+    cg = ConjugateGradientIHVP(G, modules, 1e-2, tol=1e-10, time_limit_s=0.0, refine=1,
+                               check_matvec=G)  # fmt: skip
+    with pytest.warns(UserWarning, match="did not reach"):
+        cg.apply(v)
+    assert cg.stopped_by_time and (cg.iterations == 0).all() and not cg.converged.any()
+    free = ConjugateGradientIHVP(G, modules, 1e-2, tol=1e-10, time_limit_s=600.0)
+    free.apply(v)
+    assert not free.stopped_by_time and free.converged.all()
+
+
 def test_lissa_converges_to_dense_solve(mlp_system):
     *_, modules, G, v = mlp_system
     lam = 0.1

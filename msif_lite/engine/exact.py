@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -358,7 +359,10 @@ class ConjugateGradientIHVP(_FlatIHVP):
       `refine` rounds of iterative refinement, x ← x + CG((G+λI) d = b − (G+λI)x), which
       remove the error of low-precision products;
     - snapshots: iteration counts k at which x_k is kept in `snapshot_solutions[k]` (CG with a
-      budget of k iterations, from the first round of the same run; no preconditioner).
+      budget of k iterations, from the first round of the same run; no preconditioner);
+    - time_limit_s: stop iterating (and refining) after this many seconds of `solve`; the
+      queries not converged by then are reported as such (`stopped_by_time` is True), and
+      `late_solution` keeps x at 3/4 of the limit (how settled x is).
     After `apply`, `iterations` (K,) (all rounds), `round_residuals` (the true residuals
     before each refinement round) and `round_solutions` (x before each round that ran),
     `residuals` (K,) = ‖b − (G+λI)x‖/‖b‖
@@ -371,8 +375,10 @@ class ConjugateGradientIHVP(_FlatIHVP):
     def __init__(self, matvec: Matvec | Tensor, modules, damping: float, max_iter: int = 500,
                  tol: float = 1e-10, progress: bool = False, *,
                  preconditioner: Matvec | None = None, check_matvec: Matvec | None = None,
-                 refine: int = 0, snapshots: Sequence[int] = ()):  # fmt: skip
+                 refine: int = 0, snapshots: Sequence[int] = (),
+                 time_limit_s: float | None = None):  # fmt: skip
         super().__init__(modules)
+        self.time_limit_s = time_limit_s
         self.matvec, self.damping = _as_matvec(matvec), _check_damping(damping)
         self.max_iter, self.tol, self.progress = max_iter, tol, progress
         self.precond, self.refine = preconditioner, int(refine)
@@ -405,6 +411,12 @@ class ConjugateGradientIHVP(_FlatIHVP):
         for it in bar:
             if not active.any():
                 break
+            if self._out_of_time():
+                self.stopped_by_time = True
+                break
+            if (record and self.late_solution is None and self.time_limit_s is not None
+                    and time.monotonic() - self._t0 > 0.75 * self.time_limit_s):  # fmt: skip
+                self.late_solution, self.late_iteration = x.clone(), it
             ap = self._A(p)
             pap, pp = (p * ap).sum(1), (p * p).sum(1)
             ray = pap / pp.clamp_min(1e-300)
@@ -428,7 +440,13 @@ class ConjugateGradientIHVP(_FlatIHVP):
             rz = rz_new
         return x, active
 
+    def _out_of_time(self) -> bool:
+        return self.time_limit_s is not None and time.monotonic() - self._t0 > self.time_limit_s
+
     def solve(self, b: Tensor) -> Tensor:
+        self._t0, self.stopped_by_time = time.monotonic(), False
+        self.late_solution: Tensor | None = None  # x at 3/4 of time_limit_s (first round)
+        self.late_iteration = 0
         bnorm = b.norm(dim=1).clamp_min(1e-300)
         self.iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
         self.snapshot_solutions: dict[int, Tensor] = {}
@@ -441,7 +459,7 @@ class ConjugateGradientIHVP(_FlatIHVP):
             r = b - self._A(x, self.check)
             rel = r.norm(dim=1) / bnorm
             self.round_residuals.append(rel.tolist())
-            if (rel <= self.tol).all():
+            if (rel <= self.tol).all() or self._out_of_time():
                 break
             self.round_solutions.append(x.clone())
             # the correction only has to bring the residual to tol·‖b‖, i.e. tol·‖b‖/‖r‖ of ‖r‖
