@@ -18,8 +18,9 @@ after (layer by layer) in the same run, and the BLOOM-560m shape is predicted (1
 
 Stages: covariance, eigendecomposition, lambda (as `fit_ekfac` runs them, captures cached),
 scoring (`pairwise_scores` on a query batch, multi-stage with two EK-FACs, candidates
-streamed), cached scoring (the `Attributor` path: dense query gradients, layer-by-layer
-preconditioning, `GradientStore.scores` computing and writing the candidates' gradients).
+streamed), cached scoring (the `Attributor` path: the method's inverse built, the queries
+preconditioned layer by layer, `GradientStore.scores` computing and writing the candidates'
+gradients; `Attributor.scores` itself is measured by benchmarks/scoring_peak.py).
 """
 
 from __future__ import annotations
@@ -110,7 +111,12 @@ def measure_row(arch: str, size: Size, stage: str, rank: int | None = None,
     from msif_lite.engine.gradstore import Candidate, GradientStore
     from msif_lite.engine.layers import find_modules
     from msif_lite.engine.multistage import MultiStageConfig, MultiStageIHVP
-    from msif_lite.engine.scores import pairwise_scores, precondition, query_gradients
+    from msif_lite.engine.scores import (
+        pairwise_scores,
+        precondition,
+        preconditioned_queries,
+        query_gradients,
+    )
     from msif_lite.engine.tasks import LanguageModelingTask, make_token_batch
     from msif_lite.scale.memory import measure_rss_peak
 
@@ -170,8 +176,11 @@ def measure_row(arch: str, size: Size, stage: str, rank: int | None = None,
             store = GradientStore(model, task, mods, store.collate, Path(tmp) / "run",
                                   batch_size=size.batch_size, progress=False)  # fmt: skip
 
-            def fn():  # GradientMethod.layer_scores: query grads → P → store.scores
-                pre = precondition(query_gradients(model, task, queries, mods), ihvp)
+            def fn():  # GradientMethod.layer_scores: its inverse (H_ft rescaled), P layer by
+                # layer (preconditioned_queries), store.scores
+                inv = MultiStageIHVP.from_factors(ft.scaled(1.0), ek, MultiStageConfig(alpha=1.0))
+                pre = preconditioned_queries(model, task, queries, mods, inv, rank=rank,
+                                             layerwise=layerwise)  # fmt: skip
                 return store.scores(pre, cands, by_module=True)
     peak, _ = measure_rss_peak(fn)
     if stage == "cached scoring":

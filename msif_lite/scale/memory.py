@@ -33,13 +33,23 @@ batch) of T_q tokens, N candidates, S = 2 stages (1 single-stage). All numbers a
     `layerwise=False` (the dense path): (1 + S)·Q·P·g + 4·Q·od·g
   · candidates: the kept queries (Q·P·g, or Q·r·Σ_m(d_in + o)·g) + act(B, T) + one DW
     B·od·g (full rank) or 3·Q·B·T·r·g (rank r: Lᵀ Ds, R ā and their product)
-- cached scoring (`Attributor.scores` → `GradientStore.scores`): the same factors + the
-  largest of the dense query gradients act(Q_b, T_q) + 2·Q·P·g, their per-layer
-  preconditioning 2·Q·P·g + (3 + S)·Q·od·g, and the candidate chunks
-  Q·P·g + max(n·P'·g + act(B, T) + B·P·g, 2·n·P'·g) with n = chunk_mb / (P'·g) documents per
-  chunk (P' = P, or Σ_m k_out·k_in with a projection; a batch's DW, B·P·g, is formed before it
-  is whitened and projected); above the disk budget the store
-  streams instead: Q·P·g + act(B, T) + B·P·g.
+- cached scoring (`Attributor.scores` → `GradientMethod.layer_scores` → `GradientStore.scores`):
+  the same factors + the largest of
+  · the method's inverse, built for the call: inv = S·P·e (D_l + λ_l per stage) + P·e (two
+    stages: H_ft's rescaled Λ), alive while the queries are captured and preconditioned
+  · query captures: inv + act(Q_b, T_q) + kept(Q − Q_b, T_q)
+  · layer-by-layer preconditioning (`Attributor.preconditioned_queries`, the engine's loop):
+    inv + the same layer loop as scoring above
+  · candidates, with the kept queries K = Q·P·g (or Q·r·Σ_m(d_in + o)·g with rank r):
+    streamed (over the disk budget, no projection; `pairwise_scores`): K + act(B, T) + one
+    layer's B·od·g (full rank) or 3·Q·B·T·r·g (rank r); stored: K + the chunk
+    max(n·P'·g + act(B, T) + B·P·g, 2·n·P'·g) + one layer's L R, Q·od·g (rank r), with
+    n = chunk_mb / (P'·g) documents per chunk (P' = P, or Σ_m k_out·k_in with a projection,
+    which adds the projected queries Q·P'·g; a batch's DW, B·P·g, is formed before it is
+    whitened and projected, streamed or not).
+  `layerwise=False`: the dense path this replaced (all layers' ∇m, act(Q_b, T_q) + 2·Q·P·g,
+  then P of all layers, inv + 2·Q·P·g + (3 + S)·Q·od·g, then with rank r truncated:
+  Q·P·g + K + the largest layer's SVD).
 - disk: the gradient cache N·P'·g (0 when it streams: N·P·g > gradient_cache_gb).
 
 `measure_peak(fn)` measures the tensor bytes: `torch.cuda.max_memory_allocated` growth on a
@@ -462,7 +472,7 @@ def predict(model_config_or_model, options: MemoryOptions = MemoryOptions(),
     factors = sum((d * d + out * out + d * out) * e for _, d, out in s.layers)
     on_device = 0 if o.offload else o.stages * factors
     terms["scoring"], q_store = _scoring_terms(s, o, act, kept, g_e)
-    terms["cached scoring"], disk = _cached_scoring_terms(s, o, act, g_e)
+    terms["cached scoring"], disk = _cached_scoring_terms(s, o, act, kept, g_e, e)
     for st in ("scoring", "cached scoring"):
         terms[st] = {"factors on device": on_device, **terms[st]}
         peaks[st] = on_device + max(v for k, v in terms[st].items() if k != "factors on device")
@@ -479,24 +489,41 @@ def _svd_bytes(d: int, out: int, q: int, g_e: int) -> int:
     return (2 * d * out + k * (d + out) + 4 * k * k) * q * g_e
 
 
+def _layerwise_preconditioning(s: ModelShape, o: MemoryOptions, kept, g_e: int) -> int:
+    """Peak of `engine.scores.preconditioned_queries` over its layer loop: the kept query
+    captures kept(Q, T_q) + the results kept so far + one layer's temporaries
+    ((4 + S)·Q·o·d_in·g for the inverse's rotations, or the SVD's with rank r)."""
+    Q, r, S = o.n_queries, o.query_rank, o.stages
+    caps = kept(Q, o.query_len, s.layers, g_e)
+    pre, so_far = 0, 0
+    for _, d, out in s.layers:
+        dense_tmp = (4 + S) * Q * d * out * g_e
+        svd = _svd_bytes(d, out, Q, g_e) if r else 0
+        pre = max(pre, caps + so_far + max(dense_tmp, svd))
+        so_far += min(r, d, out) * (d + out) * Q * g_e if r else Q * d * out * g_e
+    return pre
+
+
+def _kept_queries(s: ModelShape, o: MemoryOptions, g_e: int) -> int:
+    """The preconditioned queries kept while candidates are scored: Q·P·g, or with rank r
+    Q·Σ_l min(r, o, d_in)·(o + d_in)·g."""
+    r = o.query_rank
+    if r:
+        return sum(min(r, d, out) * (d + out) for _, d, out in s.layers) * o.n_queries * g_e
+    return o.n_queries * sum(d * out for _, d, out in s.layers) * g_e
+
+
 def _scoring_terms(s: ModelShape, o: MemoryOptions, act, kept, g_e: int
                    ) -> tuple[dict[str, int], int]:  # fmt: skip
     """The phases of `pairwise_scores` (module docstring); returns them and the kept queries."""
     P = sum(d * out for _, d, out in s.layers)
     Q, Qb, r, S = o.n_queries, min(o.n_queries, 16), o.query_rank, o.stages
     od = max(d * out for _, d, out in s.layers)
-    low = [min(r, d, out) * (d + out) * Q * g_e if r else 0 for _, d, out in s.layers]
-    q_store = sum(low) if r else Q * P * g_e
-    caps = kept(Q, o.query_len, s.layers, g_e)
+    q_store = _kept_queries(s, o, g_e)
     if o.layerwise:
         qcap = act(Qb, o.query_len, s.layers, False) + kept(Q - Qb, o.query_len, s.layers, g_e)
-        pre, so_far = 0, 0
-        for (_, d, out), lo in zip(s.layers, low):
-            dense_tmp = (4 + S) * Q * d * out * g_e
-            svd = _svd_bytes(d, out, Q, g_e) if r else 0
-            pre = max(pre, caps + so_far + max(dense_tmp, svd))
-            so_far += lo if r else Q * d * out * g_e
-        phases = {"query captures": qcap, "preconditioning, layer by layer": pre}
+        phases = {"query captures": qcap,
+                  "preconditioning, layer by layer": _layerwise_preconditioning(s, o, kept, g_e)}
     else:
         qg = act(Qb, o.query_len, s.layers, False) + 2 * Q * P * g_e
         pre = (1 + S) * Q * P * g_e + 4 * Q * od * g_e
@@ -508,11 +535,12 @@ def _scoring_terms(s: ModelShape, o: MemoryOptions, act, kept, g_e: int
     return {**phases, "candidate batch + kept queries": cand}, q_store
 
 
-def _cached_scoring_terms(s: ModelShape, o: MemoryOptions, act, g_e: int
+def _cached_scoring_terms(s: ModelShape, o: MemoryOptions, act, kept, g_e: int, e: int
                           ) -> tuple[dict[str, int], int]:  # fmt: skip
-    """The phases of `Attributor.scores` with the GradientStore; returns them and the disk."""
+    """The phases of `Attributor.scores` (a gradient method, `GradientMethod.layer_scores`)
+    with the GradientStore; returns them and the disk (module docstring)."""
     P = sum(d * out for _, d, out in s.layers)
-    Q, Qb, S = o.n_queries, min(o.n_queries, 16), o.stages
+    Q, Qb, r, S = o.n_queries, min(o.n_queries, 16), o.query_rank, o.stages
     od = max(d * out for _, d, out in s.layers)
     if o.projection:
         k_in, k_out = o.projection
@@ -523,14 +551,34 @@ def _cached_scoring_terms(s: ModelShape, o: MemoryOptions, act, g_e: int
     cand_act = act(B, T, s.layers, False)
     per_doc = P_store * g_e
     streams = o.n_candidates * per_doc > o.gradient_cache_gb * 1e9
-    out = {"query gradients (dense)": act(Qb, o.query_len, s.layers, False) + 2 * Q * P * g_e,
-           "preconditioning, layer by layer": 2 * Q * P * g_e + (3 + S) * Q * od * g_e}
-    if streams:
-        out["streamed (over the disk budget)"] = Q * P * g_e + cand_act + B * P * g_e
+    q_store = _kept_queries(s, o, g_e)
+    # the method's inverse, built for this call: D_l + λ_l of each stage (P·e each) and, for
+    # two stages, H_ft = c·G_ft's rescaled Λ (P·e); freed once the queries are preconditioned
+    inv = (S + (1 if S == 2 else 0)) * P * e
+    if o.layerwise:
+        out = {"query captures": inv + act(Qb, o.query_len, s.layers, False)
+               + kept(Q - Qb, o.query_len, s.layers, g_e),
+               "preconditioning, layer by layer": inv + _layerwise_preconditioning(s, o, kept,
+                                                                                  g_e)}
+    else:  # the dense path this replaced: ∇m of all layers, then P of all layers
+        out = {"query gradients (dense)": act(Qb, o.query_len, s.layers, False) + 2 * Q * P * g_e,
+               "preconditioning, all layers": inv + 2 * Q * P * g_e + (3 + S) * Q * od * g_e}
+        if r:  # then truncated layer by layer, the dense P of all layers still held
+            out["truncation, all layers"] = Q * P * g_e + q_store + max(
+                _svd_bytes(d, out_, Q, g_e) for _, d, out_ in s.layers)
+    # projected queries Π P Πᵀ (one layer's dense P or L R at a time)
+    q_proj = Q * P_store * g_e if o.projection else 0
+    if streams and not o.projection:  # engine.scores.pairwise_scores, one layer at a time
+        out["streamed (over the disk budget)"] = q_store + cand_act + (
+            3 * Q * B * T * r * g_e if r else B * od * g_e)
+        return out, 0
+    if streams:  # projected batches: DW of all layers, whitened and projected
+        out["streamed (over the disk budget)"] = q_store + q_proj + cand_act + B * P * g_e
         return out, 0
     n = min(o.n_candidates, max(1, int(o.chunk_mb * 2**20 // per_doc)))
-    out["candidate chunk"] = Q * P * g_e + max(n * per_doc + cand_act + B * P * g_e,
-                                               2 * n * per_doc)  # fmt: skip
+    dense_layer = Q * od * g_e if r and not o.projection else 0  # L R of one layer
+    out["candidate chunk"] = q_store + q_proj + dense_layer + max(
+        n * per_doc + cand_act + B * P * g_e, 2 * n * per_doc)
     return out, o.n_candidates * per_doc
 
 
