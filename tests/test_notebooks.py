@@ -145,11 +145,12 @@ def test_cells_that_draw_show_their_figure(path: Path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_headers_point_to_the_measured_run_times(path: Path):
-    """Run times live in one place (run_times.json and the README table), so no header can drift from them."""
+    """Run times live in one place (run_times.json and the README table), so no header can
+    drift from them."""
     header = "".join(json.loads(path.read_text())["cells"][0]["source"])
-    assert "**Run time." not in header, "replace the header's run-time estimate by a pointer to the README table"
+    assert "**Run time." not in header, "replace the run-time estimate by a pointer to the README"
     quoted = re.findall(r"~\s*\d+(?:\.\d+)?\s*(?:s|min)\b", header)
-    assert not quoted, f"{path.name} header quotes run times {quoted}: point to the README's notebook table instead"
+    assert not quoted, f"{path.name} header quotes run times {quoted}: point to the README table"
 
 
 def test_readme_notebook_table_shows_the_measured_times_and_memory():

@@ -172,3 +172,25 @@ def test_agreement_grows_with_the_projection_size_and_whitening_helps(att):
 
     big, small, plain = rho(128), rho(32), rho(32, whiten=False)
     assert big > 0.8 and small > 0.35 and small > plain, (big, small, plain)
+
+
+@pytest.mark.parametrize("keep_in_memory", [False, True])
+def test_store_grads_are_each_documents_gradient_computed_loaded_or_repeated(bloom, tmp_path,
+                                                                              keep_in_memory):
+    """`grads` writes each document's row straight into the stacked output: rows equal the
+    gradient of that document alone (float64, 1e-12), whether computed now, loaded from disk
+    (partly cached sets) or repeated in the candidate list."""
+    x = _batch(4, 6, seed=2).input_ids
+    cands = [Candidate(f"d{i}", tuple(r.tolist()), tuple(r.tolist())) for i, r in enumerate(x)]
+    store = _store(bloom, tmp_path)
+    mods = store.modules
+    alone = [capture_batch(bloom, TASK, make_token_batch([c.input_ids], 0), mods).grads()
+             for c in cands]  # fmt: skip
+    store.grads(cands[1:3], keep_in_memory=keep_in_memory)  # two of four cached
+    order = [cands[3], cands[1], cands[0], cands[1], cands[2]]  # a repeat, mixed cached/new
+    for _ in range(2):  # second pass: everything from disk (or memory)
+        got = store.grads(order, keep_in_memory=keep_in_memory)
+        for m in mods:
+            want = torch.cat([alone[int(c.doc_id[1:])][m.name] for c in order])
+            assert got[m.name].shape == want.shape and got[m.name].dtype == torch.float64
+            torch.testing.assert_close(got[m.name], want, rtol=1e-12, atol=1e-12)

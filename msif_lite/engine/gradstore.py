@@ -172,26 +172,37 @@ class GradientStore:
                 f"budget of {self.disk_budget_bytes / 1e9:.1f} GB: use scores()/norms() (they "
                 "stream), fewer candidates, a projected method (e.g. method="
                 "'multi_stage_projected'), or raise AttributionConfig.gradient_cache_gb.")
-        found: dict[str, Grads] = {}
+        # Written straight into the stacked output, one document at a time: a loaded file is
+        # memory-mapped, so holding every document before stacking would hold the set twice.
+        out = {m.name: torch.empty((len(candidates), *self.shape(m)), dtype=self.dtype)
+               for m in self.modules}  # fmt: skip
+        rows: dict[str, list[int]] = {}
+        for i, c in enumerate(candidates):
+            rows.setdefault(c.doc_id, []).append(i)
+
+        def place(c: Candidate, g: Grads) -> None:
+            for m in self.modules:
+                out[m.name][rows[c.doc_id]] = g[m.name].to(self.dtype)
+            if keep_in_memory:
+                self._memory[c.doc_id] = g
+
         todo = []
-        for c in candidates:
+        for c in {c.doc_id: c for c in candidates}.values():
             g = self._memory.get(c.doc_id) or self._load(c)
             if g is None:
                 todo.append(c)
             else:
-                found[c.doc_id] = g
+                place(c, g)
+            del g
         chunks = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
         for chunk in tqdm(chunks, desc="candidate gradients", disable=not self.progress):
             g = self._compute(chunk)
             for i, c in enumerate(chunk):
                 one = {k: v[i].contiguous().cpu() for k, v in g.items()}
                 save_artifact(self._path(c), one, self._key(c), {"doc_id": c.doc_id})
-                found[c.doc_id] = one
+                place(c, one)
             del g
-        if keep_in_memory:
-            self._memory.update(found)
-        return {m.name: torch.stack([found[c.doc_id][m.name] for c in candidates]) for m in
-                self.modules}  # fmt: skip
+        return out
 
     def _chunks(self, candidates: Sequence[Candidate], chunk: int | None, desc: str
                 ) -> Iterator[Grads]:  # fmt: skip
