@@ -21,6 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\| `(\d\d_\w+)` \| (.*?) \|(?: [^|]* \|){2,3}$")
 TOTAL = "| **whole series** |"
+LAB = "| **lab: 00–09** |"  # the teaching path a 2-hour lab runs; 10–11 evaluate against retraining
+LAB_LAST = "09"
 HEADER = ("| notebook | what it teaches | full mode | fast mode (CI) | peak memory (full) |\n"
           "| --- | --- | --- | --- | --- |")
 
@@ -36,8 +38,9 @@ def megabytes(mb: float | None) -> str:
     return "not measured" if mb is None else f"{mb:,.0f} MB"
 
 
-def total_row(times: dict) -> str:
-    """Sum of the run times per mode and the largest peak, saying how many were not measured."""
+def total_row(times: dict, label: str = TOTAL, last: str | None = None) -> str:
+    """Sum of the run times per mode and the largest peak over the notebooks up to `last`
+    (all by default), saying how many were not measured."""
     def cell(values, fmt, agg) -> str:
         known = [v for v in values if v is not None]
         if not known:
@@ -45,8 +48,8 @@ def total_row(times: dict) -> str:
         missing = len(values) - len(known)
         return fmt(agg(known)) + (f" ({missing} not measured)" if missing else "")
 
-    entries = [times[k] for k in sorted(times)]
-    return (f"{TOTAL} {len(entries)} notebooks, run one after the other | "
+    entries = [times[k] for k in sorted(times) if last is None or k[:2] <= last]
+    return (f"{label} {len(entries)} notebooks, run one after the other | "
             f"{cell([e.get('full') for e in entries], seconds, sum)} | "
             f"{cell([e.get('fast') for e in entries], seconds, sum)} | "
             f"max {cell([e.get('peak_mb') for e in entries], megabytes, max)} |")
@@ -67,6 +70,8 @@ def render(readme: str, times: dict) -> str:
             continue
         if inside and line.startswith(TOTAL):
             line = total_row(times)
+        if inside and line.startswith(LAB):
+            line = total_row(times, LAB, LAB_LAST)
         if m:
             seen = True
             t = times.get(f"{m.group(1)}.ipynb", {})
