@@ -43,7 +43,7 @@ batch) of T_q tokens, N candidates, S = 2 stages (1 single-stage). All numbers a
   · candidates, with the kept queries K = Q·P·g (or Q·r·Σ_m(d_in + o)·g with rank r):
     streamed (over the disk budget, no projection; `pairwise_scores`): K + act(B, T) + one
     layer's B·od·g (full rank) or 3·Q·B·T·r·g (rank r); stored: K + the chunk
-    max(n·P'·g + act(B, T) + B·P·g, 2·n·P'·g) + one layer's L R, Q·od·g (rank r), with
+    max(n·P'·g + act(B, T) + B·P·g, (n + 1)·P'·g) + one layer's L R, Q·od·g (rank r), with
     n = chunk_mb / (P'·g) documents per chunk (P' = P, or Σ_m k_out·k_in with a projection,
     which adds the projected queries Q·P'·g; a batch's DW, B·P·g, is formed before it is
     whitened and projected, streamed or not).
@@ -578,7 +578,7 @@ def _cached_scoring_terms(s: ModelShape, o: MemoryOptions, act, kept, g_e: int, 
     n = min(o.n_candidates, max(1, int(o.chunk_mb * 2**20 // per_doc)))
     dense_layer = Q * od * g_e if r and not o.projection else 0  # L R of one layer
     out["candidate chunk"] = q_store + q_proj + dense_layer + max(
-        n * per_doc + cand_act + B * P * g_e, 2 * n * per_doc)
+        n * per_doc + cand_act + B * P * g_e, (n + 1) * per_doc)  # loaded: one file at a time
     return out, o.n_candidates * per_doc
 
 
