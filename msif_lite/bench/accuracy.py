@@ -469,7 +469,10 @@ def markdown(payload: dict) -> str:
         f"(λ_max(G) = {s['lambda_max']:.3g}, κ = {s['condition_number']:.3g}).\n\n"
         f"Ground truth: CG to tol {g['tol']:g}; iterations {min(g['iterations'])}–"
         f"{max(g['iterations'])}; worst relative residual {max(g['relative_residual']):.2e} "
-        f"(all < {g['converged_below']:g}: {g['all_converged']}); {g['score_s']:.0f} s.\n\n"
+        f"(all < {g['converged_below']:g}: {g['all_converged']}); {g['score_s']:.0f} s"
+        + (f", stopped by its time budget of {g['time_limit_s']:.0f} s"
+           if g.get("stopped_by_time") else "") + ".\n\n"
+        + _stability_line(g.get("stability"))
         + "".join(f"Note: {n}\n\n" for n in payload.get("run_notes", []))
         + common.markdown_table(rows, cols, floatfmt=".3g")
         + f"\nSpearman/Pearson: mean ± std over queries, against the ground truth. fit_s: factor "
@@ -479,6 +482,17 @@ def markdown(payload: dict) -> str:
         f"{paper['setup']}; its CG/LiSSA rows are matched to ours by role (smaller/larger "
         "budget), not by iteration count.\n"
     )
+
+
+def _stability_line(st: dict | None) -> str:
+    """How settled the truth's ranking is (see `_Run.stability`), as a markdown paragraph."""
+    if not st:
+        return ""
+    what = st.get("compared", "x before the last refinement round")
+    res = st.get("residual_of_compared", st.get("residual_before_last_round", [float("nan")]))
+    return (f"Truth's stability: its scores vs those of {what} (worst relative residual "
+            f"{max(res):.1e}): Spearman {st['spearman_mean']:.4f} (per query "
+            f"{', '.join(f'{x:.4f}' for x in st['spearman_per_query'])}).\n\n")
 
 
 def plot(payload: dict, path: Path) -> None:
