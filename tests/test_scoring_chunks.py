@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -182,3 +183,19 @@ def test_planned_attributor_peak_at_the_bloom560m_shape():
     kept = 16 * P * 4
     assert peak[(None, True)].disk == 0 and t["streamed (over the disk budget)"] > kept
     assert t["factors on device"] + kept < 24 * GiB < cached[(None, True)]
+
+
+def test_gradient_chunk_setting_reaches_the_store_and_keeps_the_scores(atts, tmp_path):
+    """`AttributionConfig.gradient_chunk_mb` is the store's chunk: scoring one stored document
+    at a time gives the scores of the default 1 GiB chunk; a chunk ≤ 0 is refused."""
+    stored, _ = atts
+    docs = stored.doc_ids[:12]
+    per_doc_mb = stored.pretrained_store.bytes_per_document() / 2**20
+    small = Attributor(stored.pretrained, stored.finetuned, stored.tokenizer,
+                       [(d, stored.texts[d]) for d in stored.doc_ids], stored.finetune_pairs,
+                       replace(stored.config, gradient_chunk_mb=per_doc_mb), alpha=stored.alpha)
+    assert small.pretrained_store.chunk_bytes == pytest.approx(per_doc_mb * 2**20)
+    assert stored.pretrained_store.chunk_bytes == 2**30
+    _close(small.scores("multi_stage", _q(), docs), stored.scores("multi_stage", _q(), docs))
+    with pytest.raises(ValueError, match="gradient_chunk_mb must be > 0"):
+        replace(stored.config, gradient_chunk_mb=0)

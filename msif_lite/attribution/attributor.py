@@ -118,6 +118,10 @@ class AttributionConfig:
     gradient_cache_gb: float = field(
         default=20.0, metadata={"help": "disk budget of a candidate set's cached gradients; "
                                         "above it they are streamed, never written"})
+    gradient_chunk_mb: float = field(
+        default=1024.0, metadata={"help": "stored candidate gradients held in memory at once "
+                                          "while scoring (GradientStore; lower it to lower "
+                                          "the scoring peak, scale.memory's chunk_mb)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.factors, FactorConfig):
@@ -142,6 +146,9 @@ class AttributionConfig:
             context_length(None, None, self.context_length)  # validates it
         if self.batch_size < 1:
             raise ValueError("AttributionConfig.batch_size must be >= 1")
+        if not self.gradient_chunk_mb > 0:
+            raise ValueError("AttributionConfig.gradient_chunk_mb must be > 0 (MB of stored "
+                             f"gradients held at once), got {self.gradient_chunk_mb!r}")
 
     def factor_config(self) -> FactorConfig:
         """The FactorConfig both stages are fitted with (progress follows this config)."""
@@ -353,7 +360,8 @@ class Attributor:
         return GradientStore(model, self.task, modules, self.collate, self.cache / "grads",
                              batch_size=self.config.batch_size, dtype=dtype,
                              progress=self.config.progress,
-                             disk_budget_bytes=self.config.gradient_cache_gb * 1e9)  # fmt: skip
+                             disk_budget_bytes=self.config.gradient_cache_gb * 1e9,
+                             chunk_bytes=self.config.gradient_chunk_mb * 2**20)  # fmt: skip
 
     @cached_property
     def pretrained_store(self) -> GradientStore:
