@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,10 +36,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from msif_lite.bench.common import markdown_table, write_results  # noqa: E402
+from msif_lite.bench.common import (  # noqa: E402
+    bloom560m_config,
+    markdown_table,
+    run_row,
+    write_results,
+)
 from msif_lite.scale.memory import GiB, MemoryOptions, nbytes, predict  # noqa: E402
 
-MMAP_THRESHOLD = 65536
 TARGET = 0.2
 RANK = 8
 CHUNK_DOCS = 4  # stored gradients held at once (BLOOM-560m: 1 document per 1 GiB chunk)
@@ -189,23 +192,11 @@ def measure_row(spec: dict) -> dict:
             "scores_sum": float(scores.sum())}
 
 
-def _row_subprocess(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))  # fmt: skip
-    out = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)],
-                         capture_output=True, text=True, env=env, check=False)  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"row {spec} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 # ------------------------------------------------------------------ the benchmark
 def bloom560m_prediction() -> list[dict]:
     """BLOOM-560m, MLP layers, 16 queries × 1,000 candidates (streamed: 806 GB of dense
     gradients is over the 20 GB budget), queries of 64 tokens, documents of 512, on a GPU."""
-    from transformers import BloomConfig
-
-    cfg = BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+    cfg = bloom560m_config()
     out = []
     for b in (4, 1):
         for rank in (None, 32):
@@ -239,7 +230,7 @@ def run(sizes=SIZES, progress: bool = True) -> dict:
                             "streamed": streamed, "tokenizer": str(tmp / "tokenizer"),
                             "words": words, "cache": str(tmp / f"cache-{len(rows)}")}  # fmt: skip
                     t0 = time.perf_counter()
-                    m = _row_subprocess(spec)
+                    m = run_row([__file__], spec)
                     assert m["doc_tokens"] == [size.seq_len] and len(m["query_tokens"]) == 1
                     assert m["streams"] == streamed
                     o = options(size, m["query_tokens"][0], rank, layerwise, streamed,

@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
+from msif_lite.bench.common import bloom560m_config
 from msif_lite.engine.factors import FactorConfig
 from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_ekfac, fit_lambda
 from msif_lite.engine.ihvp import EKFACIHVP
@@ -131,7 +132,7 @@ def test_options_move_the_prediction_the_right_way():
 
 
 def test_bloom560m_shape_without_weights():
-    cfg = BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+    cfg = bloom560m_config()
     plan = predict(cfg, MemoryOptions(batch_size=4, seq_len=512), device="cuda")
     assert len(plan.shape.layers) == 96
     assert 2.0e9 < plan.shape.weights_bytes < 2.5e9  # 559M float32 parameters
@@ -188,7 +189,7 @@ def test_bloom560m_bench_runs_at_a_tiny_size(tmp_path):
 def test_lowrank_scoring_peak_below_24_gib_at_the_bloom560m_shape():
     """Issue 16: 16 queries × 1,000 candidates, rank 32, all 96 layers: layer-by-layer
     preconditioning keeps the predicted scoring peak under 24 GiB (the dense path does not)."""
-    cfg = BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+    cfg = bloom560m_config()
     o = MemoryOptions(batch_size=4, seq_len=512, autocast_dtype="bfloat16", n_queries=16,
                       query_len=64, query_rank=32, n_candidates=1000)  # fmt: skip
     after = predict(cfg, o, device="cuda").peak["scoring"]
@@ -200,7 +201,7 @@ def test_disk_plan_and_streaming_above_the_budget():
     """Disk = N·P·g for the dense cache (MLP layers of BLOOM-560m: 0.81 GB per document), none
     when N·P·g exceeds gradient_cache_gb (then the store streams), k_out·k_in per layer
     with a projection."""
-    cfg = BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+    cfg = bloom560m_config()
     o = MemoryOptions(include="mlp", n_candidates=500, gradient_cache_gb=1e6)
     plan = predict(cfg, o, device="cuda")
     P = sum(d * out for _, d, out in plan.shape.layers)

@@ -166,11 +166,10 @@ def test_planned_attributor_peak_at_the_bloom560m_shape():
     batch + the factors keep the layer-by-layer peak over 24 GiB."""
     from dataclasses import replace
 
-    from transformers import BloomConfig
-
+    from msif_lite.bench.common import bloom560m_config
     from msif_lite.scale.memory import GiB, MemoryOptions, predict
 
-    cfg = BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+    cfg = bloom560m_config()
     o = MemoryOptions(include="mlp", batch_size=4, seq_len=512, autocast_dtype="bfloat16",
                       n_queries=16, query_len=64, n_candidates=1000)  # fmt: skip
     peak = {(r, lw): predict(cfg, replace(o, query_rank=r, layerwise=lw), device="cuda")

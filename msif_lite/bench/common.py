@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -117,3 +120,28 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: str | Path =
     atomic_write_json(out / f"{name}.json", {**payload, "environment": environment()})
     atomic_write_text(out / f"{name}.md", markdown)
     return out / f"{name}.json"
+
+
+MMAP_THRESHOLD = 65536  # glibc: allocations ≥ 64 KiB are mmapped and unmapped when freed
+
+
+def run_row(command: Sequence[str], spec: dict, *, default_malloc: bool = False) -> dict:
+    """Run one benchmark row as `python <command> --row <spec as JSON>` in a fresh process
+    (one torch thread, offline, MALLOC_MMAP_THRESHOLD_=65536 unless `default_malloc`, so
+    resident memory follows the live bytes) and return the JSON its last line prints."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if not default_malloc:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    out = subprocess.run([sys.executable, *command, "--row", json.dumps(spec)],
+                         capture_output=True, text=True, env=env, check=False)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"row {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bloom560m_config():
+    """The BLOOM-560m architecture (config only: no weights, no hub)."""
+    from transformers import BloomConfig
+
+    return BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from msif_lite.bench.common import markdown_table, write_results
+from msif_lite.bench.common import bloom560m_config, markdown_table, run_row, write_results
 from msif_lite.scale.memory import GiB, MemoryOptions, nbytes, predict
 
 STAGE_NAMES = ("covariance", "eigendecomposition", "lambda", "scoring", "cached scoring")
@@ -188,22 +186,11 @@ def measure_row(arch: str, size: Size, stage: str, rank: int | None = None,
     return {"measured_bytes": peak + held, "held_bytes": held, "disk_bytes": disk}
 
 
-MMAP_THRESHOLD = 65536  # glibc: allocations ≥ 64 KiB are mmapped and unmapped when freed
-
-
 def _row_subprocess(arch: str, size: Size, stage: str, rank, layerwise: bool,
                     default_malloc: bool = False) -> dict:  # fmt: skip
-    arg = json.dumps({"arch": arch, "size": asdict(size), "stage": stage, "rank": rank,
-                      "layerwise": layerwise})  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if not default_malloc:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-    out = subprocess.run([sys.executable, "-m", "msif_lite.bench.memory_plan", "--row", arg],
-                         capture_output=True, text=True, env=env, check=False)  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"row {arch}/{size.name}/{stage} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    spec = {"arch": arch, "size": asdict(size), "stage": stage, "rank": rank,
+            "layerwise": layerwise}  # fmt: skip
+    return run_row(["-m", "msif_lite.bench.memory_plan"], spec, default_malloc=default_malloc)
 
 
 # ------------------------------------------------------------------ the benchmark
@@ -257,9 +244,7 @@ def run(sizes=SIZES, archs=ARCHS, progress: bool = True) -> dict:
 def bloom560m_prediction() -> list[dict]:
     """The BLOOM-560m shape (all 96 linear layers, bf16 autocast fitting), 16 queries × 1,000
     candidates: scoring peaks before/after layer-by-layer preconditioning, and the disk."""
-    from transformers import BloomConfig
-
-    cfg = BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+    cfg = bloom560m_config()
     out = []
     for include in (None, "mlp"):
         for rank in (None, 32):
