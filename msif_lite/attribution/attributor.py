@@ -383,8 +383,12 @@ class Attributor:
     def stage_model(self, stage: Stage) -> nn.Module:
         return self.pretrained if stage is Stage.PRETRAINED else self.finetuned
 
-    def rename(self, grads: Grads, to: Stage) -> Grads:
-        """Per-layer tensors keyed by the layer names of stage `to` (same layer order)."""
+    def rename(self, grads: Grads | LowRankGrads, to: Stage) -> Grads | LowRankGrads:
+        """Per-layer tensors keyed by the layer names of stage `to` (same layer order); a
+        `LowRankGrads` keeps its rank, both factors renamed."""
+        if isinstance(grads, LowRankGrads):
+            return LowRankGrads(self.rename(grads.left, to), self.rename(grads.right, to),
+                                grads.rank)  # fmt: skip
         src = {m.name for m in self.modules}
         names = zip(self.modules if set(grads) <= src else self.ft_modules,
                     self.stage_modules(to))  # fmt: skip
@@ -422,20 +426,17 @@ class Attributor:
         from msif_lite.engine.ihvp import IdentityIHVP
 
         stage = Stage(at)
-        sq: list[torch.Tensor] = []  # Σ_l ‖∇m_l‖², accumulated layer by layer
+        layer_sq: dict[str, torch.Tensor] = {}  # ‖∇m_l‖² per layer, seen on the way
 
-        def add(name: str, g: torch.Tensor) -> None:
-            sq.append(grad_sq_norms(g) + sq.pop() if sq else grad_sq_norms(g))
+        def keep(name: str, g: torch.Tensor) -> None:
+            layer_sq[name] = grad_sq_norms(g)
 
         pre = preconditioned_queries(
             self.stage_model(stage), self.task, self.query_batch(questions),
             self.stage_modules(stage), ihvp if ihvp is not None else IdentityIHVP(), rank=rank,
-            batch_size=self.config.batch_size, on_gradient=add)  # fmt: skip
-        for q, v in zip(questions, sq[0].sqrt().tolist()):
+            batch_size=self.config.batch_size, on_gradient=keep)  # fmt: skip
+        for q, v in zip(questions, sum(layer_sq.values()).sqrt().tolist()):
             self._query_norms[(stage, q.prompt, q.answer)] = v
-        if isinstance(pre, LowRankGrads):
-            return LowRankGrads(self.rename(pre.left, Stage.PRETRAINED),
-                                self.rename(pre.right, Stage.PRETRAINED), pre.rank)
         return self.rename(pre, Stage.PRETRAINED)
 
     def checkpoint_model(self, checkpoint: Checkpoint) -> nn.Module:

@@ -155,9 +155,6 @@ class GradientMethod(Method):
         (each layer truncated as soon as it is preconditioned)."""
         ihvp = None if self.preconditioner is None else self.preconditioner(att, settings)
         pre = att.preconditioned_queries(questions, self.query_at, ihvp, rank)
-        if isinstance(pre, LowRankGrads):
-            return LowRankGrads(att.rename(pre.left, self.candidates_at),
-                                att.rename(pre.right, self.candidates_at), pre.rank)
         return att.rename(pre, self.candidates_at)
 
     def layer_mask(self, att: Attributor) -> torch.Tensor:

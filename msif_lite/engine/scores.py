@@ -137,9 +137,7 @@ def preconditioned_queries(
     dense: Grads = {}
     left: dict[str, torch.Tensor] = {}
     right: dict[str, torch.Tensor] = {}
-    for i, m in enumerate(modules):
-        g = torch.cat([c.layers[i].per_sequence_grad() for c in caps])
-        check_finite({m.name: g}, "query gradients")
+    for m, g in _layer_query_gradients(caps, modules):
         if on_gradient is not None:
             on_gradient(m.name, g)
         p = blocks[m.name].apply({m.name: g})[m.name]
@@ -159,13 +157,16 @@ def query_gradient_norms(model: nn.Module, task: Task, queries,
     """‖∇m(q)‖ = sqrt(Σ_l ‖∇m_l‖_F²) over the tracked layers, (Q,) float64, one layer's
     (Q, o, d_in) gradient at a time (from the kept captures, like `preconditioned_queries`)."""
     caps = _query_captures(model, task, queries, modules, batch_size)
-    sq = None
+    return sum(grad_sq_norms(g) for _, g in _layer_query_gradients(caps, modules)).sqrt()
+
+
+def _layer_query_gradients(caps, modules: Sequence[TrackedModule]):
+    """(module, ∇m_l = Σ_t Ds_t ā_tᵀ of all queries, (Q, o, d_in)) one layer at a time, from
+    the kept query captures; the previous layer's gradient is the caller's to drop."""
     for i, m in enumerate(modules):
         g = torch.cat([c.layers[i].per_sequence_grad() for c in caps])
         check_finite({m.name: g}, "query gradients")
-        s = grad_sq_norms(g)
-        sq = s if sq is None else sq + s
-    return sq.sqrt()
+        yield m, g
 
 
 def grad_sq_norms(g: torch.Tensor) -> torch.Tensor:
