@@ -140,6 +140,55 @@ def test_float32_products_and_cached_linearisation_match_float64(arch):
     torch.testing.assert_close(cached64(v), ref, **TIGHT)
 
 
+class _SoftCappedLogits(GPTNeoXForCausalLM):
+    """A model whose logits are not its output layer applied to the hidden state (Gemma-2
+    style soft-capping after the output layer)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+        return out
+
+
+@pytest.mark.parametrize("arch", ["gpt-neox", "gpt2"])
+def test_through_head_pulled_back_hessian_gives_the_same_ggn(arch):
+    """Linearising to the output layer's input with H̃ = Wᵀ H W per token (through_head=True)
+    is the same G as the logits path: float64 to rounding (TIGHT) against the explicit
+    Jacobian construction, float32 to rtol 1e-5; gpt2 ties the output layer to the
+    embedding. The caller's model keeps its output layer."""
+    model, task, batch, modules = tiny_lm(arch)
+    G = explicit_ggn(model, task, batch, modules)
+    v = torch.randn(3, G.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    head = ggn_matvec(model, task, [batch, batch], modules, cache=True, through_head=True)
+    assert head.through_head
+    torch.testing.assert_close(head(v), v @ G, **TIGHT)
+    torch.testing.assert_close(head(v[0]), G @ v[0], **TIGHT)
+    fast = ggn_matvec(model, task, batch, modules, dtype=torch.float32, cache=True,
+                      through_head=True)  # fmt: skip
+    torch.testing.assert_close(fast(v), v @ G, rtol=1e-5, atol=1e-6 * G.abs().max().item())
+    assert isinstance(model.get_output_embeddings(), nn.Linear)
+
+
+def test_through_head_falls_back_or_refuses_with_the_reason():
+    """auto (None) takes the logits path where the pulled-back H̃ cannot be used (no cache,
+    logits post-processed after the output layer) and says so in `matvec.through_head`;
+    through_head=True then raises an error that names the reason and the fix."""
+    model, task, batch, modules = tiny_lm()
+    assert not ggn_matvec(model, task, batch, modules).through_head  # cache=False
+    with pytest.raises(ValueError, match="cache=True"):
+        ggn_matvec(model, task, batch, modules, through_head=True)
+    scaled = _SoftCappedLogits(model.config).double().eval()
+    scaled.load_state_dict(model.state_dict())
+    mods = find_modules(scaled)
+    auto = ggn_matvec(scaled, task, batch, mods, cache=True)
+    assert not auto.through_head
+    G = explicit_ggn(scaled, task, batch, mods)
+    v = torch.randn(G.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(auto(v), G @ v, **TIGHT)  # the logits path, still exact
+    with pytest.raises(ValueError, match="not its output layer applied"):
+        ggn_matvec(scaled, task, batch, mods, cache=True, through_head=True)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "gpt-neox", "gpt2"])
 def test_analytic_output_hessian_matches_jvp_of_grad(kind):
     """The closed form H u = p ⊙ u − p (pᵀu) per token (masked as in the loss) gives the same

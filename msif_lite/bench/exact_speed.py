@@ -9,18 +9,23 @@ a shipped model with G over `--docs` documents, in one run, for three variants:
   (`cache=True`), documents batched by length;
 - `float32_cached`: as float64_cached with float32 products (`dtype=torch.float32`); the
   output Hessian still by jvp-of-grad of the loss;
-- `after`: as float32_cached with the closed-form softmax cross-entropy output Hessian
-  H u = p ⊙ u − p (pᵀu) per token (`analytic=True`, the default), which is what
-  `msif-lite bench accuracy` uses (its CG recurrences and residual checks stay float64).
+- `closed_form`: as float32_cached with the closed-form softmax cross-entropy output
+  Hessian H u = p ⊙ u − p (pᵀu) per token (`analytic=True`) on the logits;
+- `after`: as closed_form, linearised to the input h of the untracked output layer with
+  H̃ = Wᵀ H W per token (`through_head`, the default where it is cheaper): no product
+  touches the V-sized logits. What `msif-lite bench accuracy` uses (its CG recurrences and
+  residual checks stay float64).
 
 Each timing is the best of `--repeats` calls after one warm-up call; `rel_err_vs_before`
 is ‖Gv − Gv_before‖ / ‖Gv_before‖ over the K RHS. Run: `python benchmarks/exact_speed.py
-[--presets default lds] [--out results]`; writes <out>/exact_speed.{json,md}.
+[--presets paper-toy default lds] [--out results]`; writes <out>/exact_speed.{json,md}.
+(paper-toy, the paper's Exp 1 shape, is trained once into .cache/trained/ if absent.)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 from collections.abc import Sequence
 
@@ -35,19 +40,20 @@ from msif_lite.engine import exact
 from msif_lite.engine.exact import ggn_matvec
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.tasks import LanguageModelingTask
-from msif_lite.world.shipped import load_shipped
+from msif_lite.world.shipped import load_shipped, trained_pipeline
 
-VARIANTS = {  # name: (product dtype, cache, batch documents by length, closed-form H_out)
-    "before": (torch.float64, False, False, False),
-    "float64_cached": (torch.float64, True, True, False),
-    "float32_cached": (torch.float32, True, True, False),
-    "after": (torch.float32, True, True, True),
+VARIANTS = {  # name: (product dtype, cache, batch by length, closed-form H_out, through head)
+    "before": (torch.float64, False, False, False, False),
+    "float64_cached": (torch.float64, True, True, False, False),
+    "float32_cached": (torch.float32, True, True, False, False),
+    "closed_form": (torch.float32, True, True, True, False),
+    "after": (torch.float32, True, True, True, True),
 }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="exact_speed", description=__doc__.split("\n")[0])
-    p.add_argument("--presets", nargs="+", default=pick(["default", "lds"], ["lds"]),
+    p.add_argument("--presets", nargs="+", default=pick(["paper-toy", "default", "lds"], ["lds"]),
                    help="shipped pipelines (data/checkpoints/<preset>)")
     p.add_argument("--docs", type=int, default=pick(64, 8), help="documents G is over")
     p.add_argument("--rhs", type=int, nargs="+", default=pick([1, 10], [1, 3]),
@@ -75,10 +81,10 @@ def batches_of(shipped, n_docs: int, batch_size: int, seed: int, by_length: bool
 
 
 def time_variant(model, batches, modules, v: torch.Tensor, dtype, cache: bool, repeats: int,
-                 analytic: bool = True):  # fmt: skip
+                 analytic: bool = True, through_head: bool = False):  # fmt: skip
     """(best seconds per call, the product, peak MiB) of one G·v variant."""
     mv = ggn_matvec(model, LanguageModelingTask(), batches, modules, dtype=dtype, cache=cache,
-                    analytic=analytic)  # fmt: skip
+                    analytic=analytic, through_head=through_head)  # fmt: skip
     with common.PeakMemory() as mem:
         out = mv(v)  # warm-up (fills the cache)
         best = float("inf")
@@ -109,7 +115,9 @@ def matmul_gflops(dtype: torch.dtype, repeats: int = 10) -> float:
 
 
 def product_flops(mv, v: torch.Tensor) -> float:
-    """FLOPs of one call of the G·v product `mv` (torch's FlopCounterMode: matmuls, bmm, SDPA)."""
+    """FLOPs of one call of the G·v product `mv` (torch's FlopCounterMode: matmuls, bmm, SDPA),
+    after a first call (which builds what a cached product keeps: its primal passes, H̃)."""
+    mv(v)
     with FlopCounterMode(display=False) as fc:
         mv(v)
     return float(fc.get_total_flops())
@@ -118,8 +126,10 @@ def product_flops(mv, v: torch.Tensor) -> float:
 def parts(model, batches, modules, k: int, repeats: int) -> dict[str, float]:
     """Seconds of the pieces of one `after` product for k RHS, summed over the batches: the
     primal forward (one pass, what jvp recomputes), the vmapped jvp J·v (primal included),
-    the closed-form output Hessian and the vmapped vjp Jᵀ·u (closure cached)."""
-    task, m32 = LanguageModelingTask(), model.float()
+    the pulled-back output Hessian H̃ u and the vmapped vjp Jᵀ·u (closure cached)."""
+    task = LanguageModelingTask()
+    m32, head = exact._through_head(copy.deepcopy(model).float(), task, batches,
+                                    exact.modules_of(model, modules), True, True, True)
     mods = exact.modules_of(m32, modules)
     wrapped, p0 = exact._OutputOf(m32, task), exact._tracked(mods)
     p = sum(m.numel for m in mods)
@@ -129,8 +139,9 @@ def parts(model, batches, modules, k: int, repeats: int) -> dict[str, float]:
     with exact._math_sdpa(), torch.no_grad():
         for batch in batches:
             f = lambda q, batch=batch: functional_call(wrapped, q, (batch,))  # noqa: E731
-            logits, vjp_fn = vjp(f, p0)
-            hess = task.output_hessian_product(logits, batch)
+            h, vjp_fn = vjp(f, p0)
+            hess = exact.pulled_back_hessian(task.output_hessian_product(head(h), batch),
+                                             head.weight.detach(), h.shape[:-1])  # fmt: skip
             jv = vmap(lambda t, f=f: jvp(f, (p0,), (t,))[1])(tangents)
             hu = hess(jv)
             out["forward"] += _best(lambda f=f: f(p0), repeats)
@@ -138,12 +149,12 @@ def parts(model, batches, modules, k: int, repeats: int) -> dict[str, float]:
                                 repeats)  # fmt: skip
             out["output_hessian"] += _best(lambda h=hess, u=jv: h(u), repeats)
             out["vjp"] += _best(lambda g=vjp_fn, u=hu: vmap(g)(u), repeats)
-    model.double()
     return out
 
 
 def measure(preset: str, args: argparse.Namespace) -> list[dict]:
-    shipped = load_shipped(preset)
+    world, ckpt = trained_pipeline(preset)
+    shipped = load_shipped(preset, world_dir=world, checkpoint_dir=ckpt)
     model = shipped.pretrained.double().eval()
     modules = find_modules(model)
     p = sum(m.numel for m in modules)
@@ -151,12 +162,13 @@ def measure(preset: str, args: argparse.Namespace) -> list[dict]:
     for k in args.rhs:
         v = torch.randn(k, p, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
         ref = None
-        for name, (dtype, cache, by_length, analytic) in VARIANTS.items():
+        for name, (dtype, cache, by_length, analytic, head) in VARIANTS.items():
             b = batches_of(shipped, args.docs, args.batch_size, args.seed, by_length)
             tokens = sum(int(x.attention_mask.sum()) for x in b)
-            s, out, mb = time_variant(model, b, modules, v, dtype, cache, args.repeats, analytic)
+            s, out, mb = time_variant(model, b, modules, v, dtype, cache, args.repeats, analytic,
+                                      head)  # fmt: skip
             mv = ggn_matvec(model, LanguageModelingTask(), b, modules, dtype=dtype,
-                            cache=cache, analytic=analytic)  # fmt: skip
+                            cache=cache, analytic=analytic, through_head=head)  # fmt: skip
             flops = product_flops(mv, v)
             ref = out if ref is None else ref
             rows.append({
@@ -215,10 +227,11 @@ def markdown(payload: dict) -> str:
         + "\n".join(lines) + "\n"
         + "\nbefore: float64, primal pass recomputed per call, output Hessian by jvp-of-grad "
         "(the 64-document Exp 1 ground truth). float32_cached: float32 products, cached "
-        "linearisation, documents batched by length. after: as float32_cached with the "
-        "closed-form output Hessian p ⊙ u − p (pᵀu) per token (what `bench accuracy` now uses, "
-        "with float64 CG recurrences and residuals). rel_err_vs_before: relative difference of "
-        "the product from `before`'s.\n"
+        "linearisation, documents batched by length. closed_form: as float32_cached with the "
+        "closed-form output Hessian p ⊙ u − p (pᵀu) per token on the logits. after: as "
+        "closed_form, linearised to the output layer's input h with H̃ = Wᵀ H W per token "
+        "(`through_head`; what `bench accuracy` now uses, with float64 CG recurrences and "
+        "residuals). rel_err_vs_before: relative difference of the product from `before`'s.\n"
         + "".join(f"\n{n}\n" for n in payload.get("notes", []))
     )
 

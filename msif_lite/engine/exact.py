@@ -107,6 +107,7 @@ def ggn_matvec(
     dtype: torch.dtype | None = None,
     cache: bool = False,
     analytic: bool = True,
+    through_head: bool | None = None,
 ) -> Matvec:
     """v ↦ G v with G = (1/N) Σ_n J_nᵀ (∇²_f ℓ_n) J_n, exact (Notebook 02 §Derivation).
 
@@ -123,18 +124,30 @@ def ggn_matvec(
     relative error of ~1e-6, see tests/test_exact.py). cache=True keeps each batch's
     primal pass and vjp closure (its activations) across calls: one forward less per
     batch per call, at the memory of every batch's activations.
+
+    through_head: linearise to the input h of an untracked linear output layer (logits =
+    W h + b) and use the output Hessian pulled back through it, H̃_t = Wᵀ H_t W per token
+    (d × d, computed once per batch and cached): G = Jₕᵀ H̃ Jₕ is the same matrix, but no
+    product touches the V-sized logits (see `pulled_back_hessian`). None (default): when it
+    is cheaper (cache=True, closed-form H, hidden size d < V, the H̃ of every batch within
+    `PULLED_BACK_MAX_MB`); True: required (an error says why it cannot); False: never.
+    `matvec.through_head` says which path was taken.
     """
     _check_eval(model)
-    if dtype is not None and dtype != next(model.parameters()).dtype:
+    owned = dtype is not None and dtype != next(model.parameters()).dtype
+    if owned:
         model = copy.deepcopy(model).to(dtype)
-    wrapped, batches = _OutputOf(model, task), _as_list(batches)
+    batches = _as_list(batches)
     mods = modules_of(model, modules)
+    closed_form = analytic and hasattr(task, "output_hessian_product")
+    model, head = _through_head(model, task, batches, mods, through_head, cache and closed_form,
+                                owned)  # fmt: skip
+    mods = modules_of(model, modules)
+    wrapped = _OutputOf(model, task)
     p0 = _tracked(mods)
     scale = 1.0 / _n_examples(task, batches) if average else 1.0
     work, dev = next(iter(p0.values())).dtype, next(iter(p0.values())).device
     saved: dict[int, tuple] = {}
-
-    closed_form = analytic and hasattr(task, "output_hessian_product")
 
     def linearised(i: int, batch) -> tuple:
         """(f, vjp closure, u ↦ ∇²_f loss · u) of one batch at θ."""
@@ -143,11 +156,14 @@ def ggn_matvec(
         batch = _floats_to(batch, work)
         f = lambda p: functional_call(wrapped, p, (batch,))  # noqa: E731
         out, vjp_fn = vjp(f, p0)
-        if closed_form:
+        if head is not None:
+            hess = pulled_back_hessian(task.output_hessian_product(head(out), batch),
+                                       head.weight.detach(), out.shape[:-1])  # fmt: skip
+        elif closed_form:
             hess = task.output_hessian_product(out, batch)
         else:
             dloss = grad(lambda o: task.loss_from_output(o, batch).sum())
-            hess = lambda u: jvp(dloss, (out,), (u,))[1]  # noqa: E731
+            hess = vmap(lambda u: jvp(dloss, (out,), (u,))[1])  # noqa: E731
         if cache:
             saved[i] = (f, vjp_fn, hess)
         return f, vjp_fn, hess
@@ -161,14 +177,88 @@ def ggn_matvec(
         with _math_sdpa(), torch.no_grad():
             for i, batch in enumerate(batches):
                 f, vjp_fn, hess = linearised(i, batch)
-
-                def one(t, f=f, hess=hess, vjp_fn=vjp_fn):
-                    return vjp_fn(hess(jvp(f, (p0,), (t,))[1]))[0]
-
-                total += _to_flat(vmap(one)(tangents), mods)
+                jv = vmap(lambda t, f=f: jvp(f, (p0,), (t,))[1])(tangents)  # J v, (K, *out)
+                # H (J v) on all K at once (every `hess` takes a leading K), then Jᵀ
+                total += _to_flat(vmap(vjp_fn)(hess(jv))[0], mods)
         return (total * scale).to(v.device, v.dtype).reshape(v.shape)
 
+    matvec.through_head = head is not None
     return matvec
+
+
+PULLED_BACK_MAX_MB = 2048.0  # the cached H̃ of all batches (B·T·d² floats) the auto path allows
+
+
+def pulled_back_hessian(hess: Matvec, weight: Tensor, positions: torch.Size) -> Matvec:
+    """u ↦ H̃ u with H̃_t = Wᵀ H_t W (d × d at each position t), for logits = W h + b.
+
+    The chain rule through a linear layer: Jᵀ H J with J = W Jₕ is Jₕᵀ (Wᵀ H W) Jₕ. H̃ is
+    built from the output Hessian product `hess` (u of shape positions × V) applied to the
+    columns of W (V × d), a few columns at a time: B·T·V·d² multiply-adds once, after which
+    a product costs B·T·d² instead of the V-sized H u and the two V × d matmuls around it.
+    """
+    v, d = weight.shape
+    cols = max(1, int(2**23 // max(1, positions.numel() * v)))  # ~32 MB of H·W columns at once
+    blocks = []
+    for lo in range(0, d, cols):
+        w = weight[:, lo : lo + cols].T  # (c, V): each column of W as a logits direction
+        hw = hess(w.reshape(-1, *[1] * len(positions), v).expand(-1, *positions, v))
+        blocks.append(hw @ weight)  # (c, *positions, d): rows lo.. of Wᵀ H_t W (symmetric)
+    h_tilde = torch.cat(blocks).movedim(0, -1)  # (*positions, d, d)
+
+    def product(u: Tensor) -> Tensor:  # u (*lead, *positions, d): one bmm over positions
+        lead = u.shape[: u.dim() - h_tilde.dim() + 1]
+        flat = u.reshape(-1, positions.numel(), d).transpose(0, 1)  # (positions, K, d)
+        out = torch.bmm(flat, h_tilde.reshape(-1, d, d))  # H̃ symmetric: u H̃ = (H̃ u)ᵀ
+        return out.transpose(0, 1).reshape(*lead, *positions, d)
+
+    return product
+
+
+def _through_head(model: nn.Module, task: Task, batches: list, mods: Sequence[TrackedModule],
+                  want: bool | None, possible: bool,
+                  owned: bool) -> tuple[nn.Module, nn.Linear | None]:  # fmt: skip
+    """(the model to linearise, its untracked linear output layer) for
+    `ggn_matvec(through_head=...)`: a model whose output layer is nn.Identity (`model` itself
+    if it is already a private copy) and the layer, after checking on the first batch that
+    the logits are exactly that layer applied to the new output; else (model, None)."""
+    if want is False:
+        return model, None
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    tracked = {id(p) for m in mods for _, p in m.parameters()}
+    reason = None
+    if not possible:
+        reason = "it needs cache=True and a task with a closed-form output_hessian_product"
+    elif not isinstance(head, nn.Linear) or not hasattr(model, "set_output_embeddings"):
+        reason = "the model has no linear output layer (get_output_embeddings)"
+    elif any(id(p) in tracked for p in head.parameters()):
+        reason = "the output layer is tracked (its weights are in G)"
+    if reason is None and want is None:  # auto: only where it is cheaper and fits
+        if not all(hasattr(b, "input_ids") for b in batches):
+            return model, None
+        positions = sum(b.input_ids.numel() for b in batches)
+        mb = positions * head.in_features**2 * head.weight.element_size() / 2**20
+        if head.in_features >= head.out_features or mb > PULLED_BACK_MAX_MB:
+            return model, None
+    if reason is None:
+        with torch.no_grad(), _math_sdpa():
+            b0 = _floats_to(batches[0], head.weight.dtype)
+            ref = task.output(model, b0)
+            body = model if owned else copy.deepcopy(model)
+            head = body.get_output_embeddings()
+            body.set_output_embeddings(nn.Identity())
+            h = task.output(body, b0)
+            same = h.shape[-1] == head.in_features and torch.allclose(
+                head(h), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+        if same:
+            return body, head
+        body.set_output_embeddings(head)
+        reason = "the model's logits are not its output layer applied to the hidden state"
+    if want:
+        raise ValueError(f"through_head=True is not possible here: {reason}; use "
+                         "through_head=None or False (the logits path, the same G)")  # fmt: skip
+    return model, None
 
 
 def _floats_to(batch, dtype: torch.dtype):
