@@ -19,6 +19,7 @@ from msif_lite.engine.exact import (
     DenseSolveIHVP,
     LissaIHVP,
     block_diagonal,
+    block_diagonal_ggn_matvec,
     dense_ggn,
     dense_hessian,
     empirical_fisher,
@@ -231,7 +232,9 @@ def test_matvec_result_carries_no_autograd_graph(which):
 
 
 def test_block_diagonal_matvec_keeps_only_the_per_layer_blocks():
-    """block_diagonal(G)·v = (G with every cross-layer block zeroed)·v, for 1 and K vectors."""
+    """block_diagonal(G)·v = (G with every cross-layer block zeroed)·v, for 1 and K vectors;
+    block_diagonal_ggn_matvec (each block linearised on its own layer) is the same matrix
+    (TIGHT; float32 cached products to rtol 1e-5)."""
     model, task, batch, modules = tiny_lm()
     G = dense_ggn(model, task, batch, modules)
     mask = torch.zeros_like(G)
@@ -240,10 +243,16 @@ def test_block_diagonal_matvec_keeps_only_the_per_layer_blocks():
         mask[start : start + m.numel, start : start + m.numel] = 1
         start += m.numel
     assert len(modules) > 1 and (G * (1 - mask)).abs().max() > 1e-6  # cross blocks exist
-    mv = block_diagonal(ggn_matvec(model, task, batch, modules), modules)
     v = torch.randn(3, G.shape[0], dtype=torch.float64)
-    torch.testing.assert_close(mv(v), v @ (G * mask), **TIGHT)
-    torch.testing.assert_close(mv(v[1]), (G * mask) @ v[1], **TIGHT)
+    masked = block_diagonal(ggn_matvec(model, task, batch, modules), modules)
+    per_layer = block_diagonal_ggn_matvec(model, task, batch, modules)  # one J per layer
+    cached32 = block_diagonal_ggn_matvec(model, task, batch, modules, dtype=torch.float32,
+                                         cache=True)  # fmt: skip
+    for mv in (masked, per_layer):
+        torch.testing.assert_close(mv(v), v @ (G * mask), **TIGHT)
+        torch.testing.assert_close(mv(v[1]), (G * mask) @ v[1], **TIGHT)
+    torch.testing.assert_close(cached32(v), v @ (G * mask), rtol=1e-5,
+                               atol=1e-6 * G.abs().max().item())  # fmt: skip
 
 
 def test_padding_tokens_do_not_change_ggn():

@@ -322,6 +322,25 @@ def block_diagonal(matvec: Matvec, modules: Sequence[TrackedModule]) -> Matvec:
     return block_matvec
 
 
+def block_diagonal_ggn_matvec(model: nn.Module, task: Task, batches,
+                              modules: Sequence[TrackedModule], **kw) -> Matvec:
+    """v ↦ diag(G_11, …, G_LL) v, each block G_ll = (1/N) Σ_n J_{n,l}ᵀ H_n J_{n,l} by its own
+    `ggn_matvec` over layer l alone (kw: its dtype, cache, through_head, ...).
+
+    The same matrix as `block_diagonal(ggn_matvec(...), modules)`, cheaper: a layer's J·v
+    starts at that layer and its Jᵀ·u stops there, and no other layer's weight gradients
+    are formed. Costs L linearisations (with cache=True, L layers' activations).
+    """
+    per_layer = [ggn_matvec(model, task, batches, [m], **kw) for m in modules]
+    sizes = [m.numel for m in modules]
+
+    def block_matvec(v: Tensor) -> Tensor:
+        return torch.cat([mv(part) for mv, part in zip(per_layer, v.split(sizes, dim=-1))],
+                         dim=-1)  # fmt: skip
+
+    return block_matvec
+
+
 def _dense(matvec: Matvec, modules: Sequence[TrackedModule], chunk: int) -> Tensor:
     p = sum(m.numel for m in modules)
     dtype = modules[0].module.weight.dtype
