@@ -2,7 +2,8 @@
 
     python benchmarks/accuracy_trend.py [--preset lds] [--sizes 64 128 0] [--damping-rel 0.1]
         [--sweep 0.01 1 5] [--sweep-size 64] [--runs runs/accuracy_trend] [--reuse]
-        [--out results] [-- <more `bench accuracy` arguments>]
+        [--ingredients runs/<a --block-truth run>] [--out results]
+        [-- <more `bench accuracy` arguments>]
 
 Every run is `msif-lite bench accuracy` with G = the exact GGN over the fit set and every
 approximation (EK-FAC, K-FAC, with 1, 4 and 16 label draws) fitted on the same documents;
@@ -47,6 +48,10 @@ def parse_args(argv):
                         "partial.json of unfinished ones (methods done before it stopped)")
     p.add_argument("--out", default="results")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ingredients", nargs="*", default=[],
+                   help="directories of finished `bench accuracy --block-truth` runs to add to "
+                        "the ingredient split (the trend's own runs count if they have a block "
+                        "truth)")
     p.add_argument("--note", action="append", default=[],
                    help="a remark on the run for the markdown (e.g. about the machine's load)")
     args, extra = p.parse_known_args(argv)
@@ -110,6 +115,31 @@ def sweep_rows(runs: dict, size_docs: int) -> list[dict]:
     return sorted(rows, key=lambda r: r["damping_rel_to_mean_eig"])
 
 
+INGREDIENT_METHODS = ("block_exact", "ekfac", "ekfac_draws16", "kfac", "kfac_draws16", "grad_dot")
+
+
+def ingredient_rows(runs: dict) -> list[dict]:
+    """The split of EK-FAC's error, from every run with an exact block-diagonal solve: the
+    cross-layer blocks (block_exact vs the full exact solve) and the per-layer Kronecker model
+    (each method vs block_exact, the matrix K-FAC and EK-FAC approximate)."""
+    rows = []
+    for name, p in runs.items():
+        if "block_exact" not in p["methods"]:
+            continue
+        s = p["settings"]
+        for m in INGREDIENT_METHODS:
+            if m in p["methods"]:
+                r = p["methods"][m]
+                rows.append({"run": name, "n_fit_docs": s["n_fit_docs"], "method": m,
+                             "n_queries": p["setup"]["n_queries"],
+                             "damping_rel_to_mean_eig": s["damping_rel_to_mean_eig"],
+                             "spearman_vs_truth": r["spearman_mean"],
+                             "spearman_vs_block_exact": r["vs_block_exact"]["spearman_mean"],
+                             "block_exact_residual_max":
+                                 p["methods"]["block_exact"]["relative_residual_max"]})  # fmt: skip
+    return rows
+
+
 def _pivot(rows: list[dict], col_key: str, col_fmt) -> str:
     """A methods × columns markdown table of 'mean ± std' Spearman."""
     cols = sorted({r[col_key] for r in rows})
@@ -122,7 +152,7 @@ def _pivot(rows: list[dict], col_key: str, col_fmt) -> str:
     return common.markdown_table(table, ["method", *[col_fmt(c) for c in cols]])
 
 
-def gap(head: dict, trend: list[dict], sweep: list[dict]) -> dict:
+def gap(head: dict, trend: list[dict], sweep: list[dict], ingredients: list[dict] = ()) -> dict:
     """EK-FAC vs the paper, and what each ingredient measured here changes (Spearman)."""
     m = head["methods"]
     out = {"ekfac": m["ekfac"]["spearman_mean"], "grad_dot": m["grad_dot"]["spearman_mean"],
@@ -143,6 +173,12 @@ def gap(head: dict, trend: list[dict], sweep: list[dict]) -> dict:
     out["damping_margin_ekfac_minus_grad_dot"] = {
         f"{lam:g}": v["ekfac"] - v["grad_dot"] for lam, v in sorted(by_lam.items())
         if "ekfac" in v and "grad_dot" in v}  # fmt: skip
+    for r in ingredients:  # the split at the largest fit set with a block truth
+        if r["n_fit_docs"] == max(x["n_fit_docs"] for x in ingredients):
+            out.setdefault("ingredients", {"n_fit_docs": r["n_fit_docs"],
+                                           "damping_rel": r["damping_rel_to_mean_eig"]})
+            out["ingredients"][r["method"]] = {"vs_truth": r["spearman_vs_truth"],
+                                               "vs_block_exact": r["spearman_vs_block_exact"]}
     return out
 
 
@@ -168,12 +204,28 @@ def markdown(payload: dict) -> str:
     for lam, d in g["damping_margin_ekfac_minus_grad_dot"].items():
         lines.append(f"- λ = {lam}·tr(G)/P ({s['sweep_size']} docs): EK-FAC − gradient dot "
                      f"product = {d:+.3f}")
+    ingredients = ""
+    if payload.get("ingredients"):
+        table = [{"run": r["run"], "docs": r["n_fit_docs"], "queries": r["n_queries"],
+                  "λ/(tr/P)": f"{r['damping_rel_to_mean_eig']:g}", "method": r["method"],
+                  "vs exact solve": f"{r['spearman_vs_truth']:.3f}",
+                  "vs exact block-diagonal": f"{r['spearman_vs_block_exact']:.3f}"}
+                 for r in payload["ingredients"]]  # fmt: skip
+        ingredients = (
+            "\n## Ingredients: the cross-layer blocks and the per-layer Kronecker model\n\n"
+            "Spearman of each method against the exact solve with the full G and against the "
+            "exact solve with its per-layer blocks only (block_exact: what K-FAC and EK-FAC "
+            "approximate). block_exact vs the exact solve is what dropping the cross-layer "
+            "blocks costs; EK-FAC vs block_exact is what the Kronecker eigenbasis and the "
+            "sampled labels cost on top.\n\n"
+            + common.markdown_table(table, list(table[0])))
     return (
         f"{partial}{head}\n## Trend: Spearman vs the exact solve as the fit set grows "
         f"(λ = {s['damping_rel_to_mean_eig']:g}·trace(G)/P of each G)\n\n"
         f"G and every approximation on the same n documents; {s['n_corpus_docs']} documents "
         "are the whole pre-training corpus of the model's world.\n\n" + trend
         + f"\n## Damping sweep ({s['sweep_size']} documents)\n\n" + sweep
+        + ingredients
         + "\n## EK-FAC against the paper\n\n" + "\n".join(lines) + "\n"
     )
 
@@ -205,12 +257,15 @@ def compose(args, runs: dict, done: bool) -> None:
     head = max(heads, key=lambda p: p["settings"]["n_fit_docs"])
     sweep_docs = args.sweep_size or head["settings"]["n_corpus_docs"]
     trend, sweep = trend_rows(runs, args.damping_rel), sweep_rows(runs, sweep_docs)
+    extra = {Path(d).name: json.loads((Path(d) / "accuracy.json").read_text())
+             for d in args.ingredients if (Path(d) / "accuracy.json").is_file()}
+    ingredients = ingredient_rows({**runs, **extra})
     payload = {k: v for k, v in head.items() if k != "environment"}
     payload["settings"] = {**head["settings"], "sweep_size": sweep_docs,
                            "planned_runs": [n for n, *_ in plan(args)],
                            "finished_runs": sorted(runs)}  # fmt: skip
-    payload.update(partial=not done, trend=trend, damping_sweep=sweep,
-                   gap=gap(head, trend, sweep), run_notes=list(args.note))
+    payload.update(partial=not done, trend=trend, damping_sweep=sweep, ingredients=ingredients,
+                   gap=gap(head, trend, sweep, ingredients), run_notes=list(args.note))
     path = common.write_results("accuracy", payload, markdown(payload), args.out)
     accuracy.plot(payload, path.with_suffix(".png"))
     plot(payload, path.parent / "accuracy_trend.png")

@@ -139,6 +139,12 @@ def test_whole_corpus_trend_and_damping_sweep(tiny_shipped, tmp_path, monkeypatc
     argv = ["--sizes", "8", "0", "--damping-rel", "300", "--sweep", "3000", "--sweep-size", "8",
             "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--", *bench]  # fmt: skip
     assert trend.main(argv) == 0
+    # an ingredient split from a separate --block-truth run, composed without rerunning
+    block = ["--fit", "8", "--damping-rel", "300", "--block-truth", "--out",
+             str(tmp_path / "block8"), *bench]  # fmt: skip
+    assert main(block) == 0
+    assert trend.main([*argv[:-len(bench) - 1], "--compose-only", "--ingredients",
+                       str(tmp_path / "block8")]) == 0
     out = json.loads((tmp_path / "accuracy.json").read_text())
     s = out["settings"]
     assert not out["partial"] and s["whole_corpus"]
@@ -153,6 +159,12 @@ def test_whole_corpus_trend_and_damping_sweep(tiny_shipped, tmp_path, monkeypatc
     lams = sorted({round(r["damping_rel_to_mean_eig"]) for r in out["damping_sweep"]})
     assert lams == [300, 3000]
     assert out["gap"]["paper_ekfac"] == 0.612 and "margin_over_grad_dot" in out["gap"]
+    ing = {r["method"]: r for r in out["ingredients"]}
+    assert {"block_exact", "ekfac", "grad_dot"} <= set(ing)
+    assert ing["block_exact"]["spearman_vs_block_exact"] == pytest.approx(1.0)
+    assert out["gap"]["ingredients"]["ekfac"]["vs_block_exact"] == pytest.approx(
+        ing["ekfac"]["spearman_vs_block_exact"])
+    assert "## Ingredients" in (tmp_path / "accuracy.md").read_text()
     assert (tmp_path / "runs" / "fit8_lam300" / "partial.json").is_file()
     assert (tmp_path / "accuracy_trend.png").is_file()
     assert "## Trend" in (tmp_path / "accuracy.md").read_text()
