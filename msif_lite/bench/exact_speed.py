@@ -218,8 +218,8 @@ def markdown(payload: dict) -> str:
         "# Exact GGN-vector products: seconds per product\n\n"
         f"Made by `python benchmarks/exact_speed.py`; {payload['settings']['threads']} torch "
         f"thread(s), best of {payload['settings']['repeats']} calls after a warm-up; G over "
-        f"{payload['settings']['docs']} documents. The machine was shared with other jobs, so "
-        "compare rows of this table with each other.\n\n"
+        f"{payload['settings']['docs']} documents. Every row is from the same run on the same "
+        "machine: compare rows with each other (the notes below say what else ran).\n\n"
         + common.markdown_table(payload["rows"], cols, floatfmt=".3g")
         + f"\nMachine: dense matmul {st['matmul_gflops_float32']:.0f} GFLOP/s in float32, "
         f"{st['matmul_gflops_float64']:.0f} GFLOP/s in float64 (one (4000,128)@(128,512) "

@@ -128,8 +128,9 @@ def ggn_matvec(
     through_head: linearise to the input h of an untracked linear output layer (logits =
     W h + b) and use the output Hessian pulled back through it, H̃_t = Wᵀ H_t W per token
     (d × d, computed once per batch and cached): G = Jₕᵀ H̃ Jₕ is the same matrix, but no
-    product touches the V-sized logits (see `pulled_back_hessian`). None (default): when it
-    is cheaper (cache=True, closed-form H, hidden size d < V, the H̃ of every batch within
+    product touches the V-sized logits (see `pulled_back_hessian`). None (default): where it
+    pays (cache=True, closed-form H, hidden size d < V and d ≤ `PULLED_BACK_MAX_HIDDEN`, as
+    building H̃ costs about d/4 products per right-hand side, and the H̃ of every batch within
     `PULLED_BACK_MAX_MB`); True: required (an error says why it cannot); False: never.
     `matvec.through_head` says which path was taken.
     """
@@ -187,6 +188,7 @@ def ggn_matvec(
 
 
 PULLED_BACK_MAX_MB = 2048.0  # the cached H̃ of all batches (B·T·d² floats) the auto path allows
+PULLED_BACK_MAX_HIDDEN = 512  # larger d: building H̃ (B·T·V·d²) outweighs what a solve saves
 
 
 def pulled_back_hessian(hess: Matvec, weight: Tensor, positions: torch.Size) -> Matvec:
@@ -197,12 +199,12 @@ def pulled_back_hessian(hess: Matvec, weight: Tensor, positions: torch.Size) -> 
     columns of W (V × d), a few columns at a time: B·T·V·d² multiply-adds once, after which
     a product costs B·T·d² instead of the V-sized H u and the two V × d matmuls around it.
     """
-    v, d = weight.shape
-    cols = max(1, int(2**23 // max(1, positions.numel() * v)))  # ~32 MB of H·W columns at once
+    vocab, d = weight.shape
+    cols = max(1, int(2**23 // max(1, positions.numel() * vocab)))  # ~32 MB of H·W at once
     blocks = []
     for lo in range(0, d, cols):
         w = weight[:, lo : lo + cols].T  # (c, V): each column of W as a logits direction
-        hw = hess(w.reshape(-1, *[1] * len(positions), v).expand(-1, *positions, v))
+        hw = hess(w.reshape(-1, *[1] * len(positions), vocab).expand(-1, *positions, vocab))
         blocks.append(hw @ weight)  # (c, *positions, d): rows lo.. of Wᵀ H_t W (symmetric)
     h_tilde = torch.cat(blocks).movedim(0, -1)  # (*positions, d, d)
 
@@ -239,7 +241,8 @@ def _through_head(model: nn.Module, task: Task, batches: list, mods: Sequence[Tr
             return model, None
         positions = sum(b.input_ids.numel() for b in batches)
         mb = positions * head.in_features**2 * head.weight.element_size() / 2**20
-        if head.in_features >= head.out_features or mb > PULLED_BACK_MAX_MB:
+        d = head.in_features
+        if d >= head.out_features or d > PULLED_BACK_MAX_HIDDEN or mb > PULLED_BACK_MAX_MB:
             return model, None
     if reason is None:
         with torch.no_grad(), _math_sdpa():
