@@ -152,17 +152,29 @@ def _pivot(rows: list[dict], col_key: str, col_fmt) -> str:
     return common.markdown_table(table, ["method", *[col_fmt(c) for c in cols]])
 
 
+def paired(methods: dict, a: str, b: str) -> dict:
+    """Spearman of a minus that of b on the same queries: mean, its standard error (std/√n
+    of the per-query differences) and in how many queries a is ahead."""
+    d = [x - y for x, y in zip(methods[a]["spearman_per_query"], methods[b]["spearman_per_query"])]
+    n = len(d)
+    mean = sum(d) / n
+    se = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+    return {"mean": mean, "se": se, "wins": sum(x > 0 for x in d), "n": n}
+
+
 def gap(head: dict, trend: list[dict], sweep: list[dict], ingredients: list[dict] = ()) -> dict:
     """EK-FAC vs the paper, and what each ingredient measured here changes (Spearman)."""
     m = head["methods"]
     out = {"ekfac": m["ekfac"]["spearman_mean"], "grad_dot": m["grad_dot"]["spearman_mean"],
            "paper_ekfac": PAPER_EKFAC, "paper_margin_over_grad_dot": PAPER_MARGIN}  # fmt: skip
     out["margin_over_grad_dot"] = out["ekfac"] - out["grad_dot"]
+    out["margin_paired"] = paired(m, "ekfac", "grad_dot")
     out["reaches_paper_ekfac"] = out["ekfac"] >= PAPER_EKFAC
     out["reaches_paper_margin"] = out["margin_over_grad_dot"] >= PAPER_MARGIN
     for r in (4, 16):
         if f"ekfac_draws{r}" in m:
             out[f"label_draws_{r}_minus_1"] = m[f"ekfac_draws{r}"]["spearman_mean"] - out["ekfac"]
+            out[f"label_draws_{r}_paired"] = paired(m, f"ekfac_draws{r}", "ekfac")
     ek = [r for r in trend if r["method"] == "ekfac"]
     if len(ek) > 1:
         out["fit_set"] = {"from_docs": ek[0]["n_fit_docs"], "to_docs": ek[-1]["n_fit_docs"],
@@ -194,6 +206,10 @@ def markdown(payload: dict) -> str:
              f"{'reached' if g['reaches_paper_ekfac'] else 'not reached'}; margin over the "
              f"gradient dot product {g['margin_over_grad_dot']:+.3f} vs the paper's "
              f"{PAPER_MARGIN:+.3f}: {'reached' if g['reaches_paper_margin'] else 'not reached'}."]
+    if "margin_paired" in g:
+        mp = g["margin_paired"]
+        lines.append(f"- the margin query by query: {mp['mean']:+.3f} ± {mp['se']:.3f} (standard "
+                     f"error), EK-FAC ahead in {mp['wins']} of {mp['n']} queries")
     for r in (4, 16):
         if f"label_draws_{r}_minus_1" in g:
             lines.append(f"- label draws 1 → {r}: {g[f'label_draws_{r}_minus_1']:+.3f}")

@@ -159,6 +159,8 @@ def test_whole_corpus_trend_and_damping_sweep(tiny_shipped, tmp_path, monkeypatc
     lams = sorted({round(r["damping_rel_to_mean_eig"]) for r in out["damping_sweep"]})
     assert lams == [300, 3000]
     assert out["gap"]["paper_ekfac"] == 0.612 and "margin_over_grad_dot" in out["gap"]
+    mp = out["gap"]["margin_paired"]
+    assert mp["n"] == 2 and mp["mean"] == pytest.approx(out["gap"]["margin_over_grad_dot"])
     ing = {r["method"]: r for r in out["ingredients"]}
     assert {"block_exact", "ekfac", "grad_dot"} <= set(ing)
     assert ing["block_exact"]["spearman_vs_block_exact"] == pytest.approx(1.0)
