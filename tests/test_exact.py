@@ -155,18 +155,22 @@ class _SoftCappedLogits(GPTNeoXForCausalLM):
 def test_through_head_pulled_back_hessian_gives_the_same_ggn(arch):
     """Linearising to the output layer's input with H̃ = Wᵀ H W per token (through_head=True)
     is the same G as the logits path: float64 to rounding (TIGHT) against the explicit
-    Jacobian construction, float32 to rtol 1e-5; gpt2 ties the output layer to the
+    Jacobian construction, float32 to rtol 1e-5, both for a few right-hand sides (the
+    sandwich Wᵀ H W u) and for many (H̃ built and read); gpt2 ties the output layer to the
     embedding. The caller's model keeps its output layer."""
     model, task, batch, modules = tiny_lm(arch)
     G = explicit_ggn(model, task, batch, modules)
     v = torch.randn(3, G.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     head = ggn_matvec(model, task, [batch, batch], modules, cache=True, through_head=True)
     assert head.through_head
-    torch.testing.assert_close(head(v), v @ G, **TIGHT)
+    torch.testing.assert_close(head(v), v @ G, **TIGHT)  # few right-hand sides: Wᵀ H (W u)
     torch.testing.assert_close(head(v[0]), G @ v[0], **TIGHT)
+    many = torch.randn(16, G.shape[0], dtype=torch.float64)  # ≥ 20·d/V of them: H̃ itself
+    torch.testing.assert_close(head(many), many @ G, **TIGHT)
     fast = ggn_matvec(model, task, batch, modules, dtype=torch.float32, cache=True,
                       through_head=True)  # fmt: skip
-    torch.testing.assert_close(fast(v), v @ G, rtol=1e-5, atol=1e-6 * G.abs().max().item())
+    for x in (v, many):
+        torch.testing.assert_close(fast(x), x @ G, rtol=1e-5, atol=1e-6 * G.abs().max().item())
     assert isinstance(model.get_output_embeddings(), nn.Linear)
 
 

@@ -194,24 +194,36 @@ PULLED_BACK_MAX_HIDDEN = 512  # larger d: building H̃ (B·T·V·d²) outweighs 
 def pulled_back_hessian(hess: Matvec, weight: Tensor, positions: torch.Size) -> Matvec:
     """u ↦ H̃ u with H̃_t = Wᵀ H_t W (d × d at each position t), for logits = W h + b.
 
-    The chain rule through a linear layer: Jᵀ H J with J = W Jₕ is Jₕᵀ (Wᵀ H W) Jₕ. H̃ is
-    built from the output Hessian product `hess` (u of shape positions × V) applied to the
-    columns of W (V × d), a few columns at a time: B·T·V·d² multiply-adds once, after which
-    a product costs B·T·d² instead of the V-sized H u and the two V × d matmuls around it.
+    The chain rule through a linear layer: Jᵀ H J with J = W Jₕ is Jₕᵀ (Wᵀ H W) Jₕ. For K
+    right-hand sides at once, two ways: the sandwich Wᵀ H (W u) (K·B·T·4Vd multiply-adds and
+    V-sized intermediates), or H̃ itself, built once from `hess` (u of shape positions × V)
+    applied to the columns of W (B·T·V·d², a few columns at a time) and then read once per
+    call (B·T·d² floats, shared by the K). Reading H̃ is memory-bound, so it pays from about
+    K ≥ 20·d/V right-hand sides (measured in benchmarks/exact_speed.py); it is built at the
+    first such call.
     """
     vocab, d = weight.shape
-    cols = max(1, int(2**23 // max(1, positions.numel() * vocab)))  # ~32 MB of H·W at once
-    blocks = []
-    for lo in range(0, d, cols):
-        w = weight[:, lo : lo + cols].T  # (c, V): each column of W as a logits direction
-        hw = hess(w.reshape(-1, *[1] * len(positions), vocab).expand(-1, *positions, vocab))
-        blocks.append(hw @ weight)  # (c, *positions, d): rows lo.. of Wᵀ H_t W (symmetric)
-    h_tilde = torch.cat(blocks).movedim(0, -1)  # (*positions, d, d)
+    k_min = math.ceil(20 * d / vocab)
+    built: list[Tensor] = []
 
-    def product(u: Tensor) -> Tensor:  # u (*lead, *positions, d): one bmm over positions
-        lead = u.shape[: u.dim() - h_tilde.dim() + 1]
+    def h_tilde() -> Tensor:
+        if not built:
+            cols = max(1, int(2**23 // max(1, positions.numel() * vocab)))  # ~32 MB at once
+            blocks = []
+            for lo in range(0, d, cols):
+                w = weight[:, lo : lo + cols].T  # (c, V): columns of W as logits directions
+                hw = hess(w.reshape(-1, *[1] * len(positions), vocab).expand(-1, *positions,
+                                                                               vocab))
+                blocks.append(hw @ weight)  # (c, *positions, d): rows of Wᵀ H_t W
+            built.append(torch.cat(blocks).movedim(0, -1))  # (*positions, d, d), symmetric
+        return built[0]
+
+    def product(u: Tensor) -> Tensor:  # u (*lead, *positions, d)
+        lead = u.shape[: u.dim() - len(positions) - 1]
+        if math.prod(lead) < k_min:
+            return hess(u @ weight.T) @ weight
         flat = u.reshape(-1, positions.numel(), d).transpose(0, 1)  # (positions, K, d)
-        out = torch.bmm(flat, h_tilde.reshape(-1, d, d))  # H̃ symmetric: u H̃ = (H̃ u)ᵀ
+        out = torch.bmm(flat, h_tilde().reshape(-1, d, d))  # u H̃ = (H̃ u)ᵀ, H̃ symmetric
         return out.transpose(0, 1).reshape(*lead, *positions, d)
 
     return product
