@@ -180,9 +180,9 @@ class _Run:
         self.n_params = sum(m.numel for m in self.mods)
         self.qg = query_gradients(self.model, self.task, q_batch, self.mods, bs)
         self.fcfg = FactorConfig(fisher="sampled", seed=args.seed, progress=self.progress)
-        dt = torch.float32 if args.products == "float32" else torch.float64
-        self.matvec = ggn_matvec(self.model, self.task, self.fit_b, self.mods, dtype=dt,
-                                 cache=True)  # fmt: skip
+        self.product_dtype = torch.float32 if args.products == "float32" else torch.float64
+        self.matvec = ggn_matvec(self.model, self.task, self.fit_b, self.mods,
+                                 dtype=self.product_dtype, cache=True)  # fmt: skip
         self.matvec64 = ggn_matvec(self.model, self.task, self.fit_b, self.mods)
         self.on_update: Callable[[], None] | None = None  # e.g. write partial results
         self.results: dict[str, dict] = {}
@@ -329,9 +329,8 @@ class _Run:
         """The exact per-layer blocks of G: separates the block-diagonal approximation's cost
         (block_exact vs ground truth) from the Kronecker one (EK-FAC vs block_exact)."""
         a = self.args
-        dt = torch.float32 if a.products == "float32" else torch.float64
-        fast = block_diagonal_ggn_matvec(self.model, self.task, self.fit_b, self.mods, dtype=dt,
-                                         cache=True)  # fmt: skip
+        fast = block_diagonal_ggn_matvec(self.model, self.task, self.fit_b, self.mods,
+                                         dtype=self.product_dtype, cache=True)  # fmt: skip
         block = ConjugateGradientIHVP(fast, self.mods,
                                       self.lam, max_iter=a.max_iter, tol=a.tol,
                                       progress=self.progress,
