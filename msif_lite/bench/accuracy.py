@@ -32,7 +32,6 @@ from msif_lite.engine.exact import (
     ConjugateGradientIHVP,
     LissaIHVP,
     PrecomputedIHVP,
-    block_diagonal,
     block_diagonal_ggn_matvec,
     ggn_matvec,
 )
@@ -331,10 +330,10 @@ class _Run:
         a = self.args
         fast = block_diagonal_ggn_matvec(self.model, self.task, self.fit_b, self.mods,
                                          dtype=self.product_dtype, cache=True)  # fmt: skip
+        exact64 = block_diagonal_ggn_matvec(self.model, self.task, self.fit_b, self.mods)
         block = ConjugateGradientIHVP(fast, self.mods,
                                       self.lam, max_iter=a.max_iter, tol=a.tol,
-                                      progress=self.progress,
-                                      check_matvec=block_diagonal(self.matvec64, self.mods),
+                                      progress=self.progress, check_matvec=exact64,
                                       refine=a.refine, time_limit_s=a.gt_time_limit)  # fmt: skip
         self.score("block_exact", block)
         self.results["block_exact"]["iterations_max"] = int(block.iterations.max())
