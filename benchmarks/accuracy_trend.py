@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -157,9 +159,8 @@ def paired(methods: dict, a: str, b: str) -> dict:
     of the per-query differences) and in how many queries a is ahead."""
     d = [x - y for x, y in zip(methods[a]["spearman_per_query"], methods[b]["spearman_per_query"])]
     n = len(d)
-    mean = sum(d) / n
-    se = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
-    return {"mean": mean, "se": se, "wins": sum(x > 0 for x in d), "n": n}
+    se = statistics.stdev(d) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": statistics.fmean(d), "se": se, "wins": sum(x > 0 for x in d), "n": n}
 
 
 def gap(head: dict, trend: list[dict], sweep: list[dict], ingredients: list[dict] = ()) -> dict:
@@ -185,8 +186,9 @@ def gap(head: dict, trend: list[dict], sweep: list[dict], ingredients: list[dict
     out["damping_margin_ekfac_minus_grad_dot"] = {
         f"{lam:g}": v["ekfac"] - v["grad_dot"] for lam, v in sorted(by_lam.items())
         if "ekfac" in v and "grad_dot" in v}  # fmt: skip
+    largest = max((r["n_fit_docs"] for r in ingredients), default=None)
     for r in ingredients:  # the split at the largest fit set with a block truth
-        if r["n_fit_docs"] == max(x["n_fit_docs"] for x in ingredients):
+        if r["n_fit_docs"] == largest:
             out.setdefault("ingredients", {"n_fit_docs": r["n_fit_docs"],
                                            "damping_rel": r["damping_rel_to_mean_eig"]})
             out["ingredients"][r["method"]] = {"vs_truth": r["spearman_vs_truth"],

@@ -251,9 +251,8 @@ def _through_head(model: nn.Module, task: Task, batches: list, mods: Sequence[Tr
     if reason is None and want is None:  # auto: only where it is cheaper and fits
         if not all(hasattr(b, "input_ids") for b in batches):
             return model, None
-        positions = sum(b.input_ids.numel() for b in batches)
-        mb = positions * head.in_features**2 * head.weight.element_size() / 2**20
-        d = head.in_features
+        positions, d = sum(b.input_ids.numel() for b in batches), head.in_features
+        mb = positions * d**2 * head.weight.element_size() / 2**20
         if d >= head.out_features or d > PULLED_BACK_MAX_HIDDEN or mb > PULLED_BACK_MAX_MB:
             return model, None
     if reason is None:
