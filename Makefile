@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up (first time) and run the kit's main job
 #   make test   set up (first time) and run the tests, the notebooks (fast mode) and ruff
+#   make test-fast  the development loop: the tests not marked slow (pytest -m "not slow")
 #   make student  the notebooks without their solution cells, in student/ (git-ignored)
 # Everything installs into ./.venv from this repo's own files.
 
@@ -29,10 +30,13 @@ demo: setup
 test: setup
 	MSIF_FAST=1 $(BIN)/python -m pytest tests
 	MSIF_FAST=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env notebooks
-	$(BIN)/ruff check msif_lite tests benchmarks tools
+	$(BIN)/ruff check msif_lite tests tools
+
+test-fast: setup
+	MSIF_FAST=1 $(BIN)/python -m pytest -m "not slow" tests
 
 lint: setup
-	$(BIN)/ruff check msif_lite tests benchmarks tools
+	$(BIN)/ruff check msif_lite tests tools
 
 student: setup
 	$(BIN)/python tools/make_student.py --out student

@@ -4,8 +4,8 @@
     msif-lite trace "..." --json --method single_stage -k 5
     msif-lite trace --pretrained DIR_OR_HUB_ID --finetuned DIR_OR_HUB_ID \\
         --corpus docs.jsonl --finetune-data ft.jsonl --alpha 1e-3 "Where was Ada born?"
-    msif-lite bench engine | accuracy | fact-tracing | retrieval | bloom560m | lds | variants
-    msif-lite bench memory-plan | projection
+    msif-lite bench --help                                  # the benchmarks (msif_lite/bench)
+    msif-lite bench accuracy --queries 3                    # one of them, with its own options
     msif-lite methods                                       # the registered methods
     msif-lite world --preset ci-fast --out runs/ci-fast     # generate, tokenize, train
 
@@ -15,7 +15,6 @@ Offline by default: nothing is fetched from a model hub.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -25,17 +24,20 @@ from msif_lite.attribution.methods import METHODS, describe_methods
 from msif_lite.engine.curvature import CURVATURES
 from msif_lite.engine.prompts import DEFAULT_TEMPLATE
 
-BENCHES = {
-    "engine": "msif_lite.bench.engine",
-    "accuracy": "msif_lite.bench.accuracy",
-    "fact-tracing": "msif_lite.bench.fact_tracing",
-    "retrieval": "msif_lite.bench.retrieval",
-    "bloom560m": "msif_lite.bench.bloom560m",
-    "lds": "msif_lite.bench.lds",
-    "variants": "msif_lite.bench.variants",
-    "memory-plan": "msif_lite.bench.memory_plan",
-    "projection": "msif_lite.bench.projection",
-}
+
+class _BenchHelp(argparse.HelpFormatter):
+    """`msif-lite bench`'s help ends with the benchmarks `msif_lite.bench.discover` finds
+    (imported only when the help is shown, not for every command)."""
+
+    def format_help(self) -> str:
+        import textwrap
+
+        from msif_lite.bench import discover
+
+        listing = "".join(textwrap.fill(b.help, self._width, initial_indent=f"  {n:<20} ",
+                                        subsequent_indent=" " * 23) + "\n"
+                          for n, b in discover().items())  # fmt: skip
+        return super().format_help() + "\nbenchmarks:\n" + listing
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,9 +87,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the registered attribution methods")
 
-    b = sub.add_parser("bench", help="run a benchmark (writes results/<name>.json and .md)")
-    b.add_argument("name", choices=sorted(BENCHES))
-    b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
+    b = sub.add_parser("bench", help="run a benchmark (writes results/<name>.json and .md)",
+                       formatter_class=_BenchHelp)
+    b.add_argument("name", metavar="NAME", help="a benchmark (listed below)")
+    b.add_argument("args", nargs=argparse.REMAINDER,
+                   help="passed to the benchmark (`msif-lite bench NAME --help`)")
 
     w = sub.add_parser("world", help="generate the world and train both stages")
     w.add_argument("args", nargs=argparse.REMAINDER,
@@ -200,6 +204,22 @@ def _trace(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(parser: argparse.ArgumentParser, name: str, args: list[str]) -> int:
+    """`msif-lite bench NAME ARGS`: the discovered benchmark's main (a BenchResult) → 0."""
+    from msif_lite.bench import discover
+    from msif_lite.bench.common import BenchResult
+
+    benches = discover()
+    if name not in benches:
+        parser.error(f"no benchmark {name!r}: one of {', '.join(benches)} "
+                     "(`msif-lite bench --help`)")  # fmt: skip
+    result = benches[name].main(args)
+    if not isinstance(result, BenchResult):
+        raise TypeError(f"benchmark {name!r} returned {type(result).__name__}, not a "
+                        "BenchResult (msif_lite/bench/common.py)")  # fmt: skip
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = _parser()
@@ -215,8 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_methods())
             return 0
         if a.command == "bench":
-            rc = importlib.import_module(BENCHES[a.name]).main(a.args)
-            return rc if isinstance(rc, int) else 0  # some benches return their results
+            return _bench(parser, a.name, a.args)
         if a.command == "world":
             from msif_lite.world.training import main as world_main
 

@@ -7,17 +7,17 @@ the larger CG budget agrees with it at least as well as the smaller one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from msif_lite.bench.accuracy import choose_documents, main  # noqa: E402
+from msif_lite.bench import accuracy_diagnosis, accuracy_trend  # noqa: E402
+from msif_lite.bench.accuracy import main  # noqa: E402
+from msif_lite.bench.accuracy_run import choose_documents  # noqa: E402
 from msif_lite.world.generate import make_world  # noqa: E402
 from msif_lite.world.lm import (  # noqa: E402
     CheckpointMeta,
@@ -67,9 +67,11 @@ def test_accuracy_bench_end_to_end(tiny_shipped, tmp_path, monkeypatch):
     argv = ["--world", str(root / "world"), "--checkpoints", str(root / "ck"),
             "--out", str(tmp_path), "--queries", "3", "--candidates", "30", "--fit", "8",
             "--cg", "2", "12", "--lissa", "5", "20", "--power-iters", "5", "--quiet"]  # fmt: skip
-    assert main(argv) == 0
+    result = main(argv)
+    assert result.json_path == tmp_path / "accuracy.json" and result.md_path.is_file()
     out = json.loads((tmp_path / "accuracy.json").read_text())
     assert set(out) >= {"methods", "ground_truth", "setup", "paper", "environment"}
+    assert set(result.data["methods"]) == set(out["methods"])
     assert set(out["methods"]) == set(METHODS)
     for name, r in out["methods"].items():
         for f in FIELDS:
@@ -99,7 +101,7 @@ def test_accuracy_bench_block_diagonal_reference(tiny_shipped, tmp_path, monkeyp
             "--cg", "2", "4", "--lissa", "3", "6", "--power-iters", "4", "--block-truth",
             "--label-draws", "3",
             "--quiet"]  # fmt: skip
-    assert main(argv) == 0
+    main(argv)
     m = json.loads((tmp_path / "accuracy.json").read_text())["methods"]
     assert {"block_exact", "ekfac", "ekfac_mlp", "kfac", "grad_dot", "cg_4", "lissa_6",
             "ekfac_draws3", "kfac_draws3"} <= set(m)
@@ -110,41 +112,39 @@ def test_accuracy_bench_block_diagonal_reference(tiny_shipped, tmp_path, monkeyp
         assert -1.0 <= r["vs_block_exact"]["spearman_mean"] <= 1.0
     assert "Spearman vs block_exact" in (tmp_path / "accuracy.md").read_text()
 
-    # benchmarks/accuracy_diagnosis.py composes such runs into one table
-    spec = importlib.util.spec_from_file_location(
-        "accuracy_diagnosis", Path(__file__).parents[1] / "benchmarks" / "accuracy_diagnosis.py")
-    diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diag)
+    # `msif-lite bench accuracy-diagnosis` composes such runs into one table
+    diag = accuracy_diagnosis
     payload = json.loads((tmp_path / "accuracy.json").read_text())
     for r in ("ekfac_draws4", "ekfac_draws32"):  # names of the diagnosis runs (draws 4, 32)
         payload["methods"][r] = payload["methods"]["ekfac_draws3"]
     text = diag.markdown({"block_mini": payload, "damping_5": payload})
     expected = payload["methods"]["block_exact"]["spearman_mean"]
     assert f"| {expected:.3f} ± " in text and f"costs {1 - expected:.2f} of Spearman" in text
+    diag.plot({"block_mini": payload}, tmp_path / "diagnosis.png")
+    assert (tmp_path / "diagnosis.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_whole_corpus_trend_and_damping_sweep(tiny_shipped, tmp_path, monkeypatch):
-    """benchmarks/accuracy_trend.py: G and the factors on 8 documents and on the whole corpus
+    """`msif-lite bench accuracy-trend`: G and the factors on 8 documents and on the whole corpus
     (--fit 0), a damping sweep at 8; the composed accuracy.json has the headline on the whole
     corpus (settings), one trend row per size × method, the sweep and the gap to the paper."""
     root, world = tiny_shipped
     monkeypatch.setenv("MSIF_FAST", "1")
-    spec = importlib.util.spec_from_file_location(
-        "accuracy_trend", Path(__file__).parents[1] / "benchmarks" / "accuracy_trend.py")
-    trend = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trend)
+    trend = accuracy_trend
     bench = ["--world", str(root / "world"), "--checkpoints", str(root / "ck"), "--queries", "2",
              "--candidates", "20", "--cg", "2", "4", "--lissa", "3", "6", "--power-iters", "4",
              "--label-draws", "2", "--quiet"]  # fmt: skip
     argv = ["--sizes", "8", "0", "--damping-rel", "300", "--sweep", "3000", "--sweep-size", "8",
             "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--", *bench]  # fmt: skip
-    assert trend.main(argv) == 0
+    trend.main(argv)
     # an ingredient split from a separate --block-truth run, composed without rerunning
     block = ["--fit", "8", "--damping-rel", "300", "--block-truth", "--out",
              str(tmp_path / "block8"), *bench]  # fmt: skip
-    assert main(block) == 0
-    assert trend.main([*argv[:-len(bench) - 1], "--compose-only", "--ingredients",
-                       str(tmp_path / "block8")]) == 0
+    main(block)
+    result = trend.main([*argv[:-len(bench) - 1], "--compose-only", "--ingredients",
+                         str(tmp_path / "block8")])  # fmt: skip
+    assert result.name == "accuracy" and result.json_path == tmp_path / "accuracy.json"
     out = json.loads((tmp_path / "accuracy.json").read_text())
     s = out["settings"]
     assert not out["partial"] and s["whole_corpus"]
@@ -183,7 +183,7 @@ def test_preconditioned_ground_truth_agrees_with_plain_cg(tiny_shipped, tmp_path
                 "--out", str(tmp_path / pre), "--queries", "2", "--candidates", "20", "--fit",
                 "6", "--cg", "2", "4", "--lissa", "3", "6", "--power-iters", "4",
                 "--precondition", pre, "--tol", "1e-8", "--quiet"]  # fmt: skip
-        assert main(argv) == 0
+        main(argv)
         res[pre] = json.loads((tmp_path / pre / "accuracy.json").read_text())
         assert max(res[pre]["ground_truth"]["relative_residual"]) < 1e-6
     for name, r in res["none"]["methods"].items():

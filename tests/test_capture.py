@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ATOL, RTOL, lm_batch, make_lm, pad_sides
+from torch import nn
 
 from msif_lite.engine.capture import capture_batch, per_sequence_grads
+from msif_lite.engine.exact import per_example_flat_grads
 from msif_lite.engine.factors import FactorConfig
 from msif_lite.engine.fit import fit_covariances
-from msif_lite.engine.layers import find_modules
+from msif_lite.engine.layers import LAYER_KINDS, LayerKind, find_modules, flatten
 from msif_lite.engine.tasks import LanguageModelingTask
 
 
@@ -168,3 +170,43 @@ def test_frozen_model_still_gives_gradients(mlp):
     finally:
         mlp.model.requires_grad_(True)
     assert_grads_close(ours, ref)
+
+
+class _StoredTransposed(nn.Module):
+    """A linear layer the engine does not know: W stored (in, out) as `w`, bias as `b`."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n_in, n_out, dtype=torch.float64))
+        self.b = nn.Parameter(torch.randn(n_out, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.w + self.b
+
+
+def test_a_new_layer_kind_is_one_registration(mlp):
+    """Registering a LayerKind is all it takes: find_modules tracks the type, capture reads
+    it, and the per-sequence gradients equal plain autograd (exact.per_example_flat_grads)
+    and the `.grad` read through grad_matrix()."""
+    kind = LayerKind("stored_transposed", _StoredTransposed, transposed=True, weight_attr="w",
+                     bias_attr="b")  # fmt: skip
+    torch.manual_seed(0)
+    model = nn.Sequential(_StoredTransposed(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    assert [m.name for m in find_modules(model)] == ["2"]  # not registered: not tracked
+    LAYER_KINDS.register(kind)
+    try:
+        with pytest.raises(ValueError, match="already the layer kind"):
+            LAYER_KINDS.register(LayerKind("again", _StoredTransposed))
+        modules = find_modules(model)
+        assert [(m.name, m.kind, m.shape) for m in modules] == [
+            ("0", "stored_transposed", (6, 5)), ("2", "linear", (3, 7))]  # fmt: skip
+        assert [n for n, _ in modules[0].parameters()] == ["0.w", "0.b"]
+        batch = (mlp.x, mlp.y)
+        ours = per_sequence_grads(model, mlp.task, batch, modules)
+        assert_grads_close(ours, loop_grads(model, mlp.task, mlp.batches(1), modules))
+        ref = per_example_flat_grads(model, mlp.task, batch, modules)
+        torch.testing.assert_close(flatten(ours, modules), ref, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(modules[0].matrix_to_params(modules[0].param_matrix())[0],
+                                   model[0].w.detach())  # fmt: skip
+    finally:
+        del LAYER_KINDS[kind.name]

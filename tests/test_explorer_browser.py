@@ -25,7 +25,7 @@ import nbformat
 import pytest
 from helpers_world import build_tiny_shipped, explorer_notebook
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a browser: not in `-m "not slow"`
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("MSIF_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

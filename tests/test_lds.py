@@ -58,6 +58,7 @@ def tiny_pipeline(monkeypatch, tmp_path):
     return "lds-tiny"
 
 
+@pytest.mark.slow
 def test_retrain_is_deterministic_and_ground_truth_refuses_another_world(tiny_pipeline, tmp_path):
     world = generate.make_world("lds-tiny", 0)
     tok = lm.train_tokenizer(world)
@@ -84,6 +85,7 @@ def test_retrain_is_deterministic_and_ground_truth_refuses_another_world(tiny_pi
         GroundTruth.load(path, world, lm.train_tokenizer(other))
 
 
+@pytest.mark.slow
 def test_bench_lds_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
     from msif_lite.bench import lds as bench
 
@@ -93,7 +95,8 @@ def test_bench_lds_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "FAST", cfg)
     monkeypatch.setenv("MSIF_FAST", "1")
     out = tmp_path / "results"
-    assert bench.main(["--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert bench.main(["--out", str(out), "--cache-dir", str(tmp_path / "cache")]).json_path \
+        == out / "lds.json"
     r = json.loads((out / "lds.json").read_text())["worlds"]["lds-tiny"]
     assert set(r["methods"]) == {"multi_stage", "grad_dot", "bm25", "random"}
     for v in r["methods"].values():
@@ -105,18 +108,21 @@ def test_bench_lds_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
     assert "noise ceiling" in (out / "lds.md").read_text()
     # a rerun resumes: nothing is retrained again
     rows = (tmp_path / "cache" / "partial-lds-tiny.jsonl").read_text()
-    assert bench.main(["--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert bench.main(["--out", str(out), "--cache-dir", str(tmp_path / "cache")]).json_path \
+        == out / "lds.json"
     assert (tmp_path / "cache" / "partial-lds-tiny.jsonl").read_text() == rows
     # a removal set already in lds.json (same documents, same seed) is reused, not retrained
     removal = tmp_path / "cache" / "removal-lds-tiny.jsonl"
     removal.unlink()
-    assert bench.main(["--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert bench.main(["--out", str(out), "--cache-dir", str(tmp_path / "cache")]).json_path \
+        == out / "lds.json"
     again = json.loads((out / "lds.json").read_text())["worlds"]["lds-tiny"]["top_k_removal"]
     assert all(v.get("reused") for v in again.values()) and not removal.exists()
     assert {n: v["dm_targets_mean"] for n, v in again.items()} == \
         {n: v["dm_targets_mean"] for n, v in r["top_k_removal"].items()}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bench_variants_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
     """The variants benchmark on the tiny world: LDS, MRR and cost of every variant, leave-
     top-k-out reusing nothing it cannot, the diagnosis, the issue's JSON schema."""
@@ -130,13 +136,13 @@ def test_bench_variants_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
     monkeypatch.setenv("MSIF_FAST", "1")
     gt = tmp_path / "data" / "lds" / "lds-tiny.json"
     out, cache = tmp_path / "results", str(tmp_path / "cache")
-    assert bench.main(["--out", str(out), "--cache-dir", cache, "--ground-truth", str(gt)]) == 0
+    bench.main(["--out", str(out), "--cache-dir", cache, "--ground-truth", str(gt)])
     vcfg = variants.VariantsConfig(pipelines=("lds-tiny",), diagnosis_only=(),
                                    removal_methods=("multi_stage", "multi_stage_token_positive",
                                                     "tracin", "random", "bm25"),
                                    removal_queries=2, checkpoint_every=3)  # fmt: skip
     monkeypatch.setattr(variants, "VariantsConfig", lambda: vcfg)
-    assert variants.main(["--out", str(out), "--cache-dir", cache]) == 0
+    assert variants.main(["--out", str(out), "--cache-dir", cache]).name == "variants"
     r = json.loads((out / "variants.json").read_text())
     assert {"top_k_removal", "lds", "mrr", "settings", "worlds"} <= set(r)
     names = set(variants.VARIANTS) | {m.name for m in variants.INGREDIENTS}

@@ -210,7 +210,7 @@ def test_damping_as_a_bare_number_is_accepted_and_fisher_checked_at_construction
     with pytest.raises(ValueError, match="fisher must be"):
         FactorConfig(fisher="exact")
     with pytest.raises(ValueError, match="unknown curvature"):
-        AttributionConfig(curvature="diagonal")
+        AttributionConfig(curvature="shampoo")
 
 
 def test_cli_user_errors_are_one_line_that_names_the_fix(capsys):

@@ -53,7 +53,7 @@ def test_multi_stage_cosine_is_the_multi_stage_score_over_both_gradient_norms(at
     ms = att.scores("multi_stage", qs, docs)
     qg = att.query_grads(qs, Stage.FINETUNED)
     qn = sum(v.double().pow(2).sum((-2, -1)) for v in qg.values()).sqrt()
-    g = att.pretrained_store.grads(att.candidates(docs))
+    g = att.store("pretrained").grads(att.candidates(docs))
     dn = sum(v.double().pow(2).sum((-2, -1)) for v in g.values()).sqrt()
     torch.testing.assert_close(att.scores("multi_stage_cosine", qs, docs),
                                ms / (qn[:, None] * dn[None, :]), rtol=1e-5, atol=1e-12)
@@ -64,7 +64,7 @@ def test_alpha_inf_and_mlp_variants_equal_their_formulas(att):
     inf = att.scores("multi_stage_alpha_inf", qs, docs)
     single_at_ft = precondition(att.query_grads(qs, Stage.FINETUNED),
                                 att.inverse(Stage.PRETRAINED, Damping()))  # fmt: skip
-    by_hand = att.pretrained_store.scores(single_at_ft, att.candidates(docs)).double()
+    by_hand = att.store("pretrained").scores(single_at_ft, att.candidates(docs)).double()
     torch.testing.assert_close(inf, by_hand, rtol=1e-5, atol=1e-9)
     # a very large α in the multi-stage formula tends to it
     far = M.ScoreSettings(alpha=1e9)
@@ -114,7 +114,7 @@ def test_the_curvature_field_swaps_the_approximation(tmp_path):
     ihvp = MultiStageIHVP(KFACIHVP(h_ft, Damping(absolute=kf.alpha)),
                           KFACIHVP(kf.pretrain_factors, Damping()), kf.alpha)
     pre = precondition(kf.query_grads(qs, Stage.FINETUNED), ihvp)
-    by_hand = kf.pretrained_store.scores(pre, kf.candidates(docs)).double()
+    by_hand = kf.store("pretrained").scores(pre, kf.candidates(docs)).double()
     torch.testing.assert_close(kf.scores("multi_stage", qs, docs), by_hand, rtol=1e-5, atol=1e-9)
     ek = _att(s, tmp_path / "ek")
     assert not torch.allclose(ek.scores("multi_stage", qs, docs), by_hand)

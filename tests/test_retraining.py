@@ -27,7 +27,11 @@ from msif_lite.engine.exact import (
     dense_hessian,
     influence_exact,
 )
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.fit import fit_ekfac
+from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping
 from msif_lite.engine.layers import find_modules
+from msif_lite.engine.scores import pairwise_scores
 from msif_lite.engine.tasks import ClassificationTask
 from msif_lite.eval.convex import fit_convex, loo_changes
 
@@ -101,12 +105,6 @@ def test_upweighting_derivative_is_minus_influence(problem):
 def test_ekfac_influence_tracks_leave_one_out(problem):
     """The engine (EK-FAC / K-FAC + pairwise_scores) on the same problem: correlated with
     retraining, though not exact (see the module docstring for the measured values)."""
-    pytest.importorskip("msif_lite.engine.ihvp")
-    from msif_lite.engine.factors import FactorConfig
-    from msif_lite.engine.fit import fit_ekfac
-    from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping
-    from msif_lite.engine.scores import pairwise_scores
-
     m = problem
     x, y = m["train"]
     # 30 sampled labels per example: close to the true Fisher (= GGN = Hessian here)

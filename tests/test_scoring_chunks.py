@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers_world import build_tiny_shipped, load_tiny
 
-from msif_lite.attribution import attributor as attributor_module
+from msif_lite.attribution import stage as attributor_module
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
 from msif_lite.attribution.methods import METHODS, Stage
 from msif_lite.engine.factors import FactorConfig
@@ -47,7 +47,7 @@ def atts(tmp_path_factory):
     s = load_tiny(root)
     stored = _make(s, root / "cache")
     streamed = _make(s, root / "cache", gradient_cache_gb=1e-9)
-    assert not stored.pretrained_store.streams(12) and streamed.pretrained_store.streams(12)
+    assert not stored.store("pretrained").streams(12) and streamed.store("pretrained").streams(12)
     return stored, streamed
 
 
@@ -65,12 +65,12 @@ def dense_path(att: Attributor, name: str, qs, docs, rank: int | None) -> torch.
     pre = qg if m.preconditioner is None else precondition(qg, m.preconditioner(att, att.settings))
     if rank is not None:
         pre = truncate(pre, rank).dense()
-    layers = att.store(m.candidates_at).scores(att.rename(pre, m.candidates_at),
-                                               att.candidates(docs), by_module=True).double()
+    layers = att.store(m.candidates_at).scores(pre, att.candidates(docs), by_module=True).double()
     if m.normalise.value == "unit":
         qn = sum(v.double().pow(2).sum((-2, -1)) for v in qg.values()).sqrt()
-        layers = layers * m.scale_from(qn, att.candidate_norms(docs, m.candidates_at))[..., None]
-    return m.finish(layers, None, m.layer_mask(att))
+        dn = att.candidate_norms(docs, m.candidates_at)
+        layers = layers / (qn[:, None] * dn[None, :])[..., None]
+    return (layers * m.layer_mask(att)).sum(-1)
 
 
 def _close(got, want):
@@ -123,7 +123,7 @@ def test_the_inverse_sees_one_layer_and_truncated_layers_are_dropped(atts, monke
         alive.clear()
         state["rank"] = rank
         pre = METHODS["multi_stage"].preconditioned(stored, _q(), stored.settings, rank)
-        assert calls == [[m.name] for m in stored.ft_modules]
+        assert calls == [[m.name] for m in stored.stage("finetuned").modules]
         assert isinstance(pre, LowRankGrads) == (rank is not None)
 
 
@@ -189,12 +189,12 @@ def test_gradient_chunk_setting_reaches_the_store_and_keeps_the_scores(atts, tmp
     at a time gives the scores of the default 1 GiB chunk; a chunk ≤ 0 is refused."""
     stored, _ = atts
     docs = stored.doc_ids[:12]
-    per_doc_mb = stored.pretrained_store.bytes_per_document() / 2**20
+    per_doc_mb = stored.store("pretrained").bytes_per_document() / 2**20
     small = Attributor(stored.pretrained, stored.finetuned, stored.tokenizer,
                        [(d, stored.texts[d]) for d in stored.doc_ids], stored.finetune_pairs,
                        replace(stored.config, gradient_chunk_mb=per_doc_mb), alpha=stored.alpha)
-    assert small.pretrained_store.chunk_bytes == pytest.approx(per_doc_mb * 2**20)
-    assert stored.pretrained_store.chunk_bytes == 2**30
+    assert small.store("pretrained").chunk_bytes == pytest.approx(per_doc_mb * 2**20)
+    assert stored.store("pretrained").chunk_bytes == 2**30
     _close(small.scores("multi_stage", _q(), docs), stored.scores("multi_stage", _q(), docs))
     with pytest.raises(ValueError, match="gradient_chunk_mb must be > 0"):
         replace(stored.config, gradient_chunk_mb=0)

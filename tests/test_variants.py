@@ -139,7 +139,7 @@ def test_relatif_divides_by_the_root_of_the_self_influence(att):
     qs, docs = _queries(att), att.doc_ids[:5]
     s = att.settings
     inv = att.inverse(Stage.PRETRAINED, s.pretrain_damping)
-    g = att.pretrained_store.grads(att.candidates(docs))
+    g = att.store("pretrained").grads(att.candidates(docs))
     pg = inv.apply(g)
     self_inf = sum((g[m.name].double() * pg[m.name].double()).sum((-2, -1)) for m in att.modules)
     torch.testing.assert_close(att.scores("multi_stage_relatif", qs, docs),
@@ -159,9 +159,9 @@ def test_tracin_sums_learning_rate_weighted_dot_products_over_checkpoints(tiny, 
     t = _att(tiny, checkpoints=ckpts)
     got = t.scores("tracin", qs, docs)
     cands = t.candidates(docs)
-    pt_dot = t.pretrained_store.scores(t.query_grads(qs, Stage.PRETRAINED), cands).double()
-    ft_q = t.rename(t.query_grads(qs, Stage.FINETUNED), Stage.FINETUNED)
-    ft_dot = t.finetuned_store.scores(ft_q, cands).double()
+    pt_dot = t.store("pretrained").scores(t.query_grads(qs, Stage.PRETRAINED), cands).double()
+    ft_q = t.query_grads(qs, Stage.FINETUNED)
+    ft_dot = t.store("finetuned").scores(ft_q, cands).double()
     torch.testing.assert_close(got, 0.5 * pt_dot + 0.25 * ft_dot, rtol=RTOL, atol=ATOL)
 
 
@@ -210,7 +210,6 @@ def test_finetune_curvature_is_scaled_to_the_token_mean_objective(tiny):
     assert t.finetune_objective_scale == pytest.approx(len(lens) / sum(lens))
     assert sum(lens) > len(lens)  # answers are longer than one token: the factor matters
     v = t.query_grads(_queries(t), Stage.FINETUNED)
-    v = t.rename(v, Stage.FINETUNED)
     got = t.inverse(Stage.FINETUNED, Damping(absolute=t.alpha)).apply(v)
     want = EKFACIHVP(t.finetune_factors.scaled(len(lens) / sum(lens)),
                      Damping(absolute=t.alpha)).apply(v)  # fmt: skip

@@ -9,9 +9,12 @@ baselines, notebook 10 the variants measured against retraining. A gradient meth
 query and candidate gradients are taken, its preconditioner P, which layers it sums and its
 normalisation s. A text method scores the query text against the document text.
 
-Adding a method is one `register(...)` call (e.g. in this file or your own module) plus
-its test: `Attributor.scores`, the explorer, `msif-lite trace --method` and every benchmark
-iterate `METHODS`. `multi_stage_cosine` below was added that way.
+Methods depend on `attribution.context.ScoringContext` (not on the Attributor) and turn
+per-layer dot products into scores with `attribution.scoring.finish`, the one place the
+score is written. Adding a method is one `register(...)` call (in this file, in a module
+listed in `msif_lite/attribution/__init__.py`, or in your own module) plus its test:
+`Attributor.scores`, the explorer, `msif-lite trace --method` and every benchmark iterate
+`METHODS`. `multi_stage_cosine` below was added that way.
 """
 
 from __future__ import annotations
@@ -19,95 +22,48 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from msif_lite.engine.ihvp import Damping, InverseHVP
+from msif_lite.attribution import scoring
+from msif_lite.attribution.context import ScoringContext
+from msif_lite.attribution.encoder import QuestionLike
+from msif_lite.attribution.settings import (
+    ALPHA_MIN,
+    Normalise,
+    ScoreSettings,
+    Stage,
+    TextQuery,
+)
+from msif_lite.engine.ihvp import InverseHVP
 from msif_lite.engine.layers import Grads
 from msif_lite.engine.lowrank import LowRankGrads
-from msif_lite.engine.multistage import MultiStageIHVP
+from msif_lite.engine.multistage import MultiStageConfig, MultiStageIHVP
+from msif_lite.engine.prompts import retrieval_text
 from msif_lite.registry import Registry
 
-if TYPE_CHECKING:  # pragma: no cover
-    from msif_lite.attribution.attributor import Attributor, QuestionLike
-
-
-class Stage(str, Enum):
-    """Which parameters a gradient or a curvature is taken at."""
-
-    PRETRAINED = "pretrained"  # θ_pt
-    FINETUNED = "finetuned"  # θ_ft
-
-
-class Normalise(str, Enum):
-    """How a gradient method rescales its raw score ⟨P∇m, ∇ℓ⟩."""
-
-    NONE = "none"
-    UNIT = "unit"  # divide by ‖∇m(q)‖·‖∇ℓ(z)‖ (gradient cosine; TrackStar's unit norm)
-    SELF_INFLUENCE = "self_influence"  # divide by √(∇ℓ(z)ᵀ P_z ∇ℓ(z)) (RelatIF)
-
-
-class TextQuery(str, Enum):
-    """What a text method matches against the documents."""
-
-    QUESTION_ANSWER = "question+answer"  # what the gradient methods see (the fair input)
-    QUESTION = "question"
-
-
-ALPHA_MIN = 1e-12  # below this (H_ft + αI) is singular in float32 for any real H_ft
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    """The knobs a score depends on beyond the fitted factors (the explorer's sliders)."""
-
-    alpha: float  # proximity α: damping of (H_ft + αI), and the factor α of the score
-    pretrain_damping: Damping = Damping()  # λ_pt of (H_pt + λ_pt I)
-    finetune_damping: Damping = Damping()  # λ_ft of the finetune_only baseline
-    include_alpha: bool = True  # multi-stage score = α·(…) = −dm/dε (True) or (…)
-    float64: bool = False  # apply the inverses in float64 (tiny λ_pt stay invertible)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
-            raise TypeError(f"ScoreSettings.alpha must be a number, got {self.alpha!r}")
-        if not 0 < self.alpha < float("inf"):
-            raise ValueError(
-                f"α = {self.alpha}: the proximity strength α must be a finite number > 0 "
-                "(the value the fine-tune was trained with, msif_meta.json records it)"
-            )
-        if self.alpha < ALPHA_MIN:
-            raise ValueError(
-                f"α = {self.alpha:g} is below {ALPHA_MIN:g}: (H_ft + αI) is then numerically "
-                "singular. Pass the α the fine-tune was trained with; for a fine-tune without "
-                "a proximity term use a small proxy such as 1e-3."
-            )
-
-
-class Curvatures(Protocol):
-    """What a preconditioner is built from: each stage's curvature inverse."""
-
-    def inverse(self, stage: Stage, damping: Damping, float64: bool = False) -> InverseHVP: ...
+__all__ = ["ALPHA_MIN", "METHODS", "GradientMethod", "Method", "Normalise", "RandomMethod",
+           "ScoreSettings", "Stage", "TextMethod", "TextQuery", "get_method", "register"]
 
 
 # ---------------------------------------------------------------------------- preconditioners
-def multi_stage_preconditioner(c: Curvatures, s: ScoreSettings) -> InverseHVP:
+def multi_stage_preconditioner(ctx: ScoringContext, s: ScoreSettings) -> InverseHVP:
     """c · (H_pt + λ_pt I)⁻¹ (H_ft + αI)⁻¹ (notebook 07 §The multi-stage formula)."""
-    ft = c.inverse(Stage.FINETUNED, Damping(absolute=s.alpha), s.float64)
-    pt = c.inverse(Stage.PRETRAINED, s.pretrain_damping, s.float64)
-    return MultiStageIHVP(ft, pt, s.alpha, s.include_alpha)
+    return MultiStageIHVP.compose(
+        lambda stage, damping: ctx.stage(Stage(stage)).inverse(damping, s.float64),
+        MultiStageConfig(s.alpha, s.pretrain_damping, s.include_alpha))
 
 
-def pretrain_preconditioner(c: Curvatures, s: ScoreSettings) -> InverseHVP:
+def pretrain_preconditioner(ctx: ScoringContext, s: ScoreSettings) -> InverseHVP:
     """(H_pt + λ_pt I)⁻¹: single-stage influence, and multi-stage as α → ∞."""
-    return c.inverse(Stage.PRETRAINED, s.pretrain_damping, s.float64)
+    return ctx.stage(Stage.PRETRAINED).inverse(s.pretrain_damping, s.float64)
 
 
-def finetune_preconditioner(c: Curvatures, s: ScoreSettings) -> InverseHVP:
+def finetune_preconditioner(ctx: ScoringContext, s: ScoreSettings) -> InverseHVP:
     """(H_ft + λ_ft I)⁻¹ from the fine-tuning data."""
-    return c.inverse(Stage.FINETUNED, s.finetune_damping, s.float64)
+    return ctx.stage(Stage.FINETUNED).inverse(s.finetune_damping, s.float64)
 
 
 # ---------------------------------------------------------------------------- method kinds
@@ -119,14 +75,14 @@ class Method:
     label: str
     description: str
 
-    def scores(self, att: Attributor, questions: Sequence[QuestionLike],
+    def scores(self, ctx: ScoringContext, questions: Sequence[QuestionLike],
                doc_ids: Sequence[str], settings: ScoreSettings) -> torch.Tensor:  # fmt: skip
         """(Q, N) float64 scores, higher = more helpful to the answer."""
         raise NotImplementedError
 
     def requires(self) -> frozenset[str]:
         """Inputs beyond the two models and the corpus that this method reads from the
-        Attributor ("checkpoints", "mentions"); see `Attributor.provides`."""
+        context ("checkpoints", "mentions", "whitening"); see `Attributor.provides`."""
         return frozenset()
 
 
@@ -136,72 +92,46 @@ class GradientMethod(Method):
 
     query_at: Stage = Stage.FINETUNED
     candidates_at: Stage = Stage.PRETRAINED
-    preconditioner: Callable[[Curvatures, ScoreSettings], InverseHVP] | None = None
+    preconditioner: Callable[[ScoringContext, ScoreSettings], InverseHVP] | None = None
     damped_stage: Stage | None = None  # the stage whose damping the method exposes
     uses_alpha: bool = False
     normalise: Normalise = Normalise.NONE
     layer_group: str | None = None  # e.g. "mlp": sum only those layers' part of the score
     # the score is ⟨P∇m, ∇ℓ(z)⟩ over the dense stored candidate gradients, so the explorer
-    # may compute it from its own cached matrices (False: it calls Attributor.scores)
+    # and the benchmarks may compute the per-layer dots from their own cached gradients
     dense_dot: ClassVar[bool] = True
 
-    def preconditioned(self, att: Attributor, questions: Sequence[QuestionLike],
+    def preconditioned(self, ctx: ScoringContext, questions: Sequence[QuestionLike],
                        settings: ScoreSettings, rank: int | None = None
                        ) -> Grads | LowRankGrads:  # fmt: skip
-        """P ∇m(q) per question, keyed by the candidate stage's layer names: one layer at a
-        time (`Attributor.preconditioned_queries`; the preconditioner is block-diagonal over
-        layers, multi-stage applies both stages per layer), so the dense query gradients and
-        preconditioned gradients of all layers never coexist. With `rank`, a `LowRankGrads`
-        (each layer truncated as soon as it is preconditioned)."""
-        ihvp = None if self.preconditioner is None else self.preconditioner(att, settings)
-        pre = att.preconditioned_queries(questions, self.query_at, ihvp, rank)
-        return att.rename(pre, self.candidates_at)
+        """P ∇m(q) per question, one layer at a time (`StageState.preconditioned`: the
+        preconditioner is block-diagonal over layers, multi-stage applies both stages per
+        layer), so the dense query gradients of all layers never coexist. With `rank`, a
+        `LowRankGrads` (each layer truncated as soon as it is preconditioned)."""
+        ihvp = None if self.preconditioner is None else self.preconditioner(ctx, settings)
+        return ctx.stage(self.query_at).preconditioned(questions, ihvp, rank)
 
-    def layer_mask(self, att: Attributor) -> torch.Tensor:
+    def layer_mask(self, ctx: ScoringContext) -> torch.Tensor:
         """(L,) 1.0 for the layers this method sums, 0.0 for the others."""
-        groups = [m.group for m in att.modules]
-        if self.layer_group is None:
-            return torch.ones(len(groups), dtype=torch.float64)
-        return torch.tensor([g == self.layer_group for g in groups], dtype=torch.float64)
+        return scoring.layer_mask(self, [m.group for m in ctx.stage(self.candidates_at).modules])
 
-    def scale(self, att: Attributor, questions: Sequence[QuestionLike],
-              doc_ids: Sequence[str], settings: ScoreSettings) -> torch.Tensor | None:  # fmt: skip
-        """(Q, N) normalisation s(q, z), or None (s = 1)."""
-        if self.normalise is Normalise.NONE:
-            return None
-        if self.normalise is Normalise.SELF_INFLUENCE:
-            self_inf = att.self_influence(doc_ids, self.candidates_at, settings)
-            return self_inf.clamp_min(1e-30).rsqrt()[None, :].expand(len(questions), -1)
-        return self.scale_from(att.query_norms(questions, self.query_at),
-                               att.candidate_norms(doc_ids, self.candidates_at))  # fmt: skip
+    def raw_layer_scores(self, ctx: ScoringContext, questions: Sequence[QuestionLike],
+                         doc_ids: Sequence[str], settings: ScoreSettings,
+                         rank: int | None = None) -> torch.Tensor:  # fmt: skip
+        """(Q, N, L) ⟨P_l∇m, ∇ℓ_l⟩ from the candidate stage's gradient store."""
+        pre = self.preconditioned(ctx, questions, settings, rank)
+        store = ctx.stage(self.candidates_at).store()
+        return store.scores(pre, ctx.candidates(doc_ids), by_module=True)
 
-    def scale_from(self, query_norms: torch.Tensor,
-                   candidate_norms: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
-        """s(q, z) from ‖∇m(q)‖ (Q,) and ‖∇ℓ(z)‖ (N,): 1/(‖∇m‖‖∇ℓ‖) for UNIT, else None."""
-        if self.normalise is not Normalise.UNIT:
-            return None
-        return 1.0 / (query_norms[:, None] * candidate_norms[None, :]).double().clamp_min(1e-30)
-
-    def finish(self, layer_scores: torch.Tensor, scale: torch.Tensor | None,
-               mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """(Q, N, L) per-layer ⟨P∇m, ∇ℓ⟩ → (Q, N) score: Σ over the method's layers, × s."""
-        s = (layer_scores.double() * mask.to(layer_scores.device)).sum(-1)
-        return s if scale is None else s * scale.to(s.device)
-
-    def layer_scores(self, att: Attributor, questions: Sequence[QuestionLike],
+    def layer_scores(self, ctx: ScoringContext, questions: Sequence[QuestionLike],
                      doc_ids: Sequence[str], settings: ScoreSettings,
                      rank: int | None = None) -> torch.Tensor:  # fmt: skip
-        """(Q, N, L) per-layer contributions, normalisation applied, layers not masked;
-        `rank`: rank-r preconditioned queries (`preconditioned`)."""
-        pre = self.preconditioned(att, questions, settings, rank)
-        layers = att.store(self.candidates_at).scores(pre, att.candidates(doc_ids),
-                                                      by_module=True).double()  # fmt: skip
-        s = self.scale(att, questions, doc_ids, settings)
-        return layers if s is None else layers * s[..., None]
+        """(Q, N, L) per-layer contributions, normalised and masked (`scoring.finish`)."""
+        raw = self.raw_layer_scores(ctx, questions, doc_ids, settings, rank)
+        return scoring.finish(self, ctx, questions, doc_ids, settings, raw)
 
-    def scores(self, att, questions, doc_ids, settings):
-        return self.finish(self.layer_scores(att, questions, doc_ids, settings), None,
-                           self.layer_mask(att))  # fmt: skip
+    def scores(self, ctx, questions, doc_ids, settings):
+        return self.layer_scores(ctx, questions, doc_ids, settings).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -212,13 +142,11 @@ class TextMethod(Method):
     query: TextQuery = TextQuery.QUESTION_ANSWER
 
     def query_text(self, q: QuestionLike) -> str:
-        from msif_lite.engine.prompts import retrieval_text
-
         answer = q.answer if self.query is TextQuery.QUESTION_ANSWER else None
         return retrieval_text(q.prompt, answer)
 
-    def scores(self, att, questions, doc_ids, settings):
-        index = att.text_index(self.index)
+    def scores(self, ctx, questions, doc_ids, settings):
+        index = ctx.text_index(self.index)
         rows = [index.scores(self.query_text(q), list(doc_ids)) for q in questions]
         return torch.from_numpy(np.stack(rows).astype(np.float64))
 
@@ -229,7 +157,7 @@ class RandomMethod(Method):
 
     seed: int = 0
 
-    def scores(self, att, questions, doc_ids, settings):
+    def scores(self, ctx, questions, doc_ids, settings):
         def u(q, d) -> float:
             h = hashlib.sha256(f"{self.seed}|{q.prompt}|{q.answer}|{d}".encode()).digest()
             return int.from_bytes(h[:8], "little") / 2**64
@@ -238,7 +166,11 @@ class RandomMethod(Method):
 
 
 # ---------------------------------------------------------------------------- the registry
-METHODS: Registry[Method] = Registry("method", "method= (or --method)")
+# the methods of this file, then those that `projected` and `variants` register (read on
+# first use of the registry: explicit order, no import circle)
+METHODS: Registry[Method] = Registry(
+    "method", "method= (or --method)",
+    discover=("msif_lite.attribution.projected", "msif_lite.attribution.variants"))
 
 
 def register(method: Method) -> Method:
@@ -251,9 +183,9 @@ def get_method(name: str) -> Method:
     return METHODS.lookup(name)
 
 
-def available(att: Attributor) -> list[str]:
-    """The registered methods this Attributor has every input for (benchmarks, explorer)."""
-    return [n for n, m in METHODS.items() if m.requires() <= att.provides]
+def available(ctx: ScoringContext) -> list[str]:
+    """The registered methods this context has every input for (benchmarks, explorer)."""
+    return [n for n, m in METHODS.items() if m.requires() <= ctx.provides]
 
 
 def gradient_methods() -> list[str]:
@@ -318,11 +250,4 @@ register(RandomMethod("random", "Random", "a seeded random score: the floor"))
 def describe_methods() -> str:
     """One line per registered method (the CLI's --method help)."""
     return "\n".join(f"{n}: {m.description}" for n, m in METHODS.items())
-
-
-
-# the variants of Notebook 11 and multi_stage_projected (attribution/projected.py) register
-# themselves (after the registry above exists)
-from msif_lite.attribution import projected as _projected  # noqa: E402, F401
-from msif_lite.attribution import variants as _variants  # noqa: E402, F401
 

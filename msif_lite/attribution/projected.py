@@ -33,30 +33,25 @@ run agree. Registered as `multi_stage_projected` (k_in = k_out = 64, whitened).
 from __future__ import annotations
 
 import hashlib
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
+from msif_lite.attribution.context import ScoringContext
 from msif_lite.attribution.methods import (
     FT,
     PT,
     GradientMethod,
     Normalise,
-    Stage,
     multi_stage_preconditioner,
     register,
 )
 from msif_lite.engine.capture import BatchCapture
-from msif_lite.engine.gradstore import GradientStore
-from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP
+from msif_lite.engine.ihvp import InverseHVP
 from msif_lite.engine.layers import Grads, TrackedModule
-
-if TYPE_CHECKING:  # pragma: no cover
-    from msif_lite.attribution.attributor import Attributor
 
 
 @dataclass(frozen=True)
@@ -67,17 +62,18 @@ class Whitening:
     fingerprint: str
 
     @classmethod
-    def from_inverse(cls, ihvp) -> Whitening | None:
-        """From an EK-FAC or K-FAC inverse (its damped eigenvalues); None for other inverses
-        (e.g. the identity curvature: nothing to whiten with)."""
-        if not isinstance(ihvp, EKFACIHVP | KFACIHVP):
-            return None
-        h, layers = hashlib.sha256(), {}
-        for f in ihvp.factors.layers:
-            d = f.lam if isinstance(ihvp, EKFACIHVP) else torch.outer(f.eig_s, f.eig_a)
-            root = (d + ihvp.damping_values[f.name]).sqrt()
-            layers[f.name] = (f.q_s, f.q_a, root)
-            for t in (f.q_s, f.q_a, root):
+    def from_inverse(cls, ihvp: InverseHVP) -> Whitening:
+        """From an inverse that exposes its damped eigenvalues (`whitening_factors()`: a
+        curvature registered with whitening=True, e.g. EK-FAC, K-FAC, diagonal)."""
+        if not hasattr(ihvp, "whitening_factors"):
+            raise ValueError(
+                f"the {getattr(ihvp, 'name', type(ihvp).__name__)!r} curvature "
+                "has no eigenvalues to whiten with: use a "
+                "curvature registered with whitening=True (AttributionConfig(curvature="
+                "'ekfac')) or a ProjectedGradientMethod with whiten=False")
+        h, layers = hashlib.sha256(), dict(ihvp.whitening_factors())
+        for name in sorted(layers):
+            for t in layers[name]:
                 h.update(t.detach().double().cpu().numpy().tobytes())
         return cls(layers, h.hexdigest()[:16])
 
@@ -166,25 +162,6 @@ class KroneckerProjection:
         return out
 
 
-_STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def projected_store(att: Attributor, stage: Stage, projection: KroneckerProjection
-                    ) -> GradientStore:  # fmt: skip
-    """The attributor's store of projected candidate gradients at `stage` (one per projection,
-    cached on disk next to the dense ones, keyed by the projection too)."""
-    stores = _STORES.setdefault(att, {})
-    key = (stage, projection.fingerprint)
-    if key not in stores:
-        budget = getattr(att.config, "gradient_cache_gb", None)
-        extra = {} if budget is None else {"disk_budget_bytes": budget * 1e9}
-        stores[key] = GradientStore(
-            att.stage_model(stage), att.task, att.stage_modules(stage), att.collate,
-            att.cache / "grads", batch_size=att.config.batch_size,
-            progress=att.config.progress, projection=projection, **extra)  # fmt: skip
-    return stores[key]
-
-
 @dataclass(frozen=True)
 class ProjectedGradientMethod(GradientMethod):
     """A gradient method scored in a Kronecker-projected space:
@@ -199,20 +176,25 @@ class ProjectedGradientMethod(GradientMethod):
         if self.normalise is not Normalise.NONE:
             raise ValueError("ProjectedGradientMethod supports normalise=Normalise.NONE only")
 
-    def projection_for(self, att: Attributor, settings) -> KroneckerProjection:
+    def requires(self) -> frozenset[str]:
+        return frozenset({"whitening"} if self.whiten else ())
+
+    def projection_for(self, ctx: ScoringContext, settings) -> KroneckerProjection:
         """The projection, with the whitening of the candidate stage's curvature (damped as
-        the method's pre-training stage is) when `whiten`."""
+        the method's candidate stage is) when `whiten`."""
         if not self.whiten:
             return self.projection
-        stage_damping = (settings.pretrain_damping if self.candidates_at is Stage.PRETRAINED
-                         else settings.finetune_damping)  # fmt: skip
-        white = Whitening.from_inverse(att.inverse(self.candidates_at, stage_damping))
+        stage = self.candidates_at
+        white = Whitening.from_inverse(ctx.stage(stage).inverse(settings.damping(stage)))
         return replace(self.projection, whitening=white, _cache={})
 
-    def layer_scores(self, att, questions, doc_ids, settings, rank=None):
-        pre = self.preconditioned(att, questions, settings, rank)
-        store = projected_store(att, self.candidates_at, self.projection_for(att, settings))
-        return store.scores(pre, att.candidates(doc_ids), by_module=True).double()
+    def raw_layer_scores(self, ctx, questions, doc_ids, settings, rank=None):
+        """(Q, N, L) per-layer dots with the projected candidate gradients (the stage's
+        store for this projection: cached on disk, keyed by the projection too)."""
+        pre = self.preconditioned(ctx, questions, settings, rank)
+        store = ctx.stage(self.candidates_at).store(
+            projection=self.projection_for(ctx, settings))
+        return store.scores(pre, ctx.candidates(doc_ids), by_module=True)
 
 
 register(ProjectedGradientMethod(

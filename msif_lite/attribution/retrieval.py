@@ -13,7 +13,9 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import signal
+import threading
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -21,8 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from msif_lite.engine.inputs import check_top_k
 from msif_lite.engine.prompts import retrieval_text
-from msif_lite.engine.storage import StaleArtifactError, atomic_write_json
+from msif_lite.engine.storage import (
+    CorruptArtifactError,
+    StaleArtifactError,
+    _atomic_write_bytes,
+    atomic_write_json,
+    friendly_os_error,
+)
 
 EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 INDEX_FILE, MANIFEST_FILE = "embeddings.faiss", "manifest.json"
@@ -46,8 +55,7 @@ def _check_queries(queries: Sequence[str]) -> None:
 
 
 def _check_k(k: int) -> None:
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_top_k(k)
 
 
 def _rows(row_of: dict[str, int], doc_ids: Sequence[str]) -> np.ndarray:
@@ -90,30 +98,67 @@ def _embedder_name(embedder: Any) -> str:
     return getattr(embedder, "msif_name", None) or type(embedder).__name__
 
 
+@contextlib.contextmanager
+def deferred_sigint(what: str = "embedding the corpus"):
+    """Ctrl-C (SIGINT) while embedding raises KeyboardInterrupt between batches, never
+    inside a finaliser: a KeyboardInterrupt that lands in some object's __del__ during the
+    embedder's work is printed as "Exception ignored in …" and lost, and the run went on.
+    Yields `check()`, which raises when a SIGINT came; it is also raised on leaving. A second
+    Ctrl-C raises at once. Only in the main thread with Python's default handler."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield lambda: None
+        return
+    hits: list[int] = []
+
+    def handler(signum, frame):
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt(f"interrupted while {what}")
+
+    def check() -> None:
+        if hits:
+            raise KeyboardInterrupt(f"interrupted while {what}")
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, old)
+    check()
+
+
 def embed_texts(embedder: Any, texts: Sequence[str], batch_size: int = 64,
                 progress: bool = True) -> np.ndarray:
-    """(N, 384) float32 unit-norm embeddings; tqdm bar if `progress` (Notebook 08)."""
+    """(N, 384) float32 unit-norm embeddings; tqdm bar if `progress` (Notebook 08). The
+    texts are encoded a few batches at a time, and a Ctrl-C stops between them
+    (`deferred_sigint`)."""
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError("embed_texts needs a non-empty list of strings")
-    emb = embedder.encode(list(texts), batch_size=batch_size, show_progress_bar=progress,
-                          convert_to_numpy=True, normalize_embeddings=True)
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    from tqdm.auto import tqdm
+
+    texts, step, parts = list(texts), max(1, batch_size) * 8, []
+    with deferred_sigint() as check, tqdm(total=len(texts), desc="embedding",
+                                          disable=not progress or len(texts) <= step) as bar:
+        for i in range(0, len(texts), step):
+            part = texts[i : i + step]
+            parts.append(np.asarray(embedder.encode(
+                part, batch_size=batch_size, show_progress_bar=progress and len(texts) <= step,
+                convert_to_numpy=True, normalize_embeddings=True), dtype=np.float32))
+            bar.update(len(part))
+            check()
+    emb = np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0],
+                               dtype=np.float32)  # fmt: skip
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # exact unit norm
     return emb
 
 
 def _atomic_write_index(index: Any, path: Path) -> None:
+    """The faiss index, serialised in memory and written atomically (storage's writer: a
+    read-only cache folder or a full disk gives an error naming the folder and the fix)."""
     import faiss
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    _atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
 
 
 def _file_sha256(path: Path) -> str:
@@ -170,7 +215,13 @@ class EmbeddingIndex:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the faiss index and a JSON manifest (corpus hash, embedder) atomically."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            err = friendly_os_error(e, d / INDEX_FILE)
+            if err is e:
+                raise
+            raise err from e
         _atomic_write_index(self.index, d / INDEX_FILE)
         atomic_write_json(d / MANIFEST_FILE, {
             "format": 1, "corpus_hash": self.corpus_hash, "n_docs": len(self),
@@ -189,7 +240,12 @@ class EmbeddingIndex:
         d = Path(directory)
         if not (d / MANIFEST_FILE).is_file() or not (d / INDEX_FILE).is_file():
             raise FileNotFoundError(f"no saved embedding index in {d}: build one and save() it")
-        manifest = json.loads((d / MANIFEST_FILE).read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads((d / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptArtifactError(f"{d / MANIFEST_FILE} is not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise CorruptArtifactError(f"{d / MANIFEST_FILE} is not a manifest")
         name = EMBEDDER_NAME if embedder is None else _embedder_name(embedder)
         rebuild = "rebuild it: EmbeddingIndex(doc_ids, texts).save(dir), or use build_or_load"
         if manifest.get("corpus_hash") != corpus_hash(doc_ids, texts):
@@ -198,10 +254,16 @@ class EmbeddingIndex:
             raise StaleArtifactError(f"index in {d} was built with embedder "
                                      f"{manifest.get('embedder')!r}, not {name!r}; {rebuild}")
         if manifest.get("index_sha256") != _file_sha256(d / INDEX_FILE):
-            raise StaleArtifactError(f"index file in {d} does not match its manifest; {rebuild}")
-        index = faiss.read_index(str(d / INDEX_FILE))
+            raise CorruptArtifactError(f"{d / INDEX_FILE} fails its checksum (its bytes changed "
+                                       f"after it was written); {rebuild}")  # fmt: skip
+        try:
+            index = faiss.read_index(str(d / INDEX_FILE))
+        except RuntimeError as e:
+            raise CorruptArtifactError(f"{d / INDEX_FILE} is not a readable faiss index "
+                                       f"({str(e).splitlines()[0][:120]}); {rebuild}") from None
         if index.ntotal != len(doc_ids):
-            raise StaleArtifactError(f"index in {d} holds {index.ntotal} vectors; {rebuild}")
+            raise CorruptArtifactError(f"{d / INDEX_FILE} holds {index.ntotal} vectors, not "
+                                       f"{len(doc_ids)}; {rebuild}")  # fmt: skip
         self = cls.__new__(cls)
         self._setup(doc_ids, texts, embedder if embedder is not None else _default_embedder(),
                     index)
@@ -211,13 +273,20 @@ class EmbeddingIndex:
     def build_or_load(cls, directory: str | os.PathLike, doc_ids: Sequence[str],
                       texts: Sequence[str], embedder: Any = None,
                       progress: bool = True) -> EmbeddingIndex:
-        """Load the cached index, or (re)build and save it when missing or stale."""
+        """Load the cached index, or (re)build and save it when missing or stale (built for
+        another corpus or embedder: silently, the cache is keyed) or corrupt (a flipped byte,
+        a truncated file: with a warning naming the file, as every cache of the kit)."""
         try:
             return cls.load(directory, doc_ids, texts, embedder=embedder)
-        except (FileNotFoundError, StaleArtifactError, json.JSONDecodeError):
-            idx = cls(doc_ids, texts, embedder=embedder, progress=progress)
-            idx.save(directory)
-            return idx
+        except CorruptArtifactError as e:
+            warnings.warn(f"the embedding index in {directory} was corrupt ({e}); recomputing "
+                          "it (check the disk or the copy of the cache)", UserWarning,
+                          stacklevel=2)  # fmt: skip
+        except (FileNotFoundError, StaleArtifactError):
+            pass
+        idx = cls(doc_ids, texts, embedder=embedder, progress=progress)
+        idx.save(directory)
+        return idx
 
 
 class BM25Index:

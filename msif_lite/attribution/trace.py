@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
+from msif_lite.attribution.checks import check_question_fits
 from msif_lite.attribution.methods import Method, get_method
+from msif_lite.engine.inputs import check_top_k, shorten
 from msif_lite.engine.prompts import retrieval_text
 from msif_lite.world.lm import greedy_answers
 from msif_lite.world.shipped import Shipped
@@ -54,14 +56,10 @@ def check_encodable(tokenizer, text: str, max_positions: int) -> list[int]:
     unk = tokenizer.unk_token_id
     if not ids or (unk is not None and unk in ids):
         raise ValueError(
-            f"the tokenizer cannot encode {text!r} (unknown tokens): rephrase the question "
+            f"the tokenizer cannot encode {shorten(text)} (unknown tokens): rephrase the question "
             "with characters the tokenizer knows, or use the tokenizer saved with the model."
         )
-    if len(ids) + 16 > max_positions:
-        raise ValueError(
-            f"the question is {len(ids)} tokens; the model's context is {max_positions}: "
-            "shorten the question."
-        )
+    check_question_fits(len(ids), max_positions, MAX_ANSWER_TOKENS, text)
     return ids
 
 
@@ -131,8 +129,7 @@ def top_k(att: Attributor, method: str | Method, questions: Sequence, k: int = 1
     doc_ids: the candidates for every question; None: the whole corpus, or with
     `n_candidates` the nearest documents per question (`candidates_for`)."""
     m = get_method(method) if isinstance(method, str) else method
-    if k < 1:
-        raise ValueError("k must be >= 1")
+    k = check_top_k(k)
     qs = as_questions(att, questions)
     if doc_ids is not None or n_candidates is None or n_candidates >= len(att.doc_ids):
         ids = list(doc_ids if doc_ids is not None else att.doc_ids)
@@ -169,8 +166,9 @@ def trace_attributor(
     `truth(prompt)` gives the true sources when known; `notes` are printed with the result
     (how the corpus was read, where α came from)."""
     get_method(method)  # a clear error for an unknown method, before any work
-    if k < 1 or (n_candidates is not None and n_candidates < 1):
-        raise ValueError("k and n_candidates must be >= 1")
+    k = check_top_k(k)
+    if n_candidates is not None:
+        n_candidates = check_top_k(n_candidates, "n_candidates")
     prompt = att.config.template.as_prompt(question)
     check_encodable(att.tokenizer, prompt, att.context)
     if answer is not None and not answer.strip():

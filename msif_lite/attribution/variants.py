@@ -29,10 +29,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import TYPE_CHECKING
 
 import torch
 
+from msif_lite.attribution.context import ScoringContext
+from msif_lite.attribution.encoder import QuestionLike
 from msif_lite.attribution.methods import (
     GradientMethod,
     Method,
@@ -42,11 +43,7 @@ from msif_lite.attribution.methods import (
 )
 from msif_lite.engine.capture import BatchCapture, capture_batch
 from msif_lite.engine.gradstore import Candidate
-from msif_lite.engine.layers import find_modules
 from msif_lite.engine.tasks import IGNORE_INDEX
-
-if TYPE_CHECKING:  # pragma: no cover
-    from msif_lite.attribution.attributor import Attributor, QuestionLike
 
 
 class TokenSum(str, Enum):
@@ -58,7 +55,7 @@ class TokenSum(str, Enum):
     AFTER_MENTION = "after_mention"  # Σ_t I_t of the loss on the tokens after the mention
 
 
-def token_spans(tokenizer, input_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+def decoded_token_spans(tokenizer, input_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
     """The decoded text and each token's (start, end) character span in it."""
     spans, text = [], ""
     for i in input_ids:
@@ -71,7 +68,7 @@ def token_spans(tokenizer, input_ids: Sequence[int]) -> tuple[str, list[tuple[in
 def after_first_mention(tokenizer, input_ids: Sequence[int], mention: str) -> torch.Tensor:
     """(T,) bool: positions t whose predicted token x_{t+1} starts after the first mention
     of `mention` in the decoded text ends (all True when it does not occur)."""
-    text, spans = token_spans(tokenizer, input_ids)
+    text, spans = decoded_token_spans(tokenizer, input_ids)
     ends = [e for _, e in spans]
     start = text.find(mention)
     keep = torch.ones(len(input_ids), dtype=torch.bool)
@@ -98,20 +95,21 @@ class TokenMethod(Method):
     base: str = "multi_stage"
     tokens: TokenSum = TokenSum.UNIT
 
-    def scores(self, att: Attributor, questions: Sequence[QuestionLike],
+    def scores(self, ctx: ScoringContext, questions: Sequence[QuestionLike],
                doc_ids: Sequence[str], settings: ScoreSettings) -> torch.Tensor:  # fmt: skip
         base = get_method(self.base)
         if not isinstance(base, GradientMethod):
             raise ValueError(f"TokenMethod.base={self.base!r} is not a gradient method")
-        pre = base.preconditioned(att, questions, settings)
-        weights = base.layer_mask(att).tolist()
-        stage = base.candidates_at
-        model, modules = att.stage_model(stage), att.stage_modules(stage)
+        pre = base.preconditioned(ctx, questions, settings)
+        weights = base.layer_mask(ctx).tolist()
+        stage = ctx.stage(base.candidates_at)
+        modules, b = stage.modules, ctx.encoder.batch_size
         dtype = pre[modules[0].name].dtype
         out = []
-        for i in range(0, len(doc_ids), att.config.batch_size):
-            cands = self.candidates(att, doc_ids[i : i + att.config.batch_size])
-            cap = capture_batch(model, att.task, att.collate(cands), modules, dtype=dtype)
+        for i in range(0, len(doc_ids), b):
+            cands = self.candidates(ctx, doc_ids[i : i + b])
+            cap = capture_batch(stage.model, stage.task, ctx.encoder.collate(cands), modules,
+                                dtype=dtype)  # fmt: skip
             terms = sum(w * x.token_scores(pre[m.name])
                         for m, x, w in zip(modules, cap.layers, weights) if w)  # fmt: skip
             out.append(self.combine(cap, terms.double(), weights))
@@ -120,17 +118,18 @@ class TokenMethod(Method):
     def requires(self) -> frozenset[str]:
         return frozenset({"mentions"} if self.tokens is TokenSum.AFTER_MENTION else ())
 
-    def candidates(self, att: Attributor, doc_ids: Sequence[str]) -> list[Candidate]:
-        cands = att.candidates(doc_ids)
+    def candidates(self, ctx: ScoringContext, doc_ids: Sequence[str]) -> list[Candidate]:
+        cands = ctx.candidates(doc_ids)
         if self.tokens is not TokenSum.AFTER_MENTION:
             return cands
-        if not att.mentions:
+        if not ctx.mentions:
             raise ValueError(
                 "the after_mention variant needs Attributor(..., mentions={doc_id: entity "
                 "name}) (for the kit's world: World.document_mentions()); a document absent "
                 "from the mapping keeps its whole loss"
             )
-        return [after_mention_candidate(att.tokenizer, c, att.mentions.get(c.doc_id, "\0"))
+        tok = ctx.encoder.tokenizer
+        return [after_mention_candidate(tok, c, ctx.mentions.get(c.doc_id, "\0"))
                 for c in cands]  # fmt: skip
 
     def combine(self, cap: BatchCapture, terms: torch.Tensor,
@@ -153,20 +152,18 @@ class TracInMethod(Method):
     def requires(self) -> frozenset[str]:
         return frozenset({"checkpoints"})
 
-    def scores(self, att, questions, doc_ids, settings):
-        if not att.checkpoints:
+    def scores(self, ctx, questions, doc_ids, settings):
+        if not ctx.checkpoints:
             raise ValueError(
                 "TracIn needs pre-training checkpoints: pass Attributor(..., checkpoints=...) "
                 "from msif_lite.eval.retraining.pretrain_checkpoints (or TrainConfig("
                 "checkpoint_every=...) when pre-training)"
             )
-        fc, total = att.config.factors, None
-        for ck in att.checkpoints:
-            model = att.checkpoint_model(ck)
-            modules = find_modules(model, fc.include, fc.exclude)
-            qg = att.query_grads_of(model, modules, questions)
-            s = att.gradient_store(model, modules).scores(qg, att.candidates(doc_ids)).double()
-            total = ck.lr * s if total is None else total + ck.lr * s
+        total = None
+        for ck in ctx.checkpoints:
+            stage = ctx.checkpoint_stage(ck)
+            s = stage.store().scores(stage.query_grads(questions), ctx.candidates(doc_ids))
+            total = ck.lr * s.double() if total is None else total + ck.lr * s.double()
         return total
 
 

@@ -1,7 +1,7 @@
 """Time and memory of every stage at the BLOOM-560m shape, predicted versus measured.
 
-`python benchmarks/bloom560m.py` (or `msif-lite bench bloom560m`) builds a randomly
-initialised BLOOM (random weights are fine for time and memory) and runs, on random tokens:
+`msif-lite bench bloom560m` builds a randomly initialised BLOOM (random weights are fine for
+time and memory) and runs, on random tokens:
 the forward+backward floor (one plain training pass over the fit tokens), the covariance
 pass, the eigendecompositions, the Λ pass, and pairwise multi-stage scoring of 16 queries
 against the candidates. Before each stage it prints `msif_lite.scale.memory.predict`'s plan and
@@ -27,12 +27,13 @@ import argparse
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
 
-from msif_lite.bench.common import Timer, markdown_table, write_results
+from msif_lite.bench.common import Benchmark, BenchResult, Timer, finish, markdown_table
 from msif_lite.engine.factors import FactorConfig
 from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_lambda
 from msif_lite.engine.layers import find_modules
@@ -108,6 +109,28 @@ def _floor(model, task, batches, size: Size, device: torch.device) -> None:
     model.zero_grad(set_to_none=True)
 
 
+class _Stages:
+    """Times and meters each stage: the timed run's peak on a GPU (max_memory_allocated costs
+    nothing); on a CPU, the profiler slows a run down, so a separate 2-batch run is metered."""
+
+    def __init__(self, predicted: dict, cpu: bool):
+        self.predicted, self.cpu = predicted, cpu
+        self.rows: list[dict] = []
+        self.measured: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, name, fn, mem_fn, held=0, pred_s=float("nan")):
+        print(f"[{name}] predicted peak {self.predicted.get(name, 0) / GiB:.3f} GiB", flush=True)
+        with Timer() as t:
+            peak, out = (0, fn()) if self.cpu else measure_peak(fn)
+        if self.cpu:
+            peak, _ = measure_peak(mem_fn)
+        self.measured[name] = (t.seconds, peak + held)
+        self.rows.append({"stage": name, "predicted_s": pred_s, "measured_s": t.seconds,
+                          "predicted_gib": self.predicted.get(name, float("nan")) / GiB,
+                          "measured_gib": (peak + held) / GiB})  # fmt: skip
+        return out
+
+
 def run(size: Size, device: torch.device, progress: bool = False) -> dict:
     from transformers import BloomConfig, BloomForCausalLM
 
@@ -128,39 +151,20 @@ def run(size: Size, device: torch.device, progress: bool = False) -> dict:
                         autocast_dtype=size.autocast, max_tokens=size.fit_tokens)  # fmt: skip
     n_seq = math.ceil(size.fit_tokens / size.seq_len)
     fit = [b.to(device) for b in _batches(size, n_seq, size.seq_len, 0)]
-    cands = [b.to(device) for b in _batches(size, size.n_candidates, size.seq_len, 1)]
-    queries = _batches(replace(size, batch_size=size.n_queries), size.n_queries,
-                       size.query_len, 2)[0].to(device)  # fmt: skip
     tokens = n_seq * size.seq_len
     fl = _flops(model, size, mods)
     cpu = device.type == "cpu"
     mem_batches = fit[:2] if cpu else fit  # CPU: memory from a profiled 2-batch run
+    stage = _Stages(dict(plan.peak), cpu)
 
-    def floor(batches):
-        _floor(model, task, batches, size, device)
-
-    rows, measured, predicted = [], {}, dict(plan.peak)
-
-    def stage(name, fn, mem_fn, held=0, pred_s=float("nan")):
-        print(f"[{name}] predicted peak {predicted.get(name, 0) / GiB:.3f} GiB", flush=True)
-        with Timer() as t:  # GPU: max_memory_allocated costs nothing, so meter the timed run
-            peak, out = (0, fn()) if cpu else measure_peak(fn)
-        if cpu:  # the profiler slows a CPU run down: meter a separate 2-batch run
-            peak, _ = measure_peak(mem_fn)
-        measured[name] = (t.seconds, peak + held)
-        rows.append({"stage": name, "predicted_s": pred_s, "measured_s": t.seconds,
-                     "predicted_gib": predicted.get(name, float("nan")) / GiB,
-                     "measured_gib": (peak + held) / GiB})  # fmt: skip
-        return out
-
-    floor(fit[:1])  # warm-up (allocator, kernels) before anything is timed
+    _floor(model, task, fit[:1], size, device)  # warm-up (allocator, kernels) before timing
     with Timer() as t_floor:
-        floor(fit)
-    fl_peak, _ = measure_peak(lambda: floor(mem_batches))
+        _floor(model, task, fit, size, device)
+    fl_peak, _ = measure_peak(lambda: _floor(model, task, mem_batches, size, device))
     rate = fl["floor"] * tokens / t_floor.seconds  # FLOP/s the floor achieved
-    rows.append({"stage": "forward+backward floor", "predicted_s": float("nan"),
-                 "measured_s": t_floor.seconds, "predicted_gib": float("nan"),
-                 "measured_gib": fl_peak / GiB})  # fmt: skip
+    stage.rows.append({"stage": "forward+backward floor", "predicted_s": float("nan"),
+                       "measured_s": t_floor.seconds, "predicted_gib": float("nan"),
+                       "measured_gib": fl_peak / GiB})  # fmt: skip
     eig_rate = _eigh_rate(device)
     kfac = stage("covariance", lambda: fit_covariances(model, task, fit, fcfg, mods),
                  lambda: fit_covariances(model, task, mem_batches, fcfg, mods),
@@ -173,6 +177,19 @@ def run(size: Size, device: torch.device, progress: bool = False) -> dict:
                partial(fit_lambda, model, task, mem_batches, eig, fcfg, mods),
                held=nbytes(eig), pred_s=fl["lambda"] * tokens / rate)
     del eig
+    low_plan = predict(cfg, replace(opts, query_rank=min(LOW_RANK, size.hidden)), device)
+    _scoring(stage, model, task, mods, ek, size, device, progress, fl, rate, low_plan)
+    return _payload(size, device, tokens, stage.measured, stage.rows, t_floor.seconds,
+                    len(mods))  # fmt: skip
+
+
+def _scoring(stage: _Stages, model, task, mods, ek, size: Size, device: torch.device,
+             progress: bool, fl: dict, rate: float, low_plan) -> None:  # fmt: skip
+    """Pairwise multi-stage scoring, full-rank queries and rank-r queries preconditioned layer
+    by layer (truncated to rank r as it goes)."""
+    cands = [b.to(device) for b in _batches(size, size.n_candidates, size.seq_len, 1)]
+    queries = _batches(replace(size, batch_size=size.n_queries), size.n_queries,
+                       size.query_len, 2)[0].to(device)  # fmt: skip
     ihvp = MultiStageIHVP.from_factors(copy.deepcopy(ek), ek, MultiStageConfig(alpha=1.0))
 
     def score(cs):
@@ -183,15 +200,13 @@ def run(size: Size, device: torch.device, progress: bool = False) -> dict:
     stage("scoring", lambda: score(cands), lambda: score(cands[:2]), held=2 * nbytes(ek),
           pred_s=(fl["candidate"] + size.n_queries * fl["per_query_candidate"]) * c_tokens / rate)
     rank = min(LOW_RANK, size.hidden)
-    low_plan = predict(cfg, replace(opts, query_rank=rank), device)
 
-    def score_low(cs):  # layer-by-layer preconditioning, truncated to rank r as it goes
+    def score_low(cs):
         return pairwise_scores(model, task, queries, cs, ihvp, mods, progress=progress, rank=rank)
 
-    predicted[f"scoring (rank {rank})"] = low_plan.peak["scoring"]
+    stage.predicted[f"scoring (rank {rank})"] = low_plan.peak["scoring"]
     stage(f"scoring (rank {rank})", lambda: score_low(cands), lambda: score_low(cands[:2]),
           held=2 * nbytes(ek), pred_s=fl["candidate"] * c_tokens / rate)
-    return _payload(size, device, tokens, measured, rows, t_floor.seconds, len(mods))
 
 
 def _payload(size: Size, device: torch.device, tokens: int, measured: dict, rows: list,
@@ -213,12 +228,13 @@ def _payload(size: Size, device: torch.device, tokens: int, measured: dict, rows
         "torch.profiler CPU allocator total, 2-batch run (+ factors held)",
         "targets": {"fit_s": 300, "peak_mem_gib": 24, "apply_to": "full size on one H200"},
         "note": "" if not cpu else "no GPU in this run: reduced size on CPU; run "
-        "`python benchmarks/bloom560m.py` on a GPU machine for the full BLOOM-560m shape",
+        "`msif-lite bench bloom560m` on a GPU machine for the full BLOOM-560m shape",
     }
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> BenchResult:
+    p = argparse.ArgumentParser(prog="msif-lite bench bloom560m",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=("auto", *SIZES), default="auto",
                    help="full: the BLOOM-560m shape (default on a GPU); reduced: the CPU "
                         "default; tiny: a seconds-long smoke test of the same script")
@@ -239,6 +255,8 @@ def main(argv=None) -> dict:
           f"(above the weights). {res['note']}\n\n"
           + markdown_table(res["stages"], ["stage", "predicted_s", "measured_s",
                                            "predicted_gib", "measured_gib"]))  # fmt: skip
-    write_results("bloom560m", res, md, a.out)
-    print(md)
-    return res
+    return finish("bloom560m", res, md, a.out)
+
+
+BENCH = Benchmark("bloom560m", "BLOOM-560m-shaped fitting and scoring: time and memory, "
+                  "predicted vs measured", main)

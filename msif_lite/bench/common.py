@@ -1,4 +1,8 @@
-"""Shared benchmark plumbing: rank correlations, timing, peak memory, result files."""
+"""Shared benchmark plumbing: the one result type, timing, peak memory, result files.
+
+A benchmark is a module of this package that defines `BENCH = Benchmark(name, help, main)`,
+`main(argv) -> BenchResult`; `msif-lite bench <name>` finds it (`msif_lite.bench.discover`).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,34 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from msif_lite.config import describe_run, fast_mode
 from msif_lite.engine.storage import atomic_write_json, atomic_write_text
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What every benchmark's `main` returns: its payload and the files it wrote (None where
+    it wrote none, e.g. a non-zero rank of a distributed run)."""
+
+    name: str
+    json_path: Path | None
+    md_path: Path | None
+    data: dict = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark as the CLI sees it: `msif-lite bench <name> [args]` calls `main(args)`."""
+
+    name: str
+    help: str
+    main: Callable[[Sequence[str] | None], BenchResult] = field(repr=False)
 
 
 def _rss_mb() -> float:
@@ -120,6 +145,16 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: str | Path =
     atomic_write_json(out / f"{name}.json", {**payload, "environment": environment()})
     atomic_write_text(out / f"{name}.md", markdown)
     return out / f"{name}.json"
+
+
+def finish(name: str, payload: dict, markdown: str, out_dir: str | Path = "results",
+           quiet: bool = False) -> BenchResult:  # fmt: skip
+    """`write_results`, print the markdown (unless quiet) and return the BenchResult."""
+    path = write_results(name, payload, markdown, out_dir)
+    if not quiet:
+        print(markdown)
+        print(f"wrote {path}")
+    return BenchResult(name, path, path.with_suffix(".md"), payload)
 
 
 MMAP_THRESHOLD = 65536  # glibc: allocations ≥ 64 KiB are mmapped and unmapped when freed

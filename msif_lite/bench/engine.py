@@ -10,32 +10,28 @@ and writes results/engine_overhead.json and results/engine_overhead.md.
 Targets: fit_over_fwd_bwd <= 3.5, score_over_fwd_bwd <= 1.3.
 Each stage is the best of MSIF_BENCH_REPEATS runs (default 2; 1 under MSIF_FAST), with the
 baseline interleaved.
-Run: `msif-lite bench engine [--out DIR]` or `python benchmarks/engine_overhead.py`
-(MSIF_FAST=1 shrinks everything for CI).
+Run: `msif-lite bench engine [--out DIR]` (MSIF_FAST=1 shrinks everything for CI).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import resource
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
-
-from msif_lite.config import describe_run, device, pick  # noqa: E402
-from msif_lite.engine.factors import FactorConfig, FitTimings  # noqa: E402
-from msif_lite.engine.fit import fit_ekfac  # noqa: E402
-from msif_lite.engine.ihvp import EKFACIHVP  # noqa: E402
-from msif_lite.engine.layers import find_modules  # noqa: E402
-from msif_lite.engine.scores import pairwise_scores  # noqa: E402
-from msif_lite.engine.tasks import LanguageModelingTask, TokenBatch  # noqa: E402
+from msif_lite.bench.common import Benchmark, BenchResult, finish
+from msif_lite.config import describe_run, device, pick
+from msif_lite.engine.factors import FactorConfig, FitTimings
+from msif_lite.engine.fit import fit_ekfac
+from msif_lite.engine.ihvp import EKFACIHVP
+from msif_lite.engine.layers import find_modules
+from msif_lite.engine.scores import pairwise_scores
+from msif_lite.engine.tasks import LanguageModelingTask, TokenBatch
 
 
 def rss_mb() -> float:
@@ -44,6 +40,8 @@ def rss_mb() -> float:
 
 
 def make_setup(dev: torch.device):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
     sizes = dict(
         hidden=pick(256, 64), intermediate=pick(1024, 256), layers=2, heads=pick(4, 2),
         vocab=pick(4096, 512), n_seq=pick(256, 32), seq_len=pick(128, 32),
@@ -85,12 +83,10 @@ def fwd_bwd(model, task, batches, dev) -> float:
     return time.perf_counter() - t0
 
 
-def write_report(result: dict, out: Path) -> None:
-    """out/engine_overhead.json and the markdown table out/engine_overhead.md."""
+def markdown(result: dict) -> str:
+    """The markdown table of engine_overhead.md."""
     fwd_bwd_s, fit_s, score_s = result["fwd_bwd_s"], result["fit_s"], result["score_s"]
     cov, eig, lam = result["covariance_s"], result["eigendecomposition_s"], result["lambda_s"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [
         ("plain forward + backward", fwd_bwd_s, 1.0, ""),
         ("EK-FAC covariances", cov, cov / fwd_bwd_s, ""),
@@ -108,17 +104,16 @@ def write_report(result: dict, out: Path) -> None:
         "| stage | seconds | × fwd+bwd | target |", "|---|---:|---:|---:|",
         *[f"| {n} | {s:.2f} | {r:.2f} | {tg} |" for n, s, r, tg in rows],
     ]
-    (out / "engine_overhead.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    return "\n".join(md) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> BenchResult:
     """`msif-lite bench engine [--out DIR]`: writes DIR/engine_overhead.{json,md}."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="msif-lite bench engine", description=__doc__)
     ap.add_argument("--out", default="results", help="where engine_overhead.* go")
-    OUT = Path(ap.parse_args(argv).out)
+    out = ap.parse_args(argv).out
     dev = device()
     model, batches, queries, sizes = make_setup(dev)
     task = LanguageModelingTask()
@@ -172,5 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "targets": {"fit_over_fwd_bwd": 3.5, "score_over_fwd_bwd": 1.3},
     }
-    write_report(result, OUT)
-    return 0
+    return finish("engine_overhead", result, markdown(result), out)
+
+
+BENCH = Benchmark("engine", "engine overhead: EK-FAC fit and scoring vs one forward+backward",
+                  main)

@@ -17,7 +17,7 @@ a shipped model with G over `--docs` documents, in one run, for three variants:
   residual checks stay float64).
 
 Each timing is the best of `--repeats` calls after one warm-up call; `rel_err_vs_before`
-is ‖Gv − Gv_before‖ / ‖Gv_before‖ over the K RHS. Run: `python benchmarks/exact_speed.py
+is ‖Gv − Gv_before‖ / ‖Gv_before‖ over the K RHS. Run: `msif-lite bench exact-speed
 [--presets paper-toy default lds] [--out results]`; writes <out>/exact_speed.{json,md}.
 (paper-toy, the paper's Exp 1 shape, is trained once into .cache/trained/ if absent.)
 """
@@ -33,7 +33,7 @@ import torch
 from torch.func import functional_call, jvp, vjp, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
-from msif_lite.attribution.attributor import Attributor
+from msif_lite.attribution.encoder import Encoder
 from msif_lite.bench import common
 from msif_lite.config import pick
 from msif_lite.engine import exact
@@ -52,7 +52,8 @@ VARIANTS = {  # name: (product dtype, cache, batch by length, closed-form H_out,
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="exact_speed", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="msif-lite bench exact-speed",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=pick(["paper-toy", "default", "lds"], ["lds"]),
                    help="shipped pipelines (data/checkpoints/<preset>)")
     p.add_argument("--docs", type=int, default=pick(64, 8), help="documents G is over")
@@ -70,14 +71,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def batches_of(shipped, n_docs: int, batch_size: int, seed: int, by_length: bool) -> list:
     """The same seeded documents as `bench accuracy --fit n_docs`, batched (by length or not)."""
     w = shipped.world
-    att = Attributor(shipped.pretrained, shipped.finetuned, shipped.tokenizer,
-                     [(d.doc_id, d.text) for d in w.documents],
-                     [(q.prompt, q.answer) for q in w.finetune_qa], alpha=1.0)  # fmt: skip
-    ids = random.Random(seed).sample(sorted(d.doc_id for d in w.documents), n_docs)
-    cands = [att.candidate(d) for d in ids]
+    enc = Encoder.for_model(shipped.pretrained, shipped.tokenizer)
+    texts = {d.doc_id: d.text for d in w.documents}
+    ids = random.Random(seed).sample(sorted(texts), n_docs)
+    cands = [enc.document(d, texts[d]) for d in ids]
     if by_length:
         cands.sort(key=lambda c: len(c.input_ids))
-    return [att.collate(cands[i : i + batch_size]) for i in range(0, len(cands), batch_size)]
+    return [enc.collate(cands[i : i + batch_size]) for i in range(0, len(cands), batch_size)]
 
 
 def time_variant(model, batches, modules, v: torch.Tensor, dtype, cache: bool, repeats: int,
@@ -216,7 +216,7 @@ def markdown(payload: dict) -> str:
                 "`before` here.")  # fmt: skip
     return (
         "# Exact GGN-vector products: seconds per product\n\n"
-        f"Made by `python benchmarks/exact_speed.py`; {payload['settings']['threads']} torch "
+        f"Made by `msif-lite bench exact-speed`; {payload['settings']['threads']} torch "
         f"thread(s), best of {payload['settings']['repeats']} calls after a warm-up; G over "
         f"{payload['settings']['docs']} documents. Every row is from the same run on the same "
         "machine: compare rows with each other (the notes below say what else ran).\n\n"
@@ -236,7 +236,7 @@ def markdown(payload: dict) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> common.BenchResult:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [r for preset in args.presets for r in measure(preset, args)]
@@ -246,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           "matmul_gflops_float32": matmul_gflops(torch.float32),
                                           "matmul_gflops_float64": matmul_gflops(torch.float64)},
                "notes": args.note}  # fmt: skip
-    path = common.write_results("exact_speed", payload, markdown(payload), args.out)
-    print(markdown(payload))
-    print(f"wrote {path}")
-    return 0
+    return common.finish("exact_speed", payload, markdown(payload), args.out)
+
+
+BENCH = common.Benchmark("exact-speed", "seconds per exact GGN-vector product, before/after "
+                         "batching, float32 and the closed-form output Hessian", main)

@@ -1,6 +1,6 @@
 """Experiment 2 of arXiv 2505.05017, fact tracing, on the kit's world (docs/design.md §Yardsticks).
 
-`msif-lite bench fact-tracing` (or `python benchmarks/fact_tracing.py`): queries about
+`msif-lite bench fact-tracing`: queries about
 pre-training-only facts, each ranked against BM25(question + answer) top-k ∪ true sources ∪
 random documents ∪ documents sharing the answer; MRR and Recall@10 per method, mean ± std
 over seeded draws; multi-stage sweeps over λ_pt, α and layers; the same multi-stage run on
@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
+from msif_lite.attribution import scoring
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
 from msif_lite.attribution.methods import (
     METHODS,
@@ -37,7 +38,7 @@ from msif_lite.attribution.methods import (
     get_method,
     gradient_methods,
 )
-from msif_lite.bench.common import Timer, display_path, write_results
+from msif_lite.bench.common import Benchmark, BenchResult, Timer, display_path, finish
 from msif_lite.bench.fact_tracing_report import markdown, plots
 from msif_lite.config import fast_mode
 from msif_lite.engine.capture import per_sequence_grads
@@ -104,9 +105,9 @@ class Scored:
 
 def gradient_scores(att: Attributor, qs, union: list[str], settings: ScoreSettings,
                     timings: dict) -> dict[str, np.ndarray]:  # fmt: skip
-    """Every registered gradient method's (Q, N, L) per-layer scores, normalised, unmasked
-    (the MLP-only methods keep all layers here; `finish` masks them). One in-memory copy of
-    each stage's candidate gradients serves every method taken at that stage."""
+    """Every registered gradient method's (Q, N, L) per-layer scores (`scoring.finish`:
+    normalised and masked, the score is their sum). One in-memory copy of each stage's
+    candidate gradients serves every method taken at that stage."""
     cands, out = att.candidates(union), {}
     for stage in (Stage.FINETUNED, Stage.PRETRAINED):  # θ_ft first, then freed
         names = [n for n in gradient_methods()
@@ -115,9 +116,9 @@ def gradient_scores(att: Attributor, qs, union: list[str], settings: ScoreSettin
             grads = CandidateGrads(att.store(stage, GRAD_DTYPE), cands)
             for name in names:
                 m: GradientMethod = METHODS[name]
-                layers = grads.scores(m.preconditioned(att, qs, settings))
-                scale = m.scale_from(att.query_norms(qs, m.query_at), grads.norms())
-                out[name] = (layers if scale is None else layers * scale[..., None]).numpy()
+                raw = grads.scores(m.preconditioned(att, qs, settings))
+                out[name] = scoring.finish(m, att, qs, union, settings, raw,
+                                           candidate_norms=grads.norms()).numpy()
         timings[f"{stage.value}_candidates_s"] = t.seconds
         if stage is Stage.PRETRAINED:
             out["_grads"] = grads  # kept for the sweeps
@@ -152,9 +153,7 @@ def score_everything(shipped: Shipped, draws: list[dict], cfg: BenchConfig, att:
     timings["text_and_random_s"] = t.seconds
     grad = gradient_scores(att, qs, union, att.settings, timings)
     grads = grad.pop("_grads")
-    scores |= {n: METHODS[n].finish(torch.from_numpy(v), None,
-                                    METHODS[n].layer_mask(att)).numpy()
-               for n, v in grad.items()}  # fmt: skip
+    scores |= {n: v.sum(-1) for n, v in grad.items()}
     scores["multi_stage_layers"] = grad["multi_stage"]
     with Timer() as t:
         scores |= sweep_scores(att, qs, grads, cfg)
@@ -254,7 +253,7 @@ def report_payload(shipped, cfg, sc: Scored, draws, res, emb_c, keep, row, col, 
                           for lam in cfg.dampings},  # fmt: skip
         "alpha_sweep": {f"{f:g}": {**res[("alpha", f)], "alpha": f * alpha}
                         for f in cfg.alpha_factors},  # fmt: skip
-        "layers": {"all": res["multi_stage"], "mlp": res["multi_stage_mlp"],
+        "layers": {"all": res["multi_stage_layers"], "mlp": res["multi_stage_mlp"],
                    "mlp_share": {**ft.mlp_shares(lay[..., mlp_l].sum(-1), lay[..., attn_l].sum(-1),
                                                  true_mask),
                                  "definition": ft.MLP_SHARE_DEFINITION}},  # fmt: skip
@@ -299,7 +298,7 @@ def run_checks(att: Attributor, sc: Scored, grads: CandidateGrads, cfg: BenchCon
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> BenchResult:
     ap = argparse.ArgumentParser(prog="msif-lite bench fact-tracing", description=__doc__)
     ap.add_argument("--preset", default="default", help="shipped world/checkpoints")
     ap.add_argument("--world", help="world directory (default data/world/<preset>)")
@@ -318,7 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload["setup"]["threads"] = a.threads
     args = sys.argv[1:] if argv is None else list(argv)
     payload["setup"]["command"] = " ".join(["msif-lite bench fact-tracing", *args])
-    write_results("fact_tracing", payload, markdown(payload), a.out)
+    result = finish("fact_tracing", payload, markdown(payload), a.out)
     plots(payload, a.out)
-    print(markdown(payload))
-    return 0
+    return result
+
+
+BENCH = Benchmark("fact-tracing", "Exp 2: MRR and Recall@10 of every registered method, "
+                  "damping and α sweeps, MLP vs attention", main)

@@ -36,7 +36,7 @@ import torch
 
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
 from msif_lite.attribution.methods import METHODS, Stage, available
-from msif_lite.bench.common import markdown_table, write_results
+from msif_lite.bench.common import Benchmark, BenchResult, finish, markdown_table
 from msif_lite.config import fast_mode
 from msif_lite.eval.metrics import lds, mean_reciprocal_rank, sem, spearman
 from msif_lite.eval.retraining import (
@@ -356,7 +356,7 @@ def merged(out_dir: Path, payload: dict) -> dict:
     return {**payload, "worlds": {**worlds, **payload["worlds"]}}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> BenchResult:
     ap = argparse.ArgumentParser(prog="msif-lite bench lds", description=__doc__)
     ap.add_argument("--out", default="results", help="where lds.* go")
     ap.add_argument("--cache-dir", default=".cache/lds", help="partial retrains, factors")
@@ -378,8 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for w in payload["worlds"].values():
         w["settings"]["command"] = " ".join(["msif-lite bench lds", *args])
     payload = merged(Path(a.out), payload)
-    path = write_results("lds", payload, markdown(payload), a.out)
-    plot(payload, path.with_suffix(".png"))
-    print(markdown(payload))
-    return 0
+    result = finish("lds", payload, markdown(payload), a.out)
+    plot(payload, result.json_path.with_suffix(".png"))
+    return result
+
+
+BENCH = Benchmark("lds", "does influence predict retraining? LDS of every method against "
+                  "re-pre-train + re-fine-tune runs, leave-top-k-out", main)
 

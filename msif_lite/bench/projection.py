@@ -1,6 +1,6 @@
 """Projected candidate gradients: agreement with the full-dimensional score vs projection size.
 
-`python benchmarks/projection.py` loads the shipped world and its trained checkpoints
+`msif-lite bench projection` loads the shipped world and its trained checkpoints
 (gpt-neox-mini, `load_shipped`), fits both stages' EK-FAC once, and scores Q of the world's
 held-out questions (with their true answers) against its first N documents
 with the dense `multi_stage` method and with `multi_stage_projected` at Kronecker projection
@@ -17,14 +17,15 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
 from msif_lite.attribution.methods import METHODS
-from msif_lite.attribution.projected import KroneckerProjection, ProjectionKind, projected_store
-from msif_lite.bench.common import markdown_table, write_results
+from msif_lite.attribution.projected import KroneckerProjection, ProjectionKind
+from msif_lite.bench.common import Benchmark, BenchResult, finish, markdown_table
 from msif_lite.config import fast_mode
 from msif_lite.engine.factors import FactorConfig
 from msif_lite.engine.lowrank import agreement
@@ -63,7 +64,7 @@ def run(n_questions: int, n_docs: int, seeds: int) -> dict:
     qs = queries[:n_questions]
     _ = att.pretrain_factors, att.finetune_factors  # fitted once, outside the timings
     dense, dense_s, dense_peak = _timed(lambda: att.scores("multi_stage", qs, doc_ids))
-    dense_bytes = att.pretrained_store.bytes_per_document()
+    dense_bytes = att.stage("pretrained").store().bytes_per_document()
     rows = [{"method": "multi_stage (dense)", "k": "full", "kind": "", "seeds": 1,
              "spearman": 1.0, "spearman_min": 1.0, "top10_overlap": 1.0,
              "bytes_per_doc": dense_bytes, "disk_fraction": 1.0, "cold_score_s": dense_s,
@@ -78,7 +79,7 @@ def run(n_questions: int, n_docs: int, seeds: int) -> dict:
                 per_seed.append(agreement(dense, s, k=10))
                 times.append(sec)
                 peaks.append(peak)
-            store = projected_store(att, m.candidates_at, m.projection_for(att, att.settings))
+            store = att.stage(m.candidates_at).store(projection=m.projection_for(att, att.settings))
             rho = [a["spearman"] for a in per_seed]
             rows.append({"method": "multi_stage_projected", "k": k if k < KS[-1] else "full",
                          "kind": kind.value + (", whitened" if whiten else ""),
@@ -101,8 +102,9 @@ def run(n_questions: int, n_docs: int, seeds: int) -> dict:
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> BenchResult:
+    p = argparse.ArgumentParser(prog="msif-lite bench projection",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--questions", type=int, default=4 if fast_mode() else 16)
     p.add_argument("--documents", type=int, default=60 if fast_mode() else 300)
     p.add_argument("--seeds", type=int, default=2 if fast_mode() else 3)
@@ -121,6 +123,8 @@ def main(argv=None) -> dict:
           + markdown_table(res["rows"], ["method", "kind", "k", "seeds", "spearman",
                                          "spearman_min", "top10_overlap", "bytes_per_doc",
                                          "disk_fraction", "cold_score_s", "peak_gib"]))
-    write_results("projection", res, md, a.out)
-    print(md)
-    return res
+    return finish("projection", res, md, a.out)
+
+
+BENCH = Benchmark("projection", "projected (whitened, Kronecker-projected) candidate gradients "
+                  "vs the dense multi-stage score", main)

@@ -14,12 +14,12 @@ import argparse
 from collections.abc import Sequence
 
 from msif_lite.attribution.retrieval import KS, plot_recall_curve, recall_curves
-from msif_lite.bench.common import Timer, markdown_table, write_results
+from msif_lite.bench.common import Benchmark, BenchResult, Timer, finish, markdown_table
 from msif_lite.config import fast_mode
 from msif_lite.world.generate import load_world
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> BenchResult:
     p = argparse.ArgumentParser(prog="msif-lite bench retrieval", description=__doc__)
     p.add_argument("--preset", default="ci-fast" if fast_mode() else "default")
     p.add_argument("--world", help="world directory (default data/world/<preset>)")
@@ -40,8 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                "n_documents": len(world.documents), "ks": list(KS),
                "recall": {m: {str(k): v for k, v in r.items()} for m, r in curves.items()},
                "seconds": t.seconds}  # fmt: skip
-    path = write_results("retrieval_recall", payload, md, a.out)
+    result = finish("retrieval_recall", payload, md, a.out)
     fig = plot_recall_curve(curves)
-    fig.savefig(path.with_suffix(".png"), dpi=110, bbox_inches="tight")
-    print(md)
-    return 0
+    fig.savefig(result.json_path.with_suffix(".png"), dpi=110, bbox_inches="tight")
+    return result
+
+
+BENCH = Benchmark("retrieval", "recall of true sources among the top-k retrieved candidates",
+                  main)

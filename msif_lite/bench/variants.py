@@ -32,8 +32,8 @@ import torch
 
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
 from msif_lite.attribution.methods import Method, Stage, get_method
-from msif_lite.attribution.variants import TokenMethod, TokenSum, token_spans
-from msif_lite.bench.common import markdown_table, write_results
+from msif_lite.attribution.variants import TokenMethod, TokenSum, decoded_token_spans
+from msif_lite.bench.common import Benchmark, BenchResult, finish, markdown_table
 from msif_lite.bench.lds import (
     diagnostics,
     previous_removals,
@@ -93,7 +93,7 @@ def document_stats(att: Attributor, doc_ids: Sequence[str]) -> dict[str, torch.T
 
 def token_roles(tokenizer, input_ids: Sequence[int], name: str, value: str) -> list[str]:
     """Role of the token each position predicts (x_{t+1}): 'name', 'answer' or 'other'."""
-    text, spans = token_spans(tokenizer, input_ids)
+    text, spans = decoded_token_spans(tokenizer, input_ids)
 
     def hits(s: str) -> list[tuple[int, int]]:
         return [(k, k + len(s)) for k in range(len(text)) if text.startswith(s, k)]
@@ -367,7 +367,7 @@ def plot(payload: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> BenchResult:
     ap = argparse.ArgumentParser(prog="msif-lite bench variants", description=__doc__)
     ap.add_argument("--out", default="results", help="where variants.* go")
     ap.add_argument("--cache-dir", default=".cache/variants", help="retrains, factors")
@@ -391,7 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   if "top_k_removal" in w)
     payload = {**{k: first[k] for k in ("top_k_removal", "lds", "mrr", "settings")},
                "worlds": dict(sorted(worlds.items()))}  # fmt: skip
-    path = write_results("variants", payload, markdown(payload), a.out)
-    plot(payload, path.with_suffix(".png"))
-    print(markdown(payload))
-    return 0
+    result = finish("variants", payload, markdown(payload), a.out)
+    plot(payload, result.json_path.with_suffix(".png"))
+    return result
+
+
+BENCH = Benchmark("variants", "why influence misses on the kit's LM and what does better "
+                  "(LDS, MRR, leave-top-k-out of every variant)", main)

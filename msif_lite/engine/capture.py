@@ -108,10 +108,11 @@ class LayerRecorder:
                     f"layer {self.modules[i].name!r} ran twice in one forward pass (shared "
                     "weights); exclude it with FactorConfig(exclude=...) or find_modules."
                 )
-            self.inputs[i] = args[0].detach()
+            kind = self.modules[i].layer_kind
+            self.inputs[i] = kind.layer_input(args).detach()
             if not output.requires_grad:  # frozen model: make s a leaf we can differentiate to
                 output = output.detach().requires_grad_(True)
-            self.outputs[i] = output
+            self.outputs[i] = kind.layer_output(output)
             return output
 
         return hook

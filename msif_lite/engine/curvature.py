@@ -1,23 +1,30 @@
 """The curvature registry: which approximation of G stands in `(G + λI)⁻¹` (notebooks 03–04).
 
-One `Curvature` per approximation, selected by name (`AttributionConfig.curvature`):
+One `Curvature` per approximation, selected by name (`AttributionConfig.curvature`, the
+CLI's `--curvature`):
 
     ekfac     G_l ≈ (Q_A ⊗ Q_S) diag(Λ) (Q_A ⊗ Q_S)ᵀ       notebook 04 §The eigenbasis
     kfac      G_l ≈ A ⊗ S                                  notebook 03 §The Fisher block
     identity  G = 0, so (G + λI)⁻¹ = I/λ; with λ = 0 the plain gradient (no curvature)
+    …         any module in `msif_lite/engine/curvatures/` (e.g. `diagonal`): each file
+              registers its own entry and is found by name, nothing else is edited
 
-Each entry says how to fit its factors on a stage's data (`fit`) and how to turn fitted
-factors and a damping into an `InverseHVP` (`inverse`). A new approximation is one
-`register(Curvature(...))` call; the multi-stage composition (`engine.multistage`) takes
-any two `InverseHVP`s, so it composes any pair of registered curvatures.
+An entry owns its factor type (how the fitted factors are saved, loaded, rescaled and cast:
+the `Factors` protocol below; None when the curvature has no factors), says how to fit them
+on a stage's data (`fit`) and how to turn them and a damping into an `InverseHVP`
+(`inverse`), and declares what its inverse can do (`whitening`: it exposes its damped
+eigenvalues for `attribution.projected`). The multi-stage composition (`engine.multistage`)
+takes any two `InverseHVP`s, so it composes any pair of registered curvatures.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from msif_lite.engine.factors import EKFACFactors, FactorConfig
@@ -28,12 +35,16 @@ from msif_lite.engine.tasks import Task
 from msif_lite.registry import Registry
 
 
-class CurvatureKind(str, Enum):
-    """The registered curvature approximations (values are the registry names)."""
+class Factors(Protocol):
+    """What the Attributor's factor cache and the stages need of a curvature's factors."""
 
-    EKFAC = "ekfac"
-    KFAC = "kfac"
-    IDENTITY = "identity"
+    module_names: tuple[str, ...]
+
+    def save(self, path: str | Path, model: nn.Module, data_fingerprint: str) -> Path: ...
+
+    def scaled(self, c: float) -> Factors: ...  # the factors of c·G
+
+    def to(self, dtype: torch.dtype) -> Factors: ...
 
 
 class ScaledIdentityIHVP:
@@ -46,22 +57,38 @@ class ScaledIdentityIHVP:
         self.damping = float(damping)
         self.damping_values: dict[str, float] = {}
 
+    def layer(self, name: str) -> ScaledIdentityIHVP:
+        return self
+
     def apply(self, vectors: Grads) -> Grads:
         if self.damping == 0.0:
             return dict(vectors)
         return {k: v / self.damping for k, v in vectors.items()}
 
 
+FitFn = Callable[[nn.Module, Task, Iterable, FactorConfig, Sequence[TrackedModule]], Any]
+
+
 @dataclass(frozen=True)
 class Curvature:
-    """One approximation of G: how to fit it and how to invert it with damping."""
+    """One approximation of G: its factor type, how to fit it and invert it with damping."""
 
     name: str
     description: str
-    fit: Callable[[nn.Module, Task, Iterable, FactorConfig, Sequence[TrackedModule]],
-                  EKFACFactors | None]
-    inverse: Callable[[EKFACFactors | None, Damping], InverseHVP]
-    needs_factors: bool = True
+    fit: FitFn
+    inverse: Callable[[Any, Damping], InverseHVP]
+    factors: type | None = EKFACFactors  # the factor type (load/save; None: no factors)
+    whitening: bool = False  # the inverse has `whitening_factors()` (damped eigenvalues)
+
+    @property
+    def needs_factors(self) -> bool:
+        return self.factors is not None
+
+    def load(self, path: Path, model: nn.Module, config: FactorConfig, data_fp: str,
+             modules: Sequence[TrackedModule]):  # fmt: skip
+        """The factors stored at `path` for this model, data and config (the factor type's
+        `load`: raises FileNotFoundError or an ArtifactError when they do not match)."""
+        return self.factors.load(path, model, config, data_fp, modules)
 
 
 def _fit_kfac(model, task, batches, config, modules) -> EKFACFactors:
@@ -76,7 +103,9 @@ def _identity_inverse(factors, damping: Damping) -> InverseHVP:
     return ScaledIdentityIHVP(damping.absolute)
 
 
-CURVATURES: Registry[Curvature] = Registry("curvature", "AttributionConfig.curvature")
+CURVATURES: Registry[Curvature] = Registry(
+    "curvature", "AttributionConfig.curvature (or --curvature)",
+    discover=("msif_lite.engine.curvatures",))
 
 
 def register(curvature: Curvature) -> Curvature:
@@ -85,12 +114,13 @@ def register(curvature: Curvature) -> Curvature:
 
 
 register(Curvature("ekfac", "EK-FAC: Kronecker eigenbasis, eigenvalues refitted (Λ)",
-                   fit_ekfac, EKFACIHVP))  # fmt: skip
-register(Curvature("kfac", "K-FAC: A ⊗ S, eigenvalues λ_S λ_Aᵀ", _fit_kfac, KFACIHVP))
+                   fit_ekfac, EKFACIHVP, whitening=True))  # fmt: skip
+register(Curvature("kfac", "K-FAC: A ⊗ S, eigenvalues λ_S λ_Aᵀ", _fit_kfac, KFACIHVP,
+                   whitening=True))  # fmt: skip
 register(Curvature("identity", "no curvature: (λI)⁻¹ (the gradient dot product at λ = 0)",
-                   lambda *a: None, _identity_inverse, needs_factors=False))  # fmt: skip
+                   lambda *a: None, _identity_inverse, factors=None))  # fmt: skip
 
 
-def curvature(name: str | CurvatureKind) -> Curvature:
+def curvature(name: str) -> Curvature:
     """The registered curvature called `name`; a clear error lists the others."""
-    return CURVATURES.lookup(name.value if isinstance(name, CurvatureKind) else name)
+    return CURVATURES.lookup(getattr(name, "value", name))

@@ -77,9 +77,6 @@ class FactorConfig:
         "eigh on the model's device then back; Λ stored on the CPU (scoring moves a layer "
         "to the device only while applying it)", False)
 
-    # fields added later: left out of `settings` at their defaults (old fingerprints hold)
-    _NEW_FIELDS: ClassVar[dict] = {"autocast_dtype": None, "max_tokens": None}
-
     def __post_init__(self) -> None:
         if self.fisher not in ("sampled", "empirical"):
             raise ValueError(f"fisher must be 'sampled' or 'empirical', got {self.fisher!r}")
@@ -115,9 +112,6 @@ class FactorConfig:
         d.pop("progress")
         d.pop("cache_activations_mb")
         d.pop("offload")
-        for k, default in self._NEW_FIELDS.items():
-            if d[k] == default:
-                d.pop(k)
         d["modules"] = list(module_names)
         return config_fingerprint(d)
 

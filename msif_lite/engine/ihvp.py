@@ -14,7 +14,7 @@ layer is torch.kron(S, A) (K-FAC) or kron(Q_S, Q_A) diag(vec Λ) kron(Q_S, Q_A)�
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -111,6 +111,17 @@ class _EigenIHVP:
                     f"{self.name}: layer {f.name!r} vectors have shape "
                     f"{tuple(vectors[f.name].shape[-2:])}, factors {f.shape}: another model?"
                 )
+
+    def whitening_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer (Q_S, Q_A, √(D_l + λ_l)): the damped eigenvalues this inverse divides by,
+        for whitening (`attribution.projected.Whitening`); one derivation of D + λ."""
+        return {f.name: (f.q_s, f.q_a, denom.sqrt())
+                for f, denom in zip(self.factors.layers, self._denoms)}  # fmt: skip
+
+    def layer(self, name: str) -> _EigenIHVP:
+        """The block (G_l + λ_l I)⁻¹ of one layer, with the same λ_l."""
+        one = replace(self.factors, layers=(self.factors.layer(name),))
+        return type(self)(one, Damping(absolute=self.damping_values[name]))
 
     def apply(self, vectors: Grads) -> Grads:
         """(G_l + λ_l I)⁻¹ V_l = Q_S [(Q_Sᵀ V_l Q_A) ⊘ (D_l + λ_l)] Q_Aᵀ for every layer."""

@@ -25,9 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msif_lite.engine.capture import BatchCapture, LayerCapture, capture_batch
+from msif_lite.engine.correlation import spearman
 from msif_lite.engine.layers import Grads, TrackedModule, check_finite
 from msif_lite.engine.tasks import Task
-from msif_lite.eval.metrics import spearman
 
 
 @dataclass(frozen=True)

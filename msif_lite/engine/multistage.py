@@ -29,11 +29,37 @@ the score tends to single-stage influence at θ_pt with the query gradient taken
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
-from msif_lite.engine.factors import EKFACFactors, KFACFactors
-from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping, InverseHVP
+from msif_lite.engine.curvature import curvature as lookup
+from msif_lite.engine.factors import EKFACFactors
+from msif_lite.engine.ihvp import Damping, InverseHVP
 from msif_lite.engine.layers import Grads
+
+Stage = Literal["pretrained", "finetuned"]  # the values of attribution.settings.Stage
+
+ALPHA_MIN = 1e-12  # below this (H_ft + αI) is singular in float32 for any real H_ft
+
+
+def check_alpha(alpha, where: str = "alpha") -> float:
+    """The one check of α (every config that holds α calls it): a finite number ≥ ALPHA_MIN."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise TypeError(f"{where} must be a number, got {alpha!r}")
+    if not 0 < alpha < float("inf"):
+        raise ValueError(
+            f"{where}={alpha}: the proximity strength α must be > 0 and finite (the value "
+            "the fine-tune was trained with, msif_meta.json records it); a fine-tune without "
+            "the penalty has no multi-stage formula (use a small α, e.g. 1e-3, as a proxy)."
+        )
+    if alpha < ALPHA_MIN:
+        raise ValueError(
+            f"{where}={alpha:g} is below {ALPHA_MIN:g}: (H_ft + αI) is then numerically "
+            "singular. Pass the α the fine-tune was trained with; for a fine-tune without "
+            "a proximity term use a small proxy such as 1e-3."
+        )
+    return float(alpha)
 
 
 @dataclass(frozen=True)
@@ -49,12 +75,7 @@ class MultiStageConfig:
     """True: report −dm/dε = α ∇mᵀ(H_ft+αI)⁻¹(H_pt+λ)⁻¹∇ℓ. False: leave out the factor α."""
 
     def __post_init__(self) -> None:
-        if not self.alpha > 0:
-            raise ValueError(
-                f"MultiStageConfig.alpha={self.alpha}: α must be > 0. It is the proximity "
-                "strength of the fine-tune ((α/2)‖θ − θ_pt‖²); a fine-tune without the "
-                "penalty has no multi-stage formula (use a small α, e.g. 1e-3, as a proxy)."
-            )
+        object.__setattr__(self, "alpha", check_alpha(self.alpha, "MultiStageConfig.alpha"))
 
 
 class MultiStageIHVP:
@@ -89,24 +110,39 @@ class MultiStageIHVP:
         return {k: v * self.scale for k, v in out.items()} if self.scale != 1.0 else out
 
     @classmethod
+    def compose(cls, inverse: Callable[[Stage, Damping], InverseHVP],
+                config: MultiStageConfig) -> MultiStageIHVP:  # fmt: skip
+        """The one construction of the multi-stage inverse: `inverse(stage, damping)` gives
+        each stage's (H + λI)⁻¹; the fine-tuning stage is damped with exactly α, the
+        pre-training stage with λ_pt (the Attributor's methods and `from_factors` both
+        build it here)."""
+        ft = inverse("finetuned", Damping(absolute=config.alpha))
+        pt = inverse("pretrained", config.pretrain_damping)
+        return cls(ft, pt, config.alpha, config.include_alpha)
+
+    @classmethod
     def from_factors(
         cls,
-        finetune_factors: EKFACFactors | KFACFactors,
-        pretrain_factors: EKFACFactors | KFACFactors,
+        finetune_factors,
+        pretrain_factors,
         config: MultiStageConfig,
+        curvature: str | None = None,
     ) -> MultiStageIHVP:
-        """EK-FAC on both stages (K-FAC where only K-FAC factors are given)."""
+        """From two stages' fitted factors with the registered `curvature` (None: EK-FAC
+        where Λ is fitted, else K-FAC). The factors are used as given (the Attributor also
+        rescales H_ft to the fine-tune's objective, `AttributionConfig.finetune_loss`)."""
         for f, stage in ((finetune_factors, "fine-tuning"), (pretrain_factors, "pre-training")):
             if f.module_names != pretrain_factors.module_names:
                 raise ValueError(
                     f"the {stage} factors cover layers {list(f.module_names)}, the other stage "
                     f"{list(pretrain_factors.module_names)}: refit with the same include/exclude."
                 )
+        factors = {"finetuned": finetune_factors, "pretrained": pretrain_factors}
 
-        def make(f, damping):
-            ok = isinstance(f, EKFACFactors) and f.has_lambda
-            return EKFACIHVP(f, damping) if ok else KFACIHVP(f, damping)
+        def inverse(stage: Stage, damping: Damping) -> InverseHVP:
+            f = factors[stage]
+            name = curvature or ("ekfac" if isinstance(f, EKFACFactors) and f.has_lambda
+                                 else "kfac")  # fmt: skip
+            return lookup(name).inverse(f, damping)
 
-        ft = make(finetune_factors, Damping(absolute=config.alpha))
-        pt = make(pretrain_factors, config.pretrain_damping)
-        return cls(ft, pt, config.alpha, config.include_alpha)
+        return cls.compose(inverse, config)

@@ -10,6 +10,10 @@ minimised) and the query measurement m(q) = −log p(answer | prompt). A model f
 another format gets its own template, e.g. `PromptTemplate("### Question:\\n", "\\n### Answer:",
 "\\n")`; prompts that are already formatted (`PromptTemplate("", "", " ")`) are used as is.
 The module-level helpers are the kit's default template, `DEFAULT_TEMPLATE`.
+
+Questions and answers are normalised to Unicode NFC (`engine.inputs.normalise_text`,
+with a warning when that changes them); a question that is only the scaffold ('Question:',
+'Question: \\nAnswer:') is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from msif_lite.engine.inputs import normalise_text, shorten
 from msif_lite.engine.tasks import IGNORE_INDEX
 
 QUESTION_PREFIX = "Question: "
@@ -42,10 +47,15 @@ class PromptTemplate:
         """'Where was X born?' → prefix + 'Where was X born?' + suffix. Idempotent: a text
         that already starts with the prefix and ends with the suffix (both stripped) is
         kept, so formatted prompts and plain questions can be mixed."""
-        q = question.strip()
+        q = normalise_text(question, "question").strip()
         if not q:
             raise ValueError("the question is empty: pass a question such as 'Where was X born?'")
         head, tail = self.prefix.strip(), self.suffix.strip()
+        if (head or tail) and not self.strip(q):
+            raise ValueError(
+                f"the question {shorten(question, 80)} is only the template's scaffold "
+                f"({self.describe()}), with no question in it: pass a question such as 'Where "
+                "was X born?' (or the formatted prompt with the question in it)")
         if q.startswith(head):
             return q if q.endswith(tail) else q + self.suffix
         return f"{self.prefix}{q}{self.suffix}"
@@ -58,14 +68,15 @@ class PromptTemplate:
     def encode(self, tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of prompt + joiner + answer + eos, labels −100 on the prompt
         (the prompt is tokenised alone, so the answer's tokens do not depend on it)."""
-        a_text = answer.strip()
+        a_text = normalise_text(answer, "answer").strip()
+        prompt = normalise_text(prompt, "question")
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a = (tokenizer(self.joiner + a_text, add_special_tokens=False)["input_ids"]
              if a_text else [])  # fmt: skip
         if not a:
             raise ValueError(
-                f"the answer {answer!r} has no tokens, so there is nothing to attribute: "
-                "give each question a non-empty answer."
+                f"the answer {shorten(answer, 80)} has no tokens, so there is nothing to "
+                "attribute: give each question a non-empty answer."
             )
         a = a + [tokenizer.eos_token_id]
         return p + a, [IGNORE_INDEX] * len(p) + a
@@ -109,8 +120,9 @@ def strip_scaffold(prompt: str) -> str:
 
 def retrieval_text(prompt: str, answer: str | None = None) -> str:
     """What text methods match: the bare question, plus the answer when given."""
-    q = strip_scaffold(prompt)
-    return f"{q} {answer.strip()}" if answer and answer.strip() else q
+    q = normalise_text(strip_scaffold(prompt), "question")
+    a = normalise_text(answer, "answer").strip() if answer else ""
+    return f"{q} {a}" if a else q
 
 
 def encode_document(tokenizer, text: str) -> tuple[list[int], list[int]]:
@@ -129,9 +141,11 @@ def encode_prompt_answer(
 def encode_pairs(
     tokenizer, pairs: Sequence, template: PromptTemplate = DEFAULT_TEMPLATE
 ) -> list[tuple[list[int], list[int]]]:
-    """`encode_prompt_answer` for objects with .prompt/.answer or (prompt, answer) tuples."""
-    out = []
-    for x in pairs:
-        prompt, answer = (x.prompt, x.answer) if hasattr(x, "prompt") else x
-        out.append(template.encode(tokenizer, prompt, answer))
-    return out
+    """`encode_prompt_answer` for (prompt, answer) tuples, dicts {"prompt", "answer"} or
+    objects with .prompt/.answer (`engine.inputs.as_pairs`)."""
+    from msif_lite.engine.inputs import as_pairs
+
+    pairs = list(pairs)
+    if not pairs:
+        return []
+    return [template.encode(tokenizer, p, a) for p, a in as_pairs(pairs, what="pair")]

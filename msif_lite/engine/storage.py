@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import errno
 import hashlib
 import json
 import logging
@@ -163,10 +164,58 @@ class ArtifactKey:
 
 
 # ---------------------------------------------------------------- atomic writes
+class CacheWriteError(OSError, ValueError):
+    """A cache file could not be written: a read-only or unwritable cache folder, or a full
+    disk. The message names the folder and the fix; `errno` is the original one. Also a
+    ValueError, so `msif-lite` reports it as a user error (exit 2, no traceback)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+CACHE_SETTING = "AttributionConfig(cache_dir=…) / msif-lite trace --cache-dir DIR"
+
+
+def friendly_os_error(e: OSError, path: str | os.PathLike) -> OSError:
+    """A `CacheWriteError` naming the cache folder and the fix for an OSError of writing
+    `path` (read-only file system, no permission, disk full, quota), else `e` unchanged."""
+    if isinstance(e, CacheWriteError):
+        return e
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    why = os.strerror(e.errno) if e.errno is not None else str(e)
+    if e.errno in _NOT_WRITABLE:
+        msg = (f"cannot write to the cache folder {folder} ({why}): make it writable, or point "
+               f"the cache to a folder you can write: {CACHE_SETTING}")
+    elif e.errno in _FULL:
+        msg = (f"the disk holding the cache folder {folder} is full ({why}) while writing "
+               f"{p.name}; nothing half-written was left. Free space there (the cache can be "
+               "deleted: it is recomputed), lower AttributionConfig.gradient_cache_gb so that "
+               "candidate gradients are streamed instead of stored, or point the cache to a "
+               f"disk with room: {CACHE_SETTING}")
+    else:
+        return e
+    err = CacheWriteError(e.errno, msg)
+    err.filename = str(folder)
+    return err
+
+
+def _raise_friendly(e: OSError, path: Path):
+    err = friendly_os_error(e, path)
+    if err is e:
+        raise e
+    raise err from e
+
+
 def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        _raise_friendly(e, path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -174,8 +223,10 @@ def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            _raise_friendly(e, path)
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; best effort)
         dfd = os.open(path.parent, os.O_RDONLY)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from msif_lite.engine.exact import _key, _OutputOf
+from msif_lite.engine.functional import OutputOf, param_key
 from msif_lite.engine.tasks import Task
 
 
@@ -38,11 +38,11 @@ def fit_convex(model: nn.Module, task: Task, batch, l2: float, weights: Tensor |
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     sizes = [p.numel() for _, p in named]
     theta = trainable_vector(model)
-    wrapped, n = _OutputOf(model, task), task.batch_size(batch)
+    wrapped, n = OutputOf(model, task), task.batch_size(batch)
     w = (torch.ones(n, dtype=theta.dtype) if weights is None else weights).to(theta)
 
     def unpack(t: Tensor) -> dict[str, Tensor]:
-        return {_key(k): c.view_as(p) for (k, p), c in zip(named, t.split(sizes))}
+        return {param_key(k): c.view_as(p) for (k, p), c in zip(named, t.split(sizes))}
 
     def objective(t: Tensor) -> Tensor:
         loss = task.loss_from_output(functional_call(wrapped, unpack(t), (batch,)), batch)

@@ -1,7 +1,8 @@
 """Metrics the notebooks and the benchmarks share (one copy each): rank correlations,
 reciprocal rank and recall of a ranked list, mean ± std, and the linear datamodeling score.
 
-- `spearman`: Pearson correlation of the average ranks (ties share the mean rank);
+- `spearman`: Pearson correlation of the average ranks (ties share the mean rank; defined
+  in `msif_lite.engine.correlation`, which the engine's own reports use, and re-exported);
 - `rank_candidates`: order candidates by score, best first; ties broken by a seeded random
   permutation (a method that scores many documents equally gets no credit from the order
   candidates were listed in);
@@ -18,29 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share the mean rank), as Spearman's ρ needs."""
-    x = x.double().flatten()
-    order = x.argsort()
-    r = torch.empty_like(x)
-    r[order] = torch.arange(len(x), dtype=torch.float64)
-    uniq, inverse = torch.unique(x, return_inverse=True)
-    if len(uniq) < len(x):  # average the ranks within each tie group
-        sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, r)
-        counts = torch.bincount(inverse, minlength=len(uniq)).double()
-        r = (sums / counts)[inverse]
-    return r
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation of two score vectors."""
-    return float(torch.corrcoef(torch.stack([a.double().flatten(), b.double().flatten()]))[0, 1])
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's ρ = Pearson correlation of the average ranks."""
-    return pearson(ranks(a), ranks(b))
+from msif_lite.engine.correlation import pearson, ranks, spearman  # noqa: F401 - shared here
 
 
 def rank_candidates(scores: Sequence[float] | np.ndarray, candidates: Sequence[str],
@@ -83,8 +62,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if v.size == 0:
         raise ValueError("no values")
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
-
-
 
 
 def sem(values: Sequence[float]) -> float:

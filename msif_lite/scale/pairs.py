@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,13 @@ import torch
 from torch import nn
 
 from msif_lite.attribution.checks import (
+    check_checkpoint_tokenizer,
     check_same_architecture,
     check_same_tokenizer,
     check_tokenizer_fits,
+    has_tokenizer_files,
 )
+from msif_lite.engine.inputs import INVISIBLE
 from msif_lite.engine.layers import check_finite_parameters
 
 DEFAULT_PRETRAIN_TOKENS = 1_000_000
@@ -95,15 +99,40 @@ def _load(kind: str, name: str, **kw):
             f"[{type(e).__name__}: {str(e).splitlines()[0][:200]}]") from e
 
 
+def _tokenizer_source(names: tuple[str, str], tokenizer) -> str | None:
+    """Where to load the tokenizer from when none is given: the pre-trained checkpoint, or
+    the fine-tuned one when only it is a local directory with tokenizer files; refuses two
+    local directories without any (transformers would fail with "Couldn't instantiate the
+    backend tokenizer … sentencepiece or tiktoken")."""
+    if tokenizer is not None:
+        return None
+    local = [Path(n).is_dir() for n in names]
+    files = [has_tokenizer_files(n) for n in names]
+    if files[0] or not local[0]:
+        return names[0]
+    if files[1] or not local[1]:
+        return names[1]
+    raise FileNotFoundError(
+        f"neither {names[0]} nor {names[1]} holds tokenizer files (tokenizer.json, "
+        "tokenizer_config.json, vocab.json/merges.txt or tokenizer.model): save the tokenizer "
+        "the models were trained with beside the weights (tokenizer.save_pretrained(dir)), or "
+        "pass it: load_model_pair(…, tokenizer=<the tokenizer or its directory>)")
+
+
 def load_model_pair(
     pretrained_id_or_dir: str | os.PathLike,
     finetuned_id_or_dir: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    tokenizer=None,
 ) -> ModelPair:
     """Load θ_pt, θ_ft (`AutoModelForCausalLM.from_pretrained(..., dtype=dtype)`, eval mode)
-    and the tokenizer (from the pre-trained checkpoint), and check they form a pair (see the
-    module docstring). Raises FileNotFoundError (offline, not cached) or ValueError."""
+    and the tokenizer (from the pre-trained checkpoint, else the fine-tuned one), and check
+    they form a pair (see the module docstring). `tokenizer` (a tokenizer, or a directory /
+    hub id to load one from) is used instead and compared with every tokenizer saved beside
+    the weights; when neither folder holds one it cannot be compared, and a warning says so.
+    Raises FileNotFoundError (offline, not cached; no tokenizer files anywhere) or
+    ValueError."""
     names = (str(pretrained_id_or_dir), str(finetuned_id_or_dir))
     pt = _load("model", names[0], dtype=dtype).eval()
     ft = _load("model", names[1], dtype=dtype).eval()
@@ -113,43 +142,122 @@ def load_model_pair(
     check_same_architecture(pt, ft)
     check_finite_parameters(pt, names[0])
     check_finite_parameters(ft, names[1])
-    tok = _load("tokenizer", names[0])
-    try:
-        tok_ft = _load("tokenizer", names[1])
-    except (FileNotFoundError, OSError, ValueError):
-        tok_ft = None  # a fine-tune without its own tokenizer files uses the base one
-    if tok_ft is not None:
-        check_same_tokenizer(tok, tok_ft)
+    source = _tokenizer_source(names, tokenizer)
+    if tokenizer is None:
+        tok = _load("tokenizer", source)
+    elif isinstance(tokenizer, str | os.PathLike):
+        tok = _load("tokenizer", str(tokenizer))
+    else:
+        tok = tokenizer
+    for name in names:
+        if Path(name).is_dir() and not has_tokenizer_files(name):
+            continue  # nothing saved there to compare with
+        if name == source:
+            continue
+        try:
+            saved = _load("tokenizer", name)
+        except (FileNotFoundError, OSError, ValueError):
+            continue  # a fine-tune without its own tokenizer files uses the base one
+        what = ("the two checkpoints' tokenizers" if tokenizer is None else
+                f"the tokenizer given and the one saved in {name}")  # fmt: skip
+        check_same_tokenizer(saved, tok, what=what)
     check_tokenizer_fits(pt, tok)
+    if tokenizer is not None and not any(has_tokenizer_files(n) for n in names):
+        check_checkpoint_tokenizer(pt, tok)  # warns: nothing to compare the given one with
     if device is not None:
         pt, ft = pt.to(device), ft.to(device)
     return ModelPair(pt, ft, tok, names)
 
 
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+              b"PK\x03\x04": "zip", b"\x28\xb5\x2f\xfd": "zstd"}  # fmt: skip
+"""Magic bytes of compressed files: gzip, bzip2 and xz are read (decompressed in memory),
+zip and zstd are refused by name."""
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst")
+
+
+def _decompress(p: Path, data: bytes) -> bytes:
+    for magic, kind in COMPRESSED.items():
+        if not data.startswith(magic):
+            continue
+        if kind in ("zip", "zstd"):
+            raise ValueError(f"{p} is a {kind} archive, not text: decompress it first "
+                             f"({'unzip' if kind == 'zip' else 'zstd -d'} {p.name}) and point "
+                             "to the .jsonl or text file inside")  # fmt: skip
+        import bz2
+        import gzip
+        import lzma
+
+        try:
+            return {"gzip": gzip.decompress, "bzip2": bz2.decompress,
+                    "xz": lzma.decompress}[kind](data)  # fmt: skip
+        except (OSError, EOFError, ValueError, lzma.LZMAError) as e:
+            raise ValueError(f"{p} starts like a {kind} file but does not decompress ({e}): "
+                             "the file is truncated or damaged; copy it again") from None
+    return data
+
+
 def _read_utf8(path: str | os.PathLike, errors: str) -> tuple[Path, str]:
+    """(path, text): UTF-8 (a leading byte-order mark dropped), gzip / bzip2 / xz files
+    decompressed first, CRLF and CR line ends read as LF."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no text file at {p}")
+    data = _decompress(p, p.read_bytes())
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(f"{p} is UTF-16 text: save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
     try:
-        return p, p.read_bytes().decode("utf-8", errors=errors)
+        text = data.decode("utf-8", errors=errors).removeprefix("\ufeff")
     except UnicodeDecodeError as e:
+        if b"\x00" in data[:4096]:
+            raise ValueError(f"{p}: not a text file (binary data: NUL bytes near byte "
+                             f"{data.index(0)}); point to the UTF-8 .jsonl or plain-text corpus "
+                             "(gzip, bzip2 and xz files are read as they are)") from e
         raise ValueError(f"{p}: invalid UTF-8 at byte {e.start} ({e.reason}); fix the file or "
                          "pass errors='replace' (or 'ignore') to read on") from e
+    return p, text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _json_lines(p: Path, raw: str):
-    """(line number, parsed value) of every non-blank line."""
+    """(where, parsed value) of every row: every non-blank line of JSON lines, or every item
+    of a file that holds one JSON array (on one line or pretty-printed)."""
+    head = raw.lstrip()
+    if head.startswith("["):
+        try:
+            whole = json.loads(raw)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, list):
+            yield from ((f"{p.name} item {i}", row) for i, row in enumerate(whole, 1))
+            return
     for i, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield i, json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p.name}:{i} is not a JSON line ({e.msg})") from e
+            hint = (" (the file looks like one pretty-printed JSON value: write one object per "
+                    "line, JSON lines, or one JSON array)" if head[:1] in "{[" else "")
+            raise ValueError(f"{p.name}:{i} is not a JSON line ({e.msg}){hint}") from e
+        if isinstance(row, list):
+            raise ValueError(f"{p.name}:{i} is a JSON array, not an object: write one object "
+                             "per line (JSON lines) or the whole file as one JSON array")
+        yield f"{p.name}:{i}", row
+
+
+def _stem(p: Path) -> str:
+    """The file's stem without a compression suffix (corpus.jsonl.gz → corpus)."""
+    name = p.name
+    for suffix in COMPRESSED_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return Path(name).stem
 
 
 def _is_json_lines(p: Path) -> bool:
-    return p.suffix in (".jsonl", ".json")
+    name = p.name
+    for suffix in COMPRESSED_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return Path(name).suffix in (".jsonl", ".json")
 
 
 def read_documents(path: str | os.PathLike, field: str = "text", id_field: str = "id",
@@ -160,33 +268,39 @@ def read_documents(path: str | os.PathLike, field: str = "text", id_field: str =
     - `*.jsonl` / `*.json` (JSON lines): one document per line, the string under `field`
       (a line that is a bare JSON string is taken as is); the id is `str(row[id_field])`
       when the line has one, else `<file stem>:<line number>`; blank lines are skipped.
+      A file holding one JSON array (of such objects or strings) is read item by item
+      (ids `<file stem>:<item number>` where an item has none).
     - anything else, plain text: `split="paragraph"` (default) makes one document per
-      blank-line-separated paragraph (its lines joined by spaces); `split="line"` one per
+      blank-line-separated paragraph (its lines joined by spaces; CRLF line ends and lines
+      of only spaces count as blank); `split="line"` one per
       non-empty line; ids `<file stem>:<n>` (n = 1, 2, … over the documents).
     Ids must be unique. Tokens are counted with `tokenizer` when given, else as
     whitespace-separated words; the document that crosses the budget is the last one kept.
     `errors` is passed to the UTF-8 decoder ('strict' refuses invalid bytes, naming the
-    offset; 'replace' or 'ignore' read on). Documents longer than the model's context:
-    `chunk_documents`.
+    offset; 'replace' or 'ignore' read on). gzip / bzip2 / xz files (`corpus.jsonl.gz`) are
+    decompressed first; zip, zstd, UTF-16 and binary files are refused by name. Documents
+    longer than the model's context: `chunk_documents`.
     """
     if split not in ("paragraph", "line"):
         raise ValueError(f"split must be 'paragraph' or 'line', got {split!r}")
     p, raw = _read_utf8(path, errors)
+    stem = _stem(p)
     if _is_json_lines(p):
         docs = []
-        for i, row in _json_lines(p, raw):
+        for n, (where, row) in enumerate(_json_lines(p, raw), 1):
+            i = where.rsplit(":", 1)[-1] if ":" in where else str(n)
             if isinstance(row, str):
-                docs.append((f"{p.stem}:{i}", row))
+                docs.append((f"{stem}:{i}", row))
             elif isinstance(row, dict) and isinstance(row.get(field), str):
                 doc_id = row.get(id_field)
-                docs.append((f"{p.stem}:{i}" if doc_id is None else str(doc_id), row[field]))
+                docs.append((f"{stem}:{i}" if doc_id is None else str(doc_id), row[field]))
             else:
-                raise ValueError(f"{p.name}:{i} has no string field {field!r} (keys: "
+                raise ValueError(f"{where} has no string field {field!r} (keys: "
                                  f"{sorted(row) if isinstance(row, dict) else type(row).__name__})")
     else:
         texts = ([x.strip() for x in raw.splitlines() if x.strip()] if split == "line" else
-                 [" ".join(x.split()) for x in raw.split("\n\n") if x.strip()])  # fmt: skip
-        docs = [(f"{p.stem}:{n}", t) for n, t in enumerate(texts, 1)]
+                 [" ".join(x.split()) for x in re.split(r"\n\s*\n", raw) if x.strip()])
+        docs = [(f"{stem}:{n}", t) for n, t in enumerate(texts, 1)]
     if not docs:
         raise ValueError(f"{p} holds no documents (empty or blank): point to the corpus file")
     seen: dict[str, int] = {}
@@ -210,20 +324,26 @@ def read_texts(path: str | os.PathLike, field: str = "text", max_tokens: int | N
 def read_pairs(path: str | os.PathLike, prompt_field: str = "prompt",
                answer_field: str = "answer", errors: str = "strict") -> list[tuple[str, str]]:
     """Fine-tuning (prompt, answer) pairs from a JSON-lines file, one
-    {"prompt": …, "answer": …} object per line. A prompt is a question ('Where was X
+    {"prompt": …, "answer": …} object per line (or a .json file holding one JSON array of
+    them; gzip / bzip2 / xz files are decompressed; a pair with an empty prompt or answer is
+    refused, naming its line). A prompt is a question ('Where was X
     born?') or an already formatted prompt; `PromptTemplate.as_prompt` formats both alike."""
     p, raw = _read_utf8(path, errors)
     if not _is_json_lines(p):
         raise ValueError(f"{p}: fine-tuning data must be JSON lines (.jsonl) with "
                          f"{prompt_field!r} and {answer_field!r} fields per line")  # fmt: skip
     pairs = []
-    for i, row in _json_lines(p, raw):
+    for where, row in _json_lines(p, raw):
         ok = isinstance(row, dict) and all(isinstance(row.get(f), str)
                                            for f in (prompt_field, answer_field))  # fmt: skip
         if not ok:
-            raise ValueError(f"{p.name}:{i} needs string fields {prompt_field!r} and "
+            raise ValueError(f"{where} needs string fields {prompt_field!r} and "
                              f"{answer_field!r} (keys: "
                              f"{sorted(row) if isinstance(row, dict) else type(row).__name__})")
+        for f, why in ((prompt_field, "no question"), (answer_field, "no tokens to fit H_ft on")):
+            if not row[f].strip(INVISIBLE):
+                raise ValueError(f"{where}: the fine-tuning pair has an empty {f!r}, so it has "
+                                 f"{why}: fix or drop that line")  # fmt: skip
         pairs.append((row[prompt_field], row[answer_field]))
     if not pairs:
         raise ValueError(f"{p} holds no fine-tuning pairs (empty or blank)")

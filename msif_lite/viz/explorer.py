@@ -47,7 +47,7 @@ def _fmt(x: float) -> str:
     return f"{x:+.3g}"
 
 
-def token_spans(tokens: Sequence[str], scores: Sequence[float]) -> str:
+def tokens_html(tokens: Sequence[str], scores: Sequence[float]) -> str:
     """Tokens as <span class="msif-tok"> coloured by score (scaled to this document's max)."""
     peak = max((abs(s) for s in scores), default=0.0) or 1.0
     out = []
@@ -72,7 +72,7 @@ def ranked_html(r: Ranked, texts: dict[str, str], tokens: dict) -> str:
     rows = []
     for i, (d, s) in enumerate(zip(r.doc_ids, r.scores)):
         mark = ' <span class="msif-true">✓ true source</span>' if r.is_true(d) else ""
-        body = token_spans(*tokens[d]) if d in tokens else html.escape(texts[d])
+        body = tokens_html(*tokens[d]) if d in tokens else html.escape(texts[d])
         rows.append(f'<div class="msif-hit" data-doc="{html.escape(d)}"><b>#{i + 1}</b> '
                     f"<code>{html.escape(d)}</code> score <b>{_fmt(s)}</b>{mark}"
                     f'<div class="msif-doc">{body}</div></div>')  # fmt: skip

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from msif_lite.attribution import scoring
 from msif_lite.attribution.attributor import Attributor
 from msif_lite.attribution.methods import (
     GradientMethod,
@@ -203,17 +204,19 @@ class ExplorerData:
         """The method's normalisation s(q, z) per document, or None (memoised)."""
         m = get_method(s.method)
         key = s if m.normalise is Normalise.SELF_INFLUENCE else s.method  # damping matters
-        return self._cached(("scale", q, key, tuple(doc_ids)),
-                            lambda: None if (v := m.scale(self.att, [q], doc_ids,
-                                                          self.score_settings(s))) is None
-                            else v[0])  # fmt: skip
+
+        def make():
+            v = scoring.normalisation(m, self.att, [q], doc_ids, self.score_settings(s))
+            return None if v is None else v[0]
+
+        return self._cached(("scale", q, key, tuple(doc_ids)), make)
 
     # ------------------------------------------------------------------ scores
     def _doc_grads(self, method: str, doc_ids: Sequence[str]) -> list[Grads]:
         """Each document's gradient (per layer), from memory, else from the store (disk
         cache, computed once); up to `memory_budget_mb` of documents stay in memory."""
-        stage = self._stage(method)
-        store, modules = self.att.store(stage), self.att.stage_modules(stage)
+        stage = self.att.stage(self._stage(method))
+        store, modules = stage.store(), stage.modules
         per_doc = sum(m.numel for m in modules) * torch.finfo(store.dtype).bits // 8
         keep = max(len(doc_ids), int(self.memory_budget_mb * 2**20 // max(per_doc, 1)))
         missing = [d for d in dict.fromkeys(doc_ids) if (id(store), d) not in self._docs]
@@ -232,8 +235,8 @@ class ExplorerData:
     def _pool_matrix(self, method: str, cands: Sequence[str]) -> Grads:
         """A pool's gradients as one (N, P_l) matrix per layer (the last 4 pools kept), so
         a new setting costs one matrix-vector product per layer."""
-        stage = self._stage(method)
-        store, modules = self.att.store(stage), self.att.stage_modules(stage)
+        stage = self.att.stage(self._stage(method))
+        store, modules = stage.store(), stage.modules
         key = (id(store), tuple(cands))
         if key in self._pools:
             self._pools.move_to_end(key)
@@ -254,15 +257,12 @@ class ExplorerData:
             if not is_gradient(s.method):
                 return self.att.scores(s.method, [q], cands)[0].double(), None
             method = get_method(s.method)
-            modules = self.att.stage_modules(method.candidates_at)
+            modules = self.att.stage(method.candidates_at).modules
             pre = self.preconditioned(q, s)
             mat = self._pool_matrix(s.method, cands)
-            layers = torch.stack([(mat[m.name] @ pre[m.name].reshape(-1).to(mat[m.name].dtype))
-                                  .double() for m in modules], -1)  # fmt: skip
-            scale = self._scale(q, s, cands)
-            if scale is not None:
-                layers = layers * scale[:, None]
-            layers = layers * method.layer_mask(self.att)
+            raw = torch.stack([mat[m.name] @ pre[m.name].reshape(-1).to(mat[m.name].dtype)
+                               for m in modules], -1)[None]  # (1, N, L)  # fmt: skip
+            layers = scoring.finish(method, self.att, [q], cands, self.score_settings(s), raw)[0]
             return layers.sum(-1), layers
 
         return self._cached(("scores", q, s), make)
@@ -287,8 +287,8 @@ class ExplorerData:
         todo = [d for d in doc_ids if ("tok", q, s, d) not in self._memo]
         if todo:
             self.stats["per_token"] += 1
-            stage = self._stage(s.method)
-            model, modules = self.att.stage_model(stage), self.att.stage_modules(stage)
+            stage = self.att.stage(self._stage(s.method))
+            model, modules = stage.model, stage.modules
             pre = self.preconditioned(q, s)
             mask = get_method(s.method).layer_mask(self.att)
             pre = {m.name: pre[m.name] * float(w) for m, w in zip(modules, mask)}

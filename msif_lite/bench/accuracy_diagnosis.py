@@ -1,6 +1,6 @@
 """Why is EK-FAC close to the gradient dot product in Exp 1? Four smaller runs of the bench.
 
-    python benchmarks/accuracy_diagnosis.py [--runs runs/diag] [--reuse] [--out results]
+    msif-lite bench accuracy-diagnosis [--runs runs/diag] [--reuse] [--out results]
 
 Each run is `msif-lite bench accuracy` on 3 queries × 200 candidates with G on 16 documents
 (small enough for the exact block-diagonal solve, 8× the cost of the full one):
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from msif_lite.bench import accuracy, common
@@ -102,7 +103,7 @@ def span(runs: dict, fn) -> str:
 def markdown(runs: dict) -> str:
     return (
         "# Why EK-FAC is close to the gradient dot product in Exp 1 (diagnosis)\n\n"
-        "Made by `python benchmarks/accuracy_diagnosis.py`: `msif-lite bench accuracy` on "
+        "Made by `msif-lite bench accuracy-diagnosis`: `msif-lite bench accuracy` on "
         "3 queries × 200 candidates with G = the exact GGN on 16 documents, so that the exact "
         "block-diagonal solve (`--block-truth`, one G·v per layer per CG iteration) is "
         "affordable. Every ground truth (full and block-diagonal) is CG to relative residual "
@@ -124,17 +125,15 @@ def markdown(runs: dict) -> str:
 
 def plot(runs: dict, path: Path) -> None:
     """Spearman against the exact block-diagonal solve, per model (and block vs full)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows = [("grad_dot", True), ("ekfac", True), ("ekfac_draws4", True),
             ("ekfac_draws32", True), ("block_exact", False)]  # fmt: skip
     labels = ["gradient dot vs blocks", "EK-FAC (1 draw) vs blocks", "EK-FAC (4 draws) vs blocks",
               "EK-FAC (32 draws) vs blocks", "exact blocks vs full G"]  # fmt: skip
     names = [n for n in runs if n.startswith("block_")]
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig = Figure(figsize=(7, 3.4))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(names))
     for i, n in enumerate(names):
         vals = [_rho(runs[n], m, block) for m, block in rows]
@@ -145,11 +144,11 @@ def plot(runs: dict, path: Path) -> None:
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> common.BenchResult:
+    ap = argparse.ArgumentParser(prog="msif-lite bench accuracy-diagnosis",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/diag", help="where each run's results go")
     ap.add_argument("--reuse", action="store_true", help="compose existing runs only")
     ap.add_argument("--out", default="results")
@@ -164,12 +163,10 @@ def main(argv=None) -> int:
         if path.exists():
             runs[name] = json.loads(path.read_text())
     payload = {"runs": runs, "commands": {n: [*SMALL, *e] for n, e in RUNS.items()}}
-    out = common.write_results("accuracy_diagnosis", payload, markdown(runs), args.out)
-    plot(runs, out.with_suffix(".png"))
-    print(markdown(runs))
-    print(f"wrote {out}")
-    return 0
+    result = common.finish("accuracy_diagnosis", payload, markdown(runs), args.out)
+    plot(runs, result.json_path.with_suffix(".png"))
+    return result
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+BENCH = common.Benchmark("accuracy-diagnosis", "why EK-FAC is close to the gradient dot "
+                         "product in Exp 1: block-diagonal truth, label draws, damping", main)

@@ -1,6 +1,6 @@
 """Exp 1 as the fit set grows to the whole pre-training corpus, and a damping sweep.
 
-    python benchmarks/accuracy_trend.py [--preset lds] [--sizes 64 128 0] [--damping-rel 0.1]
+    msif-lite bench accuracy-trend [--preset lds] [--sizes 64 128 0] [--damping-rel 0.1]
         [--sweep 0.01 1 5] [--sweep-size 64] [--runs runs/accuracy_trend] [--reuse]
         [--ingredients runs/<a --block-truth run>] [--out results]
         [-- <more `bench accuracy` arguments>]
@@ -22,7 +22,7 @@ import argparse
 import json
 import math
 import statistics
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,7 +35,8 @@ PAPER_EKFAC, PAPER_MARGIN = 0.612, 0.612 - 0.219
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="msif-lite bench accuracy-trend",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="lds", help="shipped pipeline (its world = the corpus)")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 0],
                    help="fit-set sizes (0: the whole pre-training corpus)")
@@ -266,12 +267,13 @@ def plot(payload: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def compose(args, runs: dict, done: bool) -> None:
-    """Write <out>/accuracy.* from the finished runs (headline: the largest fit set)."""
+def compose(args, runs: dict, done: bool) -> common.BenchResult | None:
+    """Write <out>/accuracy.* from the finished runs (headline: the largest fit set); None
+    while no run at the headline damping has finished."""
     heads = [p for p in runs.values()
              if abs(p["settings"]["damping_rel_to_mean_eig"] - args.damping_rel) < 1e-6]
     if not heads:
-        return
+        return None
     head = max(heads, key=lambda p: p["settings"]["n_fit_docs"])
     sweep_docs = args.sweep_size or head["settings"]["n_corpus_docs"]
     trend, sweep = trend_rows(runs, args.damping_rel), sweep_rows(runs, sweep_docs)
@@ -284,12 +286,13 @@ def compose(args, runs: dict, done: bool) -> None:
                            "finished_runs": sorted(runs)}  # fmt: skip
     payload.update(partial=not done, trend=trend, damping_sweep=sweep, ingredients=ingredients,
                    gap=gap(head, trend, sweep, ingredients), run_notes=list(args.note))
-    path = common.write_results("accuracy", payload, markdown(payload), args.out)
-    accuracy.plot(payload, path.with_suffix(".png"))
-    plot(payload, path.parent / "accuracy_trend.png")
+    result = common.finish("accuracy", payload, markdown(payload), args.out, quiet=True)
+    accuracy.plot(payload, result.json_path.with_suffix(".png"))
+    plot(payload, result.json_path.parent / "accuracy_trend.png")
+    return result
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> common.BenchResult:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     runs: dict[str, dict] = {}
@@ -317,10 +320,15 @@ def main(argv=None) -> int:
         common.write_results("accuracy", payload, accuracy.markdown(payload), out)
         runs[name] = payload
         compose(args, runs, done=len(runs) == len(todo))
-    compose(args, runs, done=all("partial" not in p for p in runs.values())
-            and len(runs) == len(todo))
-    return 0
+    result = compose(args, runs, done=all("partial" not in p for p in runs.values())
+                     and len(runs) == len(todo))  # fmt: skip
+    if result is None:
+        raise ValueError(f"no finished run at λ = {args.damping_rel:g}·trace(G)/P under "
+                         f"{args.runs}: nothing to compose")  # fmt: skip
+    print(f"wrote {result.json_path}")
+    return result
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+BENCH = common.Benchmark("accuracy-trend", "Exp 1 as the fit set grows to the whole corpus, "
+                         "a damping sweep and the ingredient split (composes `bench accuracy` "
+                         "runs into results/accuracy.*)", main)  # fmt: skip

@@ -1,0 +1,123 @@
+"""`AttributionConfig`: the settings every method shares (notebook 07). Each field carries
+its help text (`field_help`); the CLI builds its options from it and the memory planner
+reads its defaults from it, so each setting is defined here once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from msif_lite.attribution.checks import context_length
+from msif_lite.attribution.settings import ScoreSettings, as_damping
+from msif_lite.engine.curvature import curvature as lookup_curvature
+from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.ihvp import Damping
+from msif_lite.engine.multistage import check_alpha
+from msif_lite.engine.prompts import DEFAULT_TEMPLATE, PromptTemplate
+from msif_lite.engine.tasks import LanguageModelingTask, Normalisation, Task
+
+
+def _help(text: str, default, **kw):
+    return field(default=default, metadata={"help": text, **kw})
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Settings shared by every method. `AttributionConfig.help()` prints each field."""
+
+    factors: FactorConfig = _help(
+        "the curvature fit (Fisher type, layers tracked, token budget, autocast, offload): one "
+        "FactorConfig for both stages", FactorConfig())
+    curvature: str = _help(
+        "which approximation of G, a name in engine.curvature.CURVATURES ('ekfac', 'kfac', "
+        "'identity', 'diagonal', …)", "ekfac", cli="--curvature")
+    alpha: float | None = _help(
+        "proximity α of the fine-tune; None = read from the fine-tuned checkpoint "
+        "(msif_meta.json)", None, cli="--alpha")
+    pretrain_damping: Damping = _help(
+        "λ_pt of (H_pt + λ_pt I): a number, or Damping(); default 0.1·mean eigenvalue",
+        Damping())
+    finetune_damping: Damping = _help(
+        "λ_ft of (H_ft + λ_ft I) in the finetune_only method (the multi-stage method damps "
+        "H_ft with exactly α)", Damping())
+    include_alpha: bool = _help("multi_stage reports α·(…) = −dm/dε (True) or (…)", True)
+    finetune_loss: Normalisation = _help(
+        "how the fine-tuning loss averaged its pairs: 'token_mean' (the Hugging Face loss; the "
+        "kit's fine-tune) makes H_ft = G_ft / T̄, T̄ = mean answer tokens per pair, so that "
+        "(H_ft + αI) uses the α of the objective; 'example_mean' uses G_ft as fitted",
+        Normalisation.TOKEN_MEAN)
+    task: Task = field(default_factory=LanguageModelingTask, metadata={"help": (
+        "the objective ℓ(z) and measurement m(q) (engine.tasks): a causal LM's next-token "
+        "loss, m = −log p(answer | prompt)")})
+    batch_size: int = _help("sequences per forward/backward", 16, cli="--batch-size")
+    cache_dir: str = _help("where factors and candidate gradients go", ".cache/msif",
+                           cli="--cache-dir")
+    progress: bool = _help("tqdm progress bars (every stage)", True)
+    template: PromptTemplate = _help(
+        "how a question becomes a prompt and prompt and answer are joined: prefix + question "
+        "+ suffix + joiner + answer + eos, for the fine-tuning pairs (H_ft) and the queries "
+        "alike (engine.prompts)", DEFAULT_TEMPLATE)
+    context_length: int | None = _help(
+        "longest sequence in tokens; None = the model's position limit (checks."
+        "context_length). Longer documents are refused: split them with scale.pairs."
+        "chunk_documents", None, cli="--context-length")
+    gradient_cache_gb: float = _help(
+        "disk budget of a candidate set's cached gradients; above it they are streamed, "
+        "never written", 20.0, cli="--gradient-cache-gb")
+    gradient_chunk_mb: float = _help(
+        "stored candidate gradients held in memory at once while scoring (GradientStore; "
+        "lower it to lower the scoring peak, scale.memory's chunk_mb)", 1024.0,
+        cli="--gradient-chunk-mb")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.factors, FactorConfig):
+            raise TypeError("AttributionConfig.factors must be a FactorConfig, e.g. "
+                            "FactorConfig(include='mlp')")  # fmt: skip
+        object.__setattr__(self, "curvature", lookup_curvature(self.curvature).name)
+        if self.alpha is not None:
+            object.__setattr__(self, "alpha", check_alpha(self.alpha, "AttributionConfig.alpha"))
+        for name in ("pretrain_damping", "finetune_damping"):
+            object.__setattr__(self, name, as_damping(getattr(self, name),
+                                                      f"AttributionConfig.{name}"))
+        object.__setattr__(self, "finetune_loss", Normalisation(self.finetune_loss))
+        if not isinstance(self.template, PromptTemplate):
+            raise TypeError("AttributionConfig.template must be a PromptTemplate, e.g. "
+                            "PromptTemplate(prefix='Question: ', suffix='\\nAnswer:', joiner=' ')")
+        if self.context_length is not None:
+            context_length(None, None, self.context_length)  # validates it
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
+                or self.batch_size < 1:  # fmt: skip
+            raise ValueError(f"AttributionConfig.batch_size must be an int >= 1, got "
+                             f"{self.batch_size!r}")  # fmt: skip
+        if not self.gradient_chunk_mb > 0:
+            raise ValueError("AttributionConfig.gradient_chunk_mb must be > 0 (MB of stored "
+                             f"gradients held at once), got {self.gradient_chunk_mb!r}")
+
+    @classmethod
+    def help(cls) -> str:
+        """One line per field: name, default and what it does."""
+        return "\n".join(f"{f.name}: {f.metadata['help']}" for f in fields(cls))
+
+    def factor_config(self) -> FactorConfig:
+        """The FactorConfig both stages are fitted with (progress follows this config)."""
+        return replace(self.factors, progress=self.progress)
+
+    def with_alpha(self, alpha: float | None) -> AttributionConfig:
+        """This config with α resolved: `alpha` (e.g. from the checkpoint or an argument)
+        fills a config without one; two different values are refused."""
+        if self.alpha is not None and alpha is not None and self.alpha != alpha:
+            raise ValueError(
+                f"two values of α: AttributionConfig(alpha={self.alpha:g}) and "
+                f"alpha={alpha:g}. Give α in one place only."
+            )
+        a = self.alpha if self.alpha is not None else alpha
+        if a is None:
+            raise ValueError(
+                "α is unknown: pass alpha=<the fine-tune's proximity strength> or set "
+                "AttributionConfig.alpha (msif-lite checkpoints store it in msif_meta.json)."
+            )
+        return replace(self, alpha=a)
+
+    def score_settings(self) -> ScoreSettings:
+        """The default per-call settings (α must be resolved: `with_alpha`)."""
+        return ScoreSettings(self.alpha, self.pretrain_damping, self.finetune_damping,
+                             self.include_alpha)  # fmt: skip
