@@ -20,7 +20,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from msif_lite.attribution.config import AttributionConfig
 from msif_lite.attribution.methods import METHODS, describe_methods
+from msif_lite.config import add_config_options, config_kwargs
 from msif_lite.engine.curvature import CURVATURES
 from msif_lite.engine.prompts import DEFAULT_TEMPLATE
 
@@ -53,8 +55,6 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default="multi_stage", choices=list(METHODS), metavar="METHOD",
                    help="a registered method (default multi_stage; `msif-lite methods` "
                         f"lists them): {', '.join(METHODS)}")  # fmt: skip
-    t.add_argument("--curvature", default="ekfac", choices=list(CURVATURES),
-                   help="curvature approximation of both stages (default ekfac)")
     t.add_argument("--json", action="store_true", help="print the hits as JSON")
     t.add_argument("--mlp-only", action="store_true", help="track MLP layers only")
     t.add_argument("--preset", default="default", help="shipped world/checkpoints to use")
@@ -70,16 +70,14 @@ def _parser() -> argparse.ArgumentParser:
                           "plain text (one document per blank-line-separated paragraph)")
     own.add_argument("--finetune-data", metavar="FILE",
                      help=".jsonl with 'prompt' and 'answer' per line (fits H_ft)")
-    own.add_argument("--alpha", type=float,
-                     help="proximity strength α of the fine-tune; required unless the "
-                          "fine-tuned directory records it (msif_meta.json)")
     own.add_argument("--template", default=DEFAULT_TEMPLATE.describe()[1:-1],
                      help="how questions and answers were joined in fine-tuning, for H_ft and "
                           "the query alike; \\n is a newline (default '%(default)s')")
-    own.add_argument("--context-length", type=int,
-                     help="longest sequence in tokens (default: the model's position limit; "
-                          "longer documents are split into chunks doc#1, doc#2, …)")
-    t.add_argument("--cache-dir", default=".cache/msif", help="factor/gradient cache")
+    settings = t.add_argument_group(
+        "attribution settings (AttributionConfig; --alpha is for your own pair, required "
+        "unless the fine-tuned directory records it; longer documents are split into chunks "
+        "doc#1, doc#2, … of --context-length tokens)")
+    add_config_options(settings, AttributionConfig, choices={"curvature": list(CURVATURES)})
     t.add_argument("--device", default="cpu",
                    help="where the models run: cpu (default), cuda, cuda:1, … or auto (the "
                         "first CUDA GPU if there is one, msif_lite.device())")
@@ -170,17 +168,17 @@ def _own_pair(a: argparse.Namespace, cfg):
 
 
 def _trace(a: argparse.Namespace) -> int:
-    from msif_lite.attribution.attributor import AttributionConfig
     from msif_lite.attribution.trace import trace, trace_attributor
     from msif_lite.engine.factors import FactorConfig
     from msif_lite.engine.prompts import PromptTemplate
     from msif_lite.world.shipped import load_shipped
 
     template = PromptTemplate.parse(a.template.replace("\\n", "\n").replace("\\t", "\t"))
+    given = config_kwargs(AttributionConfig, a)
+    given.pop("alpha", None)  # resolved with the checkpoint's record (_own_pair)
     cfg = AttributionConfig(factors=FactorConfig(include="mlp" if a.mlp_only else None),
-                            curvature=a.curvature, cache_dir=a.cache_dir,
                             progress=not (a.quiet or a.json), template=template,
-                            context_length=a.context_length)  # fmt: skip
+                            **given)  # fmt: skip
     if any(getattr(a, n) is not None for n in OWN_PAIR):
         att, notes = _own_pair(a, cfg)
         result = trace_attributor(att, a.question, answer=a.answer, k=a.k,

@@ -1,11 +1,13 @@
-"""Kit-wide switches: the device helper, the fast-mode switch and the `cmp` table.
-
-Notebook 00 ("Tour and setup") introduces all three.
+"""Kit-wide switches: the device helper, the fast-mode switch and the `cmp` table
+(notebook 00, "Tour and setup", introduces all three), and the command-line options generated
+from config dataclasses (`add_config_options`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from collections.abc import Sequence
 
 import torch
@@ -74,3 +76,37 @@ def cmp_table(rows: Sequence[tuple[str, object, object]], **kw) -> list[dict]:
     """`cmp` for several rows at once, with a header."""
     print(f"{'quantity':<32s} | {'exact':12s} | {'close':12s} | {'max diff':14s} | rel err")
     return [cmp(n, a, b, **kw) for n, a, b in rows]
+
+
+# ---------------------------------------------------------------------------- CLI from configs
+def _option_type(cls, name: str) -> type:
+    """The scalar type of a dataclass field (`int | None` → int)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0]
+
+
+def add_config_options(parser, cls, choices: dict | None = None) -> None:
+    """One command-line option per field of the dataclass `cls` whose metadata names one
+    (`metadata={"cli": "--flag", "help": …}`), its help text and default from the field: the
+    options are generated from the config, never written twice. Each option's value is None
+    unless given (the config then keeps its own default; `config_kwargs`)."""
+    choices = choices or {}
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("cli")
+        if flag is None:
+            continue
+        default = None if f.default is dataclasses.MISSING else f.default
+        kind = _option_type(cls, f.name)
+        parser.add_argument(flag, dest=f.name, type=kind, default=None,
+                            choices=choices.get(f.name),
+                            help=f"{f.metadata['help']} (default {default!r})")
+
+
+def config_kwargs(cls, namespace) -> dict:
+    """The fields of `cls` given on the command line (`add_config_options`), as keywords."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is not None and getattr(namespace, f.name, None) is not None:
+            out[f.name] = getattr(namespace, f.name)
+    return out

@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from msif_lite.bench import accuracy_diagnosis, accuracy_trend  # noqa: E402
 from msif_lite.bench.accuracy import main  # noqa: E402
 from msif_lite.bench.accuracy_run import choose_documents  # noqa: E402
+from msif_lite.engine.curvature import CURVATURES  # noqa: E402
 from msif_lite.world.generate import make_world  # noqa: E402
 from msif_lite.world.lm import (  # noqa: E402
     CheckpointMeta,
@@ -31,8 +32,9 @@ from msif_lite.world.lm import (  # noqa: E402
 from msif_lite.world.training import TrainConfig, pretrain  # noqa: E402
 
 TINY = ModelPreset("tiny", "gpt-neox", n_layers=1, hidden=32, n_heads=2, intermediate=64)
-METHODS = ("ekfac", "ekfac_mlp", "kfac", "grad_dot", "cg_2", "cg_12", "lissa_5", "lissa_20",
-           "ekfac_draws2", "kfac_draws2")  # MSIF_FAST: --label-draws 2
+FITTED = [n for n, c in CURVATURES.items() if c.needs_factors]  # ekfac, kfac, diagonal, …
+METHODS = (*FITTED, *(f"{n}_draws2" for n in FITTED),  # MSIF_FAST: --label-draws 2
+           "ekfac_mlp", "grad_dot", "cg_2", "cg_12", "lissa_5", "lissa_20")
 FIELDS = ("spearman_mean", "spearman_std", "pearson_mean", "fit_s", "score_s", "peak_mem_mb")
 
 

@@ -135,7 +135,8 @@ def test_fast_bench_end_to_end(tmp_path, monkeypatch):
     assert result.json_path == out / "fact_tracing.json"
     r = json.loads((out / "fact_tracing.json").read_text())
     keys = {"mrr_mean", "mrr_std", "recall10_mean", "recall10_std"}
-    needs = {n for n, m in METHODS.items() if m.requires()}  # checkpoints / mentions: not here
+    # checkpoints / mentions: not in this world; whitening: any EK-FAC Attributor provides it
+    needs = {n for n, m in METHODS.items() if m.requires() - {"whitening"}}
     assert set(r["methods"]) == set(METHODS) - needs  # every other registered method
     sweeps = [r["methods"], r["damping_sweep"], r["alpha_sweep"],
               {k: r["layers"][k] for k in ("all", "mlp")},

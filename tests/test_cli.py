@@ -123,3 +123,27 @@ def test_discovery_takes_a_new_module_without_editing_anything(monkeypatch, tmp_
     finally:
         discover.cache_clear()
         sys.modules.pop("msif_lite.bench.zz_fake_bench", None)
+
+
+def test_trace_options_are_generated_from_the_config_fields():
+    """Every AttributionConfig field that names a CLI flag is an option of `trace`, with the
+    field's help; the values given reach the config, the others keep its defaults."""
+    import dataclasses
+
+    from msif_lite.attribution.config import AttributionConfig
+    from msif_lite.cli import _parser
+    from msif_lite.config import config_kwargs
+    from msif_lite.engine.curvature import CURVATURES
+
+    trace = next(a for a in _parser()._subparsers._group_actions[0].choices.values()
+                 if a.prog.endswith("trace"))  # fmt: skip
+    flags = {o: act for act in trace._actions for o in act.option_strings}
+    for f in dataclasses.fields(AttributionConfig):
+        if "cli" in f.metadata:
+            assert f.metadata["help"] in flags[f.metadata["cli"]].help
+    assert flags["--curvature"].choices == list(CURVATURES)  # a new curvature appears here
+    a = _parser().parse_args(["trace", "q", "--curvature", "diagonal", "--batch-size", "4"])
+    kw = config_kwargs(AttributionConfig, a)
+    assert kw == {"curvature": "diagonal", "batch_size": 4}
+    cfg = AttributionConfig(**kw)
+    assert (cfg.curvature, cfg.batch_size, cfg.cache_dir) == ("diagonal", 4, ".cache/msif")

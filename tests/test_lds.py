@@ -58,7 +58,6 @@ def tiny_pipeline(monkeypatch, tmp_path):
     return "lds-tiny"
 
 
-@pytest.mark.slow
 def test_retrain_is_deterministic_and_ground_truth_refuses_another_world(tiny_pipeline, tmp_path):
     world = generate.make_world("lds-tiny", 0)
     tok = lm.train_tokenizer(world)

@@ -111,6 +111,7 @@ def test_student_edition_has_no_solution_cells(tmp_path: Path):
                                                if c not in answers], "other cells are copied as is"
 
 
+@pytest.mark.slow  # executes a notebook
 def test_student_copy_runs_in_fast_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import nbformat
     from nbclient import NotebookClient

@@ -63,6 +63,7 @@ class Attributor:
         alpha: float | None = None,
         checkpoints: Sequence[Checkpoint] = (),
         mentions: Mapping[str, str] | None = None,
+        training_run=None,
     ):
         check_same_architecture(pretrained, finetuned)
         check_tokenizer_fits(finetuned, tokenizer)
@@ -94,6 +95,9 @@ class Attributor:
         # post-mention variant); only the methods of Notebook 11 read them
         self.checkpoints = tuple(checkpoints)
         self.mentions = dict(mentions or {})
+        # the run that produced the two models (eval.training_run.TrainingRun): the
+        # unrolled methods replay and differentiate it (attribution.unrolled_methods)
+        self.training_run = training_run
 
     # ------------------------------------------------------------------ the context
     def stage(self, stage: Stage | str) -> StageState:
@@ -110,7 +114,8 @@ class Attributor:
     def provides(self) -> frozenset[str]:
         """The optional inputs this Attributor holds (`Method.requires`)."""
         have = {"checkpoints": bool(self.checkpoints), "mentions": bool(self.mentions),
-                "whitening": curvature(self.config.curvature).whitening}  # fmt: skip
+                "whitening": curvature(self.config.curvature).whitening,
+                "training_run": self.training_run is not None}  # fmt: skip
         return frozenset(k for k, v in have.items() if v)
 
     @property

@@ -170,7 +170,8 @@ class RandomMethod(Method):
 # first use of the registry: explicit order, no import circle)
 METHODS: Registry[Method] = Registry(
     "method", "method= (or --method)",
-    discover=("msif_lite.attribution.projected", "msif_lite.attribution.variants"))
+    discover=("msif_lite.attribution.projected", "msif_lite.attribution.variants",
+              "msif_lite.attribution.unrolled_methods"))
 
 
 def register(method: Method) -> Method:

@@ -25,7 +25,10 @@ def discover() -> dict:
 
     found: dict[str, Benchmark] = {}
     for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
+        try:
+            module = importlib.import_module(f"{__name__}.{info.name}")
+        except ImportError as e:  # name the module: one broken file stops every benchmark
+            raise ImportError(f"msif_lite/bench/{info.name}.py does not import: {e}") from e
         bench = getattr(module, "BENCH", None)
         if bench is None:
             continue

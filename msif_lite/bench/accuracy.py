@@ -126,10 +126,15 @@ def run(shipped, args: argparse.Namespace, model_label: str,
 
 
 def ordered(names) -> list[str]:
-    """Table order: the curvature approximations, CG and LiSSA by budget, then grad_dot."""
-    kinds = ("ekfac", "ekfac_mlp", "kfac", "cg", "lissa", "grad", "block")
-    return sorted(names, key=lambda n: (max(i for i, k in enumerate(kinds) if n.startswith(k)),
-                                        len(n), n))  # fmt: skip
+    """Table order: the curvature approximations (EK-FAC, K-FAC, then any other registered
+    curvature), CG and LiSSA by budget, then grad_dot."""
+    kinds = ("ekfac", "ekfac_mlp", "kfac", "", "cg", "lissa", "grad", "block")
+
+    def kind(n: str) -> int:
+        known = [i for i, k in enumerate(kinds) if k and n.startswith(k)]
+        return max(known) if known else kinds.index("")
+
+    return sorted(names, key=lambda n: (kind(n), len(n), n))
 
 
 def markdown(payload: dict) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 
 from msif_lite.attribution.encoder import Encoder
 from msif_lite.bench import common
+from msif_lite.engine.curvature import CURVATURES
 from msif_lite.engine.exact import (
     ConjugateGradientIHVP,
     LissaIHVP,
@@ -24,8 +25,8 @@ from msif_lite.engine.exact import (
     ggn_matvec,
 )
 from msif_lite.engine.factors import FactorConfig
-from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_ekfac
-from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, Damping, IdentityIHVP
+from msif_lite.engine.fit import fit_ekfac
+from msif_lite.engine.ihvp import EKFACIHVP, Damping, IdentityIHVP
 from msif_lite.engine.layers import find_modules, flatten, unflatten
 from msif_lite.engine.scores import pairwise_scores, precondition, query_gradients
 from msif_lite.engine.tasks import LanguageModelingTask
@@ -151,26 +152,30 @@ class AccuracyRun:
             print(f"  λ = {self.lam:.3g} = {self.lam / self.mean_eig:.3g} × trace(G)/P "
                   f"(Hutchinson); λ_max(G) ≈ {self.top:.3g}", flush=True)
 
-    def ekfac_and_kfac(self, suffix: str, batches: list):
-        """Fit and score EK-FAC and K-FAC on all tracked layers; returns the EK-FAC factors."""
-        m, t, c, lam = self.model, self.task, self.fcfg, Damping(absolute=self.lam)
-        ek, s, mb = self.fitted(lambda: fit_ekfac(m, t, batches, c, self.mods))
-        self.ekfac_ihvp = EKFACIHVP(ek, lam)  # the last one (most draws) preconditions the truth
-        self.score(f"ekfac{suffix}", self.ekfac_ihvp, s, mb)
-        kf, s, mb = self.fitted(lambda: fit_eigenbasis(fit_covariances(m, t, batches, c,
-                                                                       self.mods)))  # fmt: skip
-        self.score(f"kfac{suffix}", KFACIHVP(kf, lam), s, mb)
+    def registered(self, suffix: str, batches: list):
+        """Fit and score every registered curvature that has factors (EK-FAC, K-FAC, the
+        diagonal, …: `engine.curvature.CURVATURES`) on all tracked layers, each under its
+        registry name; returns the EK-FAC factors."""
+        m, t, c, lam, ek = self.model, self.task, self.fcfg, Damping(absolute=self.lam), None
+        for name, curv in CURVATURES.items():
+            if not curv.needs_factors:
+                continue  # the identity: grad_dot below
+            f, s, mb = self.fitted(lambda curv=curv: curv.fit(m, t, batches, c, self.mods))
+            ihvp = curv.inverse(f, lam)
+            if name == "ekfac":  # the last one (most draws) preconditions the truth
+                self.ekfac_ihvp, ek = ihvp, f
+            self.score(f"{name}{suffix}", ihvp, s, mb)
         return ek
 
     def approximations(self) -> None:
         """The curvature approximations, all on the same documents with the same λ."""
-        ek = self.ekfac_and_kfac("", self.fit_b)  # one sampled label per token
+        ek = self.registered("", self.fit_b)  # one sampled label per token
         ek_m, s, mb = self.fitted(lambda: fit_ekfac(self.model, self.task, self.fit_b, self.fcfg,
                                                     self.mlp))  # fmt: skip
         self.score("ekfac_mlp", EKFACIHVP(ek_m, Damping(absolute=self.lam)), s, mb, True)
         self.score("grad_dot", IdentityIHVP())
         for r in self.args.label_draws:  # the same documents, r label draws per token
-            self.ekfac_and_kfac(f"_draws{r}", self.fit_b * r)
+            self.registered(f"_draws{r}", self.fit_b * r)
         # Σ Λ = (1/N) Σ_n ‖DW_n‖² (one label draw per token) is an unbiased but heavy-tailed
         # estimate of trace(G): rare labels carry much of it, so it typically comes out low.
         self.trace_ekfac = sum(float(f.lam.sum()) for f in ek.layers) / self.n_params

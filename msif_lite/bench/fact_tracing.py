@@ -181,7 +181,7 @@ def metrics_of(sc: Scored, draws, truth, row, col, seed: int, pool: str = "cands
     return out
 
 
-def run(shipped: Shipped, cfg: BenchConfig, cache_dir: str = ".cache/msif",
+def run(shipped: Shipped, cfg: BenchConfig, cache_dir: str = AttributionConfig.cache_dir,
         progress: bool = False) -> dict:  # fmt: skip
     """Everything the benchmark measures, as the JSON payload (no files written)."""
     t_start, world = time.perf_counter(), shipped.world
@@ -303,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     ap.add_argument("--preset", default="default", help="shipped world/checkpoints")
     ap.add_argument("--world", help="world directory (default data/world/<preset>)")
     ap.add_argument("--checkpoints", help="directory with pretrained/ and finetuned/")
-    ap.add_argument("--cache-dir", default=".cache/msif", help="factor/gradient cache")
+    ap.add_argument("--cache-dir", default=AttributionConfig.cache_dir,
+                    help="factor/gradient cache")
     ap.add_argument("--out", default="results", help="where fact_tracing.* go")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     ap.add_argument("--threads", type=int, default=1,

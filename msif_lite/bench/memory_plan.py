@@ -18,7 +18,8 @@ default' rows do not, and show what glibc's dynamic threshold does to resident m
 row also gives the plan from the longest document (every batch batch_size × longest, the plan
 before `lengths`). Disk: the bytes the gradient store wrote for the candidates (cached
 scoring). The BLOOM-560m shape is predicted without running. Writes
-results/memory_plan.json + .md after every row (partial results survive an interruption).
+results/memory_plan.json + .md after every row (partial results survive an interruption);
+`--append` adds glibc-default rows to them, `--replan` re-predicts their rows without measuring.
 
 Stages: covariance, eigendecomposition, lambda (as `fit_ekfac` runs them, captures cached),
 scoring (`pairwise_scores` on a query batch, multi-stage with two EK-FACs, candidates
@@ -264,10 +265,11 @@ def replan(out: str) -> dict:
 
 
 def run(sizes=SIZES, archs=ARCHS, glibc_sizes=("medium",), out: str | None = None,
-        progress: bool = True) -> dict:  # fmt: skip
-    """Every (arch, size, stage) with the kit's allocator, and with glibc's default at
-    `glibc_sizes`; with `out`, the results so far are written after every row."""
-    res = {"rows": [], "bloom560m_predicted": bloom560m_prediction(),
+        progress: bool = True, kit: bool = True, rows: Sequence[dict] = ()) -> dict:
+    """Every (arch, size, stage) with the kit's allocator (unless not `kit`), and with
+    glibc's default at `glibc_sizes`, after `rows` (kept, e.g. from an earlier run); with
+    `out`, the results so far are written after every row."""
+    res = {"rows": list(rows), "bloom560m_predicted": bloom560m_prediction(),
            "sizes": [{**asdict(s), "lengths": corpus_lengths(s)} for s in sizes],
            "target": TARGET, "historical": HISTORICAL, "threads": 1,
            "measured_by": "peak RSS growth (VmHWM − VmRSS, reset before the stage) in a fresh "
@@ -277,7 +279,7 @@ def run(sizes=SIZES, archs=ARCHS, glibc_sizes=("medium",), out: str | None = Non
     t0 = time.perf_counter()
     for arch in archs:
         for size in sizes:
-            allocators = ("kit", "glibc default") if size.name in glibc_sizes else ("kit",)
+            allocators = ("kit",) * kit + ("glibc default",) * (size.name in glibc_sizes)
             for allocator in allocators:
                 for stage in STAGES:
                     row = _row(arch, size, stage, allocator)
@@ -324,7 +326,12 @@ def markdown(res: dict) -> str:
     kit = [r for r in rows if r["allocator"] == "kit"]
     ok = [abs(r["ratio"] - 1) < TARGET for r in kit]
     old_ok = [abs(r["longest_doc_ratio"] - 1) < TARGET for r in kit]
-    glibc = [r["ratio"] for r in rows if r["allocator"] != "kit"]
+    glibc = {}
+    for r in rows:
+        if r["allocator"] != "kit":
+            glibc.setdefault(r["size"], []).append(r["ratio"])
+    glibc_text = "; ".join(f"{k}: {min(v):.2f}–{max(v):.2f} ({sum(abs(x - 1) < TARGET for x in v)}"
+                           f"/{len(v)} within)" for k, v in glibc.items())  # fmt: skip
     disk = [r for r in rows if r["stage"] == "cached scoring" and r["measured_disk_gb"]]
     disk_ok = [abs(r["predicted_disk_gb"] / r["measured_disk_gb"] - 1) < TARGET for r in disk]
     lens = "; ".join(f"{s['name']}: {s['lengths']}" for s in res["sizes"])
@@ -334,8 +341,11 @@ def markdown(res: dict) -> str:
         f"{sum(ok)}/{len(ok)} stage rows within ±{TARGET:.0%} with the kit's allocator "
         f"(planned from the corpus's lengths; planned from the longest document: "
         f"{sum(old_ok)}/{len(old_ok)}), {sum(disk_ok)}/{len(disk_ok)} within ±{TARGET:.0%} "
-        "(disk)." + (f" glibc default allocator (no trim_allocator): plan ÷ measured "
-                     f"{min(glibc):.2f}–{max(glibc):.2f}." if glibc else ""),
+        "(disk)." + (" With glibc's default allocator untouched (no trim_allocator), plan ÷ "
+                     f"measured by size: {glibc_text}: glibc keeps tens of MiB of freed heap "
+                     "(its dynamic mmap threshold rises to 32 MiB), which matters most at "
+                     "small sizes; the kit's processes call trim_allocator() so that resident "
+                     "memory follows the plan." if glibc else ""),
         f"Measured: {res['measured_by']}. Total {res.get('total_s', 0):.0f} s.",
         "",
         f"Corpus lengths (tokens, in batching order, batch 4): {lens}.",
@@ -369,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> BenchResult | None:
     p.add_argument("--archs", default=",".join(ARCHS))
     p.add_argument("--replan", action="store_true",
                    help="re-predict the rows of <out>/memory_plan.json without measuring")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of <out>/memory_plan.json and add glibc-default rows "
+                        "only (at --glibc-sizes)")  # fmt: skip
     p.add_argument("--glibc-sizes", default="medium",
                    help="sizes also measured with glibc's default allocator")  # fmt: skip
     a = p.parse_args(argv)
@@ -386,7 +399,12 @@ def main(argv: Sequence[str] | None = None) -> BenchResult | None:
         res = replan(a.out)
         return finish("memory_plan", res, markdown(res), a.out)
     sizes = [s for s in SIZES if s.name in a.sizes.split(",")]
-    res = run(sizes, a.archs.split(","), tuple(a.glibc_sizes.split(",")), out=a.out)
+    kept = json.loads((Path(a.out) / "memory_plan.json").read_text()) if a.append else None
+    res = run(sizes, a.archs.split(","), tuple(a.glibc_sizes.split(",")), out=a.out,
+              kit=not a.append, rows=kept["rows"] if kept else ())
+    if kept:  # the sizes of both runs, the time of both
+        res["sizes"] = kept["sizes"] + [s for s in res["sizes"] if s not in kept["sizes"]]
+        res["total_s"] += kept.get("total_s", 0.0)
     return finish("memory_plan", res, markdown(res), a.out)
 
 

@@ -7,8 +7,8 @@ resident memory instead (Linux: the high-water mark VmHWM, reset before `fn`).
 
 The allocator: glibc's malloc by default raises its mmap threshold each time a large block is
 freed (up to 32 MiB), so later tensors below it come from the heap, and freed heap memory is
-kept (fragmented) rather than returned: resident memory then runs 30–70 % above the live
-tensor bytes the plan predicts (results/memory_plan.md, the 'glibc, untouched' rows).
+kept (fragmented) rather than returned: resident memory then runs tens of MiB above the live
+tensor bytes the plan predicts (results/memory_plan.md, the 'glibc default' rows).
 `trim_allocator()` fixes the threshold at 64 KiB in the running process (mallopt, the same
 setting as MALLOC_MMAP_THRESHOLD_=65536 before start), so freed tensors go back to the system
 and resident memory follows the plan. `check_fits` / `WontFitError` compare a plan with the

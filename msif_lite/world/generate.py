@@ -17,6 +17,7 @@ from pathlib import Path
 from msif_lite.engine.prompts import as_prompt
 from msif_lite.world import templates as T
 from msif_lite.world.templates import CODAS, ONSETS, RELATIONS, VALUE_BLURBS, VOWELS
+from msif_lite.world.templates import render as _render
 
 SCHEMA_VERSION = 1
 
@@ -229,15 +230,6 @@ def _name(rng: random.Random) -> str:
         return (s + rng.choice(CODAS)).capitalize()
 
     return f"{part(rng.choice([1, 2]))} {part(2)}"
-
-
-def _article(v: str) -> str:
-    return "an" if v[0] in "aeiou" else "a"
-
-
-def _render(template: str, name: str, value: str) -> str:
-    text = template.format(name=name, v=value, a=_article(value))
-    return text[0].upper() + text[1:]  # an alias ("the keeper of …") may open the sentence
 
 
 def _aliases(rng: random.Random, entities: list[Entity]) -> dict[str, str]:

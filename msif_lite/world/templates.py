@@ -114,3 +114,15 @@ DISTRACTORS: dict[str, list[str]] = {
     "colour": ["{name} painted a fence {v} for a neighbour.",
                "The rival of {name} prefers {v}, they say."],
 }  # fmt: skip
+
+
+def article(v: str) -> str:
+    """'an' before a vowel, else 'a'."""
+    return "an" if v[0] in "aeiou" else "a"
+
+
+def render(template: str, name: str, value: str) -> str:
+    """A relation template filled with (name, value) and its article, capitalised (an alias
+    such as "the keeper of …" may open the sentence)."""
+    text = template.format(name=name, v=value, a=article(value))
+    return text[0].upper() + text[1:]

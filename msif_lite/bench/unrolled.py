@@ -1,0 +1,261 @@
+"""Unrolled metagradients against retraining: `msif-lite bench unrolled` (issue 25, DESIGN §6).
+
+Per world (`lds`, `lds-hard`): the unrolled methods (`attribution.unrolled_methods`: both
+stages; exact fine-tune + influence for pre-training) on a subset of the questions — bench
+lds's removal targets, one question per entity — next to multi_stage, multi_stage_token_
+positive and bm25 on the same questions, against the world's retraining ground truth
+(bench lds's loading and metrics: the shipped half-corpus subsets, or with --keep 0.9 a
+small-fraction ground truth retrained into the cache). Reports LDS ± s.e. over the
+questions, the noise ceiling on the same questions (and bench lds's over all of them),
+leave-top-k-out Δm (one retrain per method; rows of results/lds.json reused), the linear
+prediction of each removal against what retraining measured (the finite-removal gap), the
+cost of each pass (s/query, peak memory) and the decomposition multi_stage → exact
+fine-tune → exact both stages.
+
+Scores are cached per question under --cache-dir, so an interrupted run resumes; each world
+is merged into results/unrolled.json as soon as it is done. MSIF_FAST=1: the `lds-fast`
+pipeline, 3 questions, bench lds's fast ground truth — plumbing, not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msif_lite.attribution.attributor import AttributionConfig, Attributor
+from msif_lite.bench import lds as lds_bench
+from msif_lite.bench.common import Benchmark, BenchResult, PeakMemory, display_path, finish
+from msif_lite.bench.unrolled_report import markdown, plot
+from msif_lite.config import fast_mode
+from msif_lite.eval.metrics import lds, sem, spearman
+from msif_lite.eval.retraining import RetrainConfig
+from msif_lite.eval.training_run import TrainingRun
+from msif_lite.world.shipped import data_dir, load_shipped, trained_pipeline
+
+UNROLLED = ("unrolled", "unrolled_finetune_only")
+BASELINES = ("multi_stage", "multi_stage_token_positive", "bm25")
+
+
+@dataclass(frozen=True)
+class UnrolledBenchConfig:
+    """What the benchmark scores and retrains (the defaults are the committed run)."""
+
+    retrain: RetrainConfig = RetrainConfig("lds", n_subsets=32, n_noise=8)
+    n_queries: int = 13  # bench lds's removal targets (one question per entity)
+    block: int = 4  # questions per reverse pass
+    removal: bool = True  # leave-top-k-out: one retrain per method not in results/lds.json
+    methods: tuple[str, ...] = UNROLLED
+    baselines: tuple[str, ...] = BASELINES
+
+
+FAST = UnrolledBenchConfig(lds_bench.FAST.retrain, n_queries=3, block=2,
+                           baselines=("multi_stage", "bm25"))  # fmt: skip
+
+
+def _per_query(scores: torch.Tensor, gt, targets: list[int]) -> list[float]:
+    return lds(scores, gt.masks, gt.m[:, targets]).tolist()
+
+
+def _paired(per_q: dict[str, list[float]], base: str) -> dict:
+    """Mean ± s.e. over questions of LDS(method) − LDS(base), per method."""
+    if base not in per_q:
+        return {}
+    out = {}
+    for n, v in per_q.items():
+        d = np.subtract(v, per_q[base]).tolist()
+        out[n] = {"mean": float(np.mean(d)), "sem": sem(d)}
+    return out
+
+
+def _cached_scores(att: Attributor, name: str, queries, targets: list[int], block: int,
+                   path: Path, timings: dict) -> torch.Tensor:  # fmt: skip
+    """(len(targets), N) scores of `name`, computed `block` questions at a time and cached
+    per question in `path` (JSON {method: {query index: scores}})."""
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    have = cache.setdefault(name, {})
+    todo = [i for i in targets if str(i) not in have]
+    for j in range(0, len(todo), block):
+        blk = todo[j : j + block]
+        t0 = time.perf_counter()
+        s = att.scores(name, [queries[i] for i in blk], att.doc_ids)
+        timings.setdefault(name, []).append((len(blk), time.perf_counter() - t0))
+        have.update({str(i): row.tolist() for i, row in zip(blk, s)})
+        path.write_text(json.dumps(cache))
+        print(f"  {name}: {len(have)}/{len(targets)} questions "
+              f"({time.perf_counter() - t0:.0f} s for {len(blk)})", flush=True)  # fmt: skip
+    return torch.tensor([have[str(i)] for i in targets], dtype=torch.float64)
+
+
+def _ground_truth(shipped, cfg: UnrolledBenchConfig, cache: Path, gt_path: Path | None):
+    rc = cfg.retrain
+    if gt_path is None and rc.fraction == 0.5 and not fast_mode():
+        gt_path = data_dir() / "lds" / f"{rc.pipeline}.json"  # the shipped ground truth
+    if gt_path is None:
+        tag = "fast" if fast_mode() else f"keep{rc.fraction:g}"
+        gt_path = cache / f"ground-truth-{rc.pipeline}-{tag}.json"
+    partial = cache / f"partial-{rc.pipeline}-keep{rc.fraction:g}.jsonl"
+    return lds_bench.ground_truth(shipped, rc, gt_path, partial), gt_path
+
+
+def linear_check(scores: torch.Tensor, gt, targets: list[int]) -> dict:
+    """The first-order prediction of each retrained subset, m_j ≈ m_full + Σ_{z∉S_j} I(z, q)
+    (w_z: 1 → 0), against the measured m_j: Pearson r and the ratio of spreads (std of
+    the prediction / std of the measurement), mean over questions."""
+    removed = (~gt.masks).double()  # (M, N)
+    pred = removed @ scores.T  # (M, Q) predicted m_j − m_full
+    meas = gt.m[:, targets] - gt.m_full[targets]
+    r = [float(np.corrcoef(pred[:, q], meas[:, q])[0, 1]) for q in range(len(targets))]
+    ratio = (pred.std(0) / meas.std(0)).tolist()
+    return {"pearson_mean": float(np.mean(r)), "pearson_sem": sem(r),
+            "spread_ratio_median": float(np.median(ratio)),
+            "pred_dm_mean": float(pred.mean()), "measured_dm_mean": float(meas.mean())}
+
+
+def removal(shipped, cfg: UnrolledBenchConfig, scores: dict, targets: list[int], cache: Path,
+            previous: Path) -> dict:  # fmt: skip
+    """Leave-top-k-out (bench lds's sets and retrains) plus, per method, the linear
+    prediction of the rise of m on the targets: Σ_{removed z} I(z, q)."""
+    world, k = shipped.world, shipped.world.config.docs_per_fact
+    full = {}
+    for n, s in scores.items():
+        f = torch.zeros(len(world.queries), s.shape[1], dtype=torch.float64)
+        f[targets] = s
+        full[n] = f
+    sets = lds_bench.removal_sets(world, full, targets, k)
+    rows = lds_bench.run_removals(
+        shipped, cfg.retrain, sets, targets, cache / f"removal-{cfg.retrain.pipeline}.jsonl",
+        lds_bench.previous_removals(world.preset, len(targets), previous))  # fmt: skip
+    col = {d.doc_id: j for j, d in enumerate(world.documents)}
+    for n, s in scores.items():
+        gone = [col[d] for d in sets[n]]
+        rows[n]["dm_targets_linear"] = float(s[:, gone].sum(1).mean())
+    return rows
+
+
+def cost(run: TrainingRun, timings: dict, n: int, peak_mb: float) -> dict:
+    """Seconds per question of each method and of each pass, and peak memory."""
+    sec = dict(run.seconds)
+    per = {k: v / n for k, v in sec.items() if k != "pretrain_replay"}
+    total = {m: sum(t for _, t in timings.get(m, [])) / n for m in timings}
+    return {"pass_s_per_query": per, "pretrain_replay_s": sec.get("pretrain_replay", 0.0),
+            "method_s_per_query": total, "peak_mb": peak_mb, "block": run.block,
+            "note": "unrolled runs first and includes the replay and the fine-tune pass; "
+                    "unrolled_finetune_only then reuses the fine-tune pass (its own cost: "
+                    "finetune_pass + its method time + the replay)"}  # fmt: skip
+
+
+def run_world(cfg: UnrolledBenchConfig, cache: Path, gt_path: Path | None,
+              previous: Path) -> dict:  # fmt: skip
+    """Everything the benchmark measures on one world."""
+    t0 = time.perf_counter()
+    wdir, cdir = trained_pipeline(cfg.retrain.pipeline)
+    shipped = load_shipped(world_dir=wdir, checkpoint_dir=cdir)
+    world = shipped.world
+    cache.mkdir(parents=True, exist_ok=True)
+    gt, gt_path = _ground_truth(shipped, cfg, cache, gt_path)
+    run = TrainingRun.from_pipeline(cfg.retrain.preset, world, shipped.tokenizer,
+                                    cfg.retrain.init_seed, block=cfg.block)  # fmt: skip
+    if cfg.retrain.init_seed != cfg.retrain.data_seed:
+        raise ValueError("the shipped run used one seed for initialisation and data order")
+    att = Attributor(shipped.pretrained, shipped.finetuned, shipped.tokenizer,
+                     [(d.doc_id, d.text) for d in world.documents],
+                     [(p.prompt, p.answer) for p in world.finetune_qa],
+                     AttributionConfig(cache_dir=str(cache / "msif"), progress=False),
+                     alpha=shipped.alpha, mentions=world.document_mentions(),
+                     training_run=run)  # fmt: skip
+    targets = lds_bench.removal_targets(world, cfg.n_queries)
+    spath = cache / f"scores-{cfg.retrain.pipeline}-{len(targets)}.json"
+    timings: dict = {}
+    scores = {}
+    with PeakMemory() as mem:
+        for n in cfg.methods:
+            scores[n] = _cached_scores(att, n, world.queries, targets, cfg.block, spath, timings)
+    for n in cfg.baselines:
+        scores[n] = _cached_scores(att, n, world.queries, targets, 64, spath, timings)
+    per_q = {n: _per_query(s, gt, targets) for n, s in scores.items()}
+    k = gt.m_noise.shape[0]
+    ceil = [spearman(gt.m_noise[:, q], gt.m[:k, q]) for q in targets]
+    out = {
+        "methods": {n: {"lds_mean": float(np.mean(v)), "lds_sem": sem(v), "lds_per_query": v}
+                    for n, v in per_q.items()},
+        "paired_vs_multi_stage": _paired(per_q, "multi_stage"),
+        "noise_ceiling": {"mean": float(np.mean(ceil)), "sem": sem(ceil)},
+        "noise_ceiling_all_queries": dict(zip(("mean", "sem"), lds_bench.noise_ceiling(gt))),
+        "linear_prediction": {n: linear_check(scores[n], gt, targets) for n in cfg.methods},
+        "queries": [world.queries[i].fact_id for i in targets],
+        "n_subsets": int(gt.masks.shape[0]), "n_noise": k, "n_documents": len(world.documents),
+        "fraction_kept": cfg.retrain.fraction,
+        "cost": cost(run, timings, len(targets), mem.peak_mb) if run.seconds else None,
+        "settings": {**asdict(cfg.retrain), "n_queries": len(targets), "block": cfg.block,
+                     "ground_truth": display_path(gt_path), "fast": fast_mode(),
+                     "sign": "prediction_j = −Σ_{z∈S_j} I(z,q): positive I helps"},
+    }  # fmt: skip
+    if cfg.removal:
+        out["top_k_removal"] = removal(shipped, cfg, scores, targets, cache, previous)
+    out["timings_s"] = {"total": time.perf_counter() - t0}
+    return out
+
+
+def merged(out_dir: Path, payload: dict) -> dict:
+    """`payload`'s worlds added to those already in out_dir/unrolled.json."""
+    old = out_dir / "unrolled.json"
+    worlds = json.loads(old.read_text()).get("worlds", {}) if old.exists() else {}
+    return {**payload, "worlds": {**worlds, **payload["worlds"]}}
+
+
+def main(argv: Sequence[str] | None = None) -> BenchResult:
+    ap = argparse.ArgumentParser(prog="msif-lite bench unrolled", description=__doc__)
+    ap.add_argument("--out", default="results", help="where unrolled.* go")
+    ap.add_argument("--cache-dir", default=".cache/unrolled", help="scores, retrains, factors")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--pipelines", default=None, help="comma-separated (default lds,lds-hard)")
+    ap.add_argument("--queries", type=int, default=None, help="questions per world (≤ 26)")
+    ap.add_argument("--keep", type=float, default=None,
+                    help="fraction of documents each retrained subset keeps (default 0.5, the "
+                         "shipped ground truth; e.g. 0.9 retrains a small-fraction one)")
+    ap.add_argument("--subsets", type=int, default=None, help="M subsets (with --keep)")
+    ap.add_argument("--no-removal", action="store_true", help="skip leave-top-k-out")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cfg = FAST if fast_mode() else UnrolledBenchConfig()
+    rc = cfg.retrain
+    if a.keep is not None or a.subsets is not None:
+        rc = replace(rc, fraction=a.keep or rc.fraction, n_subsets=a.subsets or rc.n_subsets)
+    cfg = replace(cfg, retrain=rc, n_queries=a.queries or cfg.n_queries,
+                  removal=cfg.removal and not a.no_removal)  # fmt: skip
+    pipelines = a.pipelines.split(",") if a.pipelines else (
+        [rc.pipeline] if fast_mode() else ["lds", "lds-hard"])  # fmt: skip
+    out, args = Path(a.out), sys.argv[1:] if argv is None else list(argv)
+    result = None
+    for p in pipelines:
+        wcfg = replace(cfg, retrain=replace(cfg.retrain, pipeline=p))
+        w = run_world(wcfg, Path(a.cache_dir), None, out / "lds.json")
+        w["settings"]["command"] = " ".join(["msif-lite bench unrolled", *args])
+        name = p if wcfg.retrain.fraction == 0.5 else f"{p}@keep{wcfg.retrain.fraction:g}"
+        payload = merged(out, {"worlds": {name: w}, "lds_json": _lds_context(out)})
+        result = finish("unrolled", payload, markdown(payload), out)
+        plot(payload, result.json_path.with_suffix(".png"))
+    return result
+
+
+def _lds_context(out: Path) -> dict:
+    """bench lds's all-question LDS of the baselines per world (results/lds.json)."""
+    path = out / "lds.json"
+    if not path.exists():
+        return {}
+    worlds = json.loads(path.read_text()).get("worlds", {})
+    return {w: {"noise_ceiling": v["noise_ceiling"],
+                "methods": {n: v["methods"][n] for n in BASELINES if n in v["methods"]}}
+            for w, v in worlds.items()}  # fmt: skip
+
+
+BENCH = Benchmark("unrolled", "unrolled metagradients through both stages against "
+                  "retraining: LDS, leave-top-k-out, linear prediction, cost", main)

@@ -1,0 +1,114 @@
+"""results/unrolled.{md,png} from `bench unrolled`'s payload (no BENCH: not a benchmark)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from msif_lite.bench.common import markdown_table
+
+
+def _f(v: dict | None, key: str = "mean", err: str = "sem") -> str:
+    return "" if not v else f"{v[key]:.3f} ± {v[err]:.3f}"
+
+
+def _rows(w: dict, ctx: dict) -> list[dict]:
+    rm, cost = w.get("top_k_removal", {}), (w.get("cost") or {}).get("method_s_per_query", {})
+    lin = w.get("linear_prediction", {})
+    rows = []
+    for m, v in sorted(w["methods"].items(), key=lambda kv: -kv[1]["lds_mean"]):
+        allq = ctx.get("methods", {}).get(m)
+        rows.append({
+            "method": m, "LDS (these questions)": _f(v, "lds_mean", "lds_sem"),
+            "paired − multi_stage": _f(w["paired_vs_multi_stage"].get(m)),
+            "LDS (all 52, bench lds)": _f(allq, "lds_mean", "lds_sem"),
+            "Δm targets": f"{rm[m]['dm_targets_mean']:.2f}" if m in rm else "",
+            "Δm linear": f"{rm[m]['dm_targets_linear']:.2f}"
+            if "dm_targets_linear" in rm.get(m, {}) else "",
+            "Δm others": f"{rm[m]['dm_others_mean']:.2f}" if m in rm else "",
+            "subset r (linear)": _f(lin.get(m), "pearson_mean", "pearson_sem"),
+            "s/query": f"{cost[m]:.0f}" if m in cost else "",
+        })  # fmt: skip
+    rows += [{"method": f"({m})", "Δm targets": f"{rm[m]['dm_targets_mean']:.2f}",
+              "Δm others": f"{rm[m]['dm_others_mean']:.2f}"}
+             for m in ("true_sources", "none") if m in rm]  # fmt: skip
+    return rows
+
+
+COLUMNS = ["method", "LDS (these questions)", "paired − multi_stage", "LDS (all 52, bench lds)",
+           "Δm targets", "Δm linear", "Δm others", "subset r (linear)", "s/query"]
+
+
+def _cost_md(c: dict | None) -> str:
+    if not c:
+        return ""
+    passes = ", ".join(f"{k} {v:.0f} s" for k, v in c["pass_s_per_query"].items())
+    return (f"\nCost per question (blocks of {c['block']}, one CPU thread): {passes}; the "
+            f"pre-training replay {c['pretrain_replay_s']:.0f} s once per world; peak memory "
+            f"of the unrolled methods {c['peak_mb']:.0f} MB (resident-set growth). "
+            f"{c['note']}.\n")
+
+
+def _decomposition_md(w: dict) -> str:
+    m = w["methods"]
+    if not {"multi_stage", "unrolled_finetune_only", "unrolled"} <= set(m):
+        return ""
+    a, b, c = (m[k]["lds_mean"] for k in ("multi_stage", "unrolled_finetune_only", "unrolled"))
+    nc = w["noise_ceiling"]["mean"]
+    lin = w["linear_prediction"].get("unrolled", {})
+    return (f"\nDecomposition of the influence gap (LDS on these questions): multi_stage "
+            f"{a:.3f} → exact fine-tune path {b:.3f} ({b - a:+.3f}) → exact pre-training path "
+            f"too (unrolled) {c:.3f} ({c - b:+.3f}); what remains to the noise ceiling "
+            f"{nc:.3f} ({nc - c:+.3f}) is finite removal (first order vs retraining) and the "
+            f"subset's noise. Unrolled's linear prediction of the retrained subsets: Pearson "
+            f"r {lin.get('pearson_mean', float('nan')):.3f}, predicted spread / measured "
+            f"spread (median over questions) {lin.get('spread_ratio_median', float('nan')):.3g}, "
+            f"mean predicted Δm {lin.get('pred_dm_mean', float('nan')):.3g} vs measured "
+            f"{lin.get('measured_dm_mean', float('nan')):.3g} nats.\n")
+
+
+def markdown(payload: dict) -> str:
+    out = ["# Unrolled metagradients through both stages against retraining (issue 25)\n"]
+    for name, w in payload["worlds"].items():
+        ctx = payload.get("lds_json", {}).get(name.split("@")[0], {})
+        nc, nca = w["noise_ceiling"], w["noise_ceiling_all_queries"]
+        s = w["settings"]
+        out += [
+            f"\n## World `{name}`: {w['n_documents']} documents, {len(w['queries'])} questions "
+            f"(one per entity), {w['n_subsets']} subsets keeping {w['fraction_kept']:g} of "
+            f"the corpus, {w['n_noise']} re-seeded\n\n",
+            f"Ground truth `{s['ground_truth']}`. Noise ceiling on these questions "
+            f"**{_f(nc)}** (all questions: {_f(nca)}). LDS: mean ± s.e. over the questions; "
+            f"paired: LDS(method) − LDS(multi_stage) per question. Δm: rise of −log p(answer) "
+            f"on the targets after removing each target's top-k documents by the method (all "
+            f"targets in one retrain); Δm linear: the method's own first-order prediction of "
+            f"that rise, Σ_removed I(z, q) (meaningful for the unrolled scores only, which "
+            f"are −dm/dw in nats); subset r: Pearson of the linear prediction and the "
+            f"measured m over the ground truth's subsets. Command: `{s.get('command', '')}`; "
+            f"wall time {w['timings_s']['total']:.0f} s.\n\n",
+            markdown_table(_rows(w, ctx), COLUMNS),
+            _cost_md(w.get("cost")), _decomposition_md(w),
+        ]
+    return "".join(out)
+
+
+def plot(payload: dict, path: Path) -> None:
+    """Per world: LDS per method with the noise ceiling; Δm of leave-top-k-out."""
+    from matplotlib.figure import Figure
+
+    from msif_lite.bench.lds import removal_bars
+
+    worlds = payload["worlds"]
+    fig = Figure(figsize=(11, 4.0 * len(worlds)))
+    axes = fig.subplots(len(worlds), 2, squeeze=False)
+    for (a, b), (wname, w) in zip(axes, worlds.items()):
+        names = sorted(w["methods"], key=lambda m: w["methods"][m]["lds_mean"])
+        a.barh(names, [w["methods"][m]["lds_mean"] for m in names],
+               xerr=[w["methods"][m]["lds_sem"] for m in names], color="tab:blue")
+        a.axvline(w["noise_ceiling"]["mean"], ls="--", c="gray", label="noise ceiling")
+        a.axvline(0, c="black", lw=0.8)
+        a.set(xlabel="LDS (mean ± s.e. over the questions)", title=f"world {wname}")
+        a.legend(loc="lower right")
+        if w.get("top_k_removal"):
+            removal_bars(b, w["top_k_removal"], f"world {wname}: remove top-k, retrain")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
