@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from msif_lite.attribution.config import AttributionConfig
 from msif_lite.attribution.methods import METHODS, describe_methods
-from msif_lite.config import add_config_options, config_kwargs
+from msif_lite.config import add_config_options, config_kwargs, trim_allocator
 from msif_lite.engine.curvature import CURVATURES
 from msif_lite.engine.prompts import DEFAULT_TEMPLATE
 
@@ -220,6 +220,7 @@ def _bench(parser: argparse.ArgumentParser, name: str, args: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    trim_allocator()  # freed tensors go back to the system: the memory plan's assumption
     parser = _parser()
     a, extra = parser.parse_known_args(argv)
     if extra and a.command not in ("bench", "world"):

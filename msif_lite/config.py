@@ -5,6 +5,7 @@ from config dataclasses (`add_config_options`).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import typing
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 import torch
 
 FAST_ENV = "MSIF_FAST"
+MMAP_THRESHOLD = 65536  # bytes: glibc mmaps allocations at least this large
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 
 
 def fast_mode() -> bool:
@@ -110,3 +113,15 @@ def config_kwargs(cls, namespace) -> dict:
         if f.metadata.get("cli") is not None and getattr(namespace, f.name, None) is not None:
             out[f.name] = getattr(namespace, f.name)
     return out
+
+
+def trim_allocator(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make glibc mmap every allocation of at least `threshold` bytes and unmap it when freed
+    (a fixed threshold: the dynamic raise is off), so resident memory follows the live tensor
+    bytes the memory plan predicts. Returns False where it cannot (not glibc). Call it at the
+    start of a process; tensors allocated before the call keep their heap pages."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False

@@ -15,13 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import lm_batch, make_lm
-from test_curvature_vs_exact import blocks, tiny_mlp
+from test_curvature_vs_exact import assert_inverse_is_dense_solve, blocks, tiny_mlp
 
 from msif_lite.engine.curvature import CURVATURES, curvature
 from msif_lite.engine.curvatures.diagonal import DiagonalFactors, DiagonalIHVP, fit_diagonal
-from msif_lite.engine.exact import DenseSolveIHVP, dense_ggn, per_example_flat_grads
+from msif_lite.engine.exact import dense_ggn, per_example_flat_grads
 from msif_lite.engine.factors import FactorConfig
-from msif_lite.engine.ihvp import Damping
 from msif_lite.engine.layers import find_modules, flatten
 from msif_lite.engine.tasks import LanguageModelingTask
 
@@ -62,12 +61,7 @@ def test_inverse_is_a_dense_solve_of_the_diagonal_and_damping_is_not_stored():
     model, task, x, y, modules = tiny_mlp(0, steps=0)
     d = fit_diagonal(model, task, [(x, y)], SAMPLED, modules)
     M = torch.diag(flatten({n: t[None] for n, t in d.layers}, modules)[0])
-    g = torch.Generator().manual_seed(3)
-    v = {m.name: torch.randn(4, *m.shape, generator=g, dtype=torch.float64) for m in modules}
-    for lam in (1e-3, 0.1):
-        ours = DiagonalIHVP(d, Damping(absolute=lam)).apply(v)
-        ref = DenseSolveIHVP(M, modules, lam).apply(v)
-        torch.testing.assert_close(flatten(ours, modules), flatten(ref, modules), **TIGHT)
+    v = assert_inverse_is_dense_solve(lambda damping: DiagonalIHVP(d, damping), M, modules)
     heur = DiagonalIHVP(d)
     once = flatten(heur.apply(v), modules)
     torch.testing.assert_close(flatten(DiagonalIHVP(d).apply(v), modules), once, rtol=0, atol=0)

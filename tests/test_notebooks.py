@@ -157,6 +157,195 @@ def test_headers_point_to_the_measured_run_times(path: Path):
 def test_readme_notebook_table_shows_the_measured_times_and_memory():
     readme = (REPO / "README.md").read_text()
     times = json.loads((REPO / "notebooks" / "run_times.json").read_text())
-    assert set(times) == {p.name for p in NOTEBOOKS}, "run_times.json has one entry per notebook"
+    assert set(times) - {"lab"} == {p.name for p in NOTEBOOKS}, \
+        "run_times.json has one entry per notebook, plus the lab path under \"lab\""
     assert _tool("notebook_table").render(readme, times) == readme, \
         "README table differs from notebooks/run_times.json: run python tools/notebook_table.py"
+
+
+def test_readme_lab_row_sums_the_declared_lab_path():
+    """The lab row is computed from the "lab" list, not from a hard-coded range."""
+    table = _tool("notebook_table")
+    times = json.loads((REPO / "notebooks" / "run_times.json").read_text())
+    lab = table.lab_path(times)
+    row = next(ln for ln in (REPO / "README.md").read_text().splitlines()
+               if ln.startswith("| **lab"))
+    assert row == table.total_row(times, table.lab_label(lab), lab)
+    assert row.startswith(f"| **lab: {lab[0][:2]}–{lab[-1][:2]}** | {len(lab)} notebooks")
+    fewer = {**times, "lab": lab[:3]}  # another declared path changes the row
+    assert table.render((REPO / "README.md").read_text(), fewer) != (REPO / "README.md").read_text()
+
+
+def test_recording_a_run_time_keeps_the_lab_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    ex = _tool("execute_notebooks")
+    (tmp_path / "notebooks").mkdir()
+    times = json.loads((REPO / "notebooks" / "run_times.json").read_text())
+    (tmp_path / "notebooks" / "run_times.json").write_text(json.dumps(times))
+    (tmp_path / "README.md").write_text((REPO / "README.md").read_text())
+    monkeypatch.setattr(ex, "REPO", tmp_path)
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    ex.record_time("03_kfac.ipynb", "fast", 12.3)
+    after = json.loads((tmp_path / "notebooks" / "run_times.json").read_text())
+    assert after["lab"] == times["lab"], "merging a run time dropped or changed the lab path"
+    assert after["03_kfac.ipynb"]["fast"] == 12
+
+
+def test_lab_run_moves_the_caches_aside_and_deletes_nothing(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch):
+    ex = _tool("execute_notebooks")
+    nbs = tmp_path / "notebooks"
+    (nbs / ".cache" / "msif").mkdir(parents=True)
+    (nbs / ".cache" / "msif" / "factors.bin").write_text("x")
+    (nbs / "runs" / "nb09").mkdir(parents=True)
+    monkeypatch.setattr(ex, "REPO", tmp_path)
+    monkeypatch.setattr(ex, "NOTEBOOKS", nbs)
+    moved = ex.move_caches_aside("t0")
+    assert not (nbs / ".cache").exists() and not (nbs / "runs").exists(), "caches left in place"
+    assert (tmp_path / ".cache" / "aside" / "t0" / ".cache" / "msif" / "factors.bin").read_text() == "x"
+    assert {p.name for p in moved} == {".cache", "runs"}
+
+
+# ---------------------------------------------------------------------------------------
+# The lab path (issue 26): declared once in notebooks/run_times.json, read by the README's
+# lab row, tools/execute_notebooks.py --lab and these tests.
+
+LAB = json.loads((REPO / "notebooks" / "run_times.json").read_text())["lab"]
+LAB_NOTEBOOKS = [REPO / "notebooks" / n for n in LAB]
+LAB_WORDS = 8000  # the issue's reading budget for the whole lab path
+WORD_BUDGET = {"00": 650, "01": 850, "02": 600, "03": 750, "04": 750, "05": 750, "06": 750,
+               "07": 950, "08": 500, "09": 950}  # the per-notebook split agreed for issue 26
+VERDICT = "## The verdict: does influence predict retraining?"
+PREDICT_FIRST = "**Predict first:**"
+PREDICT_IN = ("01", "07", "09", "10", "11")  # each checks against retraining or an exact reference
+LIST_ITEM = re.compile(r"^(?:\d+[.)]|[-*])\s+\S")
+
+
+def _cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
+
+
+def _src(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def markdown_words(path: Path) -> int:
+    """Whitespace-separated tokens of every markdown cell."""
+    return sum(len(_src(c).split()) for c in _cells(path) if c["cell_type"] == "markdown")
+
+
+def _list_after(text: str, heading: re.Pattern) -> list[str] | None:
+    """The list items (numbered or bulleted) right after a heading; None without the heading."""
+    lines = text.splitlines()
+    at = next((i for i, ln in enumerate(lines) if heading.match(ln.strip())), None)
+    if at is None:
+        return None
+    items, started = [], False
+    for ln in lines[at + 1:]:
+        if ln.lstrip().startswith("#"):
+            break
+        if LIST_ITEM.match(ln):  # a top-level item (not indented)
+            items.append(ln)
+            started = True
+        elif started and ln.strip() and not ln.startswith((" ", "\t")):
+            break  # a paragraph after the list ends it
+        elif started and not ln.strip():
+            continue
+    return items
+
+
+def test_lab_path_is_declared_in_order_and_ends_with_the_verdict():
+    names = [p.name for p in NOTEBOOKS]
+    assert LAB and all(n in names for n in LAB), f"the lab path names missing notebooks: {LAB}"
+    assert LAB == sorted(LAB), "the lab path runs in notebook order"
+    assert any(_src(c).strip().startswith(VERDICT) for c in _cells(LAB_NOTEBOOKS[-1])
+               if c["cell_type"] == "markdown"), f"the lab's last notebook has no '{VERDICT}'"
+
+
+def test_lab_reading_load_fits_the_budget():
+    words = {p.name: markdown_words(p) for p in LAB_NOTEBOOKS}
+    for name, n in words.items():
+        print(f"{name:<36s}{n:>6d} markdown words (budget {WORD_BUDGET.get(name[:2], '-')})")
+    print(f"{'lab path':<36s}{sum(words.values()):>6d} (budget {LAB_WORDS})")
+    assert sum(words.values()) <= LAB_WORDS, \
+        f"the lab path holds {sum(words.values())} markdown words (> {LAB_WORDS}): {words}"
+
+
+@pytest.mark.parametrize("path", LAB_NOTEBOOKS, ids=lambda p: p.name)
+def test_lab_notebook_keeps_its_word_budget(path: Path):
+    n, budget = markdown_words(path), WORD_BUDGET[path.name[:2]]
+    assert n <= budget, f"{path.name}: {n} markdown words, over its budget of {budget}"
+
+
+@pytest.mark.parametrize("path", LAB_NOTEBOOKS, ids=lambda p: p.name)
+def test_lab_notebook_opens_with_three_learning_goals(path: Path):
+    first = next(c for c in _cells(path) if c["cell_type"] == "markdown")
+    goals = _list_after(_src(first), re.compile(r"^#{1,6}\s+Learning goals\s*$"))
+    assert goals is not None, "the first markdown cell needs a heading 'Learning goals'"
+    assert len(goals) == 3, f"3 learning goals under the heading, found {len(goals)}: {goals}"
+
+
+@pytest.mark.parametrize("path", LAB_NOTEBOOKS, ids=lambda p: p.name)
+def test_lab_notebook_ends_with_a_recap_before_its_claims(path: Path):
+    cells = _cells(path)
+    at = [i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+          and re.search(r"^## Recap\s*$", _src(c), re.M)]  # fmt: skip
+    assert len(at) == 1, f"one '## Recap' heading, found {len(at)}"
+    bullets = _list_after(_src(cells[at[0]]), re.compile(r"^## Recap\s*$"))
+    assert 3 <= len(bullets) <= 5, f"the recap has 3–5 bullets, found {len(bullets)}"
+    code_after = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and i > at[0]]
+    assert len(code_after) == 1 and code_after[0] == max(
+        i for i, c in enumerate(cells) if c["cell_type"] == "code"), \
+        "the recap comes just before the final claims cell (no other code cell after it)"
+
+
+@pytest.mark.parametrize("path", LAB_NOTEBOOKS, ids=lambda p: p.name)
+def test_lab_notebook_has_a_pen_and_paper_exercise_with_a_hidden_solution(path: Path):
+    cells = _cells(path)
+    found = []
+    for i, c in enumerate(cells):
+        text = _src(c).strip()
+        if c["cell_type"] == "markdown" and text.startswith("**Exercise") \
+                and "pen and paper" in text.lower():  # fmt: skip
+            nxt = next((d for d in cells[i + 1:] if d["cell_type"] == "code"), None)
+            found.append(nxt is not None and "solution" in nxt.get("metadata", {}).get("tags", [])
+                         and _src(nxt).startswith("# Solution"))
+    assert found, "no markdown cell starting '**Exercise' that says 'pen and paper'"
+    assert all(found), "a pen-and-paper exercise is not followed by its hidden '# Solution' cell"
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name[:2] in PREDICT_IN],
+                         ids=lambda p: p.name)
+def test_checks_against_retraining_are_predicted_first(path: Path):
+    md = [_src(c) for c in _cells(path) if c["cell_type"] == "markdown"]
+    assert any(PREDICT_FIRST in t for t in md), \
+        f"{path.name} checks against retraining or an exact reference: add a '{PREDICT_FIRST}' prompt"
+
+
+def _draws(cell: dict) -> bool:
+    return cell["cell_type"] == "code" and (
+        bool(DRAWS.search(_src(cell)))
+        or any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])))
+
+
+@pytest.mark.parametrize("path", LAB_NOTEBOOKS, ids=lambda p: p.name)
+def test_every_lab_figure_is_captioned(path: Path):
+    """A markdown cell right after each figure says what to see in it."""
+    cells = _cells(path)
+    bare = [i for i, c in enumerate(cells) if _draws(c)
+            and "solution" not in c.get("metadata", {}).get("tags", [])
+            and (i + 1 == len(cells) or cells[i + 1]["cell_type"] != "markdown")]
+    assert not bare, f"cells {bare} draw a figure with no markdown caption right after"
+
+
+@pytest.mark.parametrize("path", LAB_NOTEBOOKS, ids=lambda p: p.name)
+def test_every_lab_figure_is_titled_and_labelled(path: Path):
+    """Figures built in the notebook set a title and label their value axis (a categorical
+    axis is labelled by its ticks); library helpers (`plot_recall_curve`, `score_distributions`,
+    …) title and label their own axes."""
+    own = [(i, _src(c)) for i, c in enumerate(_cells(path)) if _draws(c)
+           and re.search(r"plt\.subplots\(|plt\.figure\(|\.add_subplot\(", _src(c))]
+    helper = re.compile(r"\b(?:plot_\w+|score_distributions|rank_comparison|layer_contributions|"
+                        r"token_heatmap)\(")
+    bad = [i for i, s in own if not helper.search(s)
+           and ("title" not in s or not re.search(r"[xy]label", s))]
+    assert not bad, f"cells {bad} draw a figure without a title or an axis label"

@@ -149,7 +149,8 @@ def test_bench_unrolled_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
     from msif_lite.bench import unrolled as bench
 
     cfg = bench.UnrolledBenchConfig(RetrainConfig(tiny_pipeline, n_subsets=4, n_noise=2),
-                                    n_queries=2, block=2, baselines=("multi_stage", "bm25"))
+                                    n_queries=2, block=2, baselines=("multi_stage", "bm25"),
+                                    removal_methods=("unrolled", "multi_stage"))
     monkeypatch.setattr(bench, "FAST", cfg)
     monkeypatch.setenv("MSIF_FAST", "1")
     out, cache = tmp_path / "results", tmp_path / "cache"

@@ -8,6 +8,10 @@ The table under "## The notebooks" has one row per notebook:
 columns come from `tools/execute_notebooks.py`'s measurements (run time in each mode and
 the kernel's peak resident memory in full mode), which calls `update_readme` after each
 notebook; the first two columns are left as written.
+
+The lab path (the notebooks a 2-hour lab runs, in order) is declared once, as the list under
+the key "lab" in notebooks/run_times.json; the README's lab row (`| **lab: 00–09** | …`) sums
+those notebooks, the whole-series row every notebook.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\| `(\d\d_\w+)` \| (.*?) \|(?: [^|]* \|){2,3}$")
 TOTAL = "| **whole series** |"
-LAB = "| **lab: 00–09** |"  # the teaching path a 2-hour lab runs; 10–11 evaluate against retraining
-LAB_LAST = "09"
+LAB = "| **lab"  # the lab row starts so; its label names the lab's notebooks (lab_label)
+LAB_KEY = "lab"  # run_times.json: the list of notebooks on the lab path, in order
 HEADER = ("| notebook | what it teaches | full mode | fast mode (CI) | peak memory (full) |\n"
           "| --- | --- | --- | --- | --- |")
 
@@ -38,9 +42,33 @@ def megabytes(mb: float | None) -> str:
     return "not measured" if mb is None else f"{mb:,.0f} MB"
 
 
-def total_row(times: dict, label: str = TOTAL, last: str | None = None) -> str:
-    """Sum of the run times per mode and the largest peak over the notebooks up to `last`
-    (all by default), saying how many were not measured."""
+def notebook_times(times: dict) -> dict:
+    """The per-notebook entries of run_times.json (every key but the lab list)."""
+    return {k: v for k, v in times.items() if k != LAB_KEY}
+
+
+def lab_path(times: dict) -> list[str]:
+    """The lab path declared in run_times.json: notebook file names, in order."""
+    lab = times.get(LAB_KEY)
+    if not isinstance(lab, list) or not lab:
+        raise ValueError(f'notebooks/run_times.json has no "{LAB_KEY}" list of notebook names')
+    missing = [n for n in lab if n not in times]
+    if missing:
+        raise ValueError(f"the lab path names notebooks with no run-time entry: {missing}")
+    return lab
+
+
+def lab_label(lab: list[str]) -> str:
+    """'| **lab: 00–09** |' for a run of consecutive numbers, else the numbers listed."""
+    nums = [n[:2] for n in lab]
+    run = [f"{int(nums[0]) + i:02d}" for i in range(len(nums))]
+    names = f"{nums[0]}–{nums[-1]}" if nums == run and len(nums) > 1 else ", ".join(nums)
+    return f"| **lab: {names}** |"
+
+
+def total_row(times: dict, label: str = TOTAL, names: list[str] | None = None) -> str:
+    """Sum of the run times per mode and the largest peak over the notebooks `names` (all
+    by default), saying how many were not measured."""
     def cell(values, fmt, agg) -> str:
         known = [v for v in values if v is not None]
         if not known:
@@ -48,7 +76,8 @@ def total_row(times: dict, label: str = TOTAL, last: str | None = None) -> str:
         missing = len(values) - len(known)
         return fmt(agg(known)) + (f" ({missing} not measured)" if missing else "")
 
-    entries = [times[k] for k in sorted(times) if last is None or k[:2] <= last]
+    nb = notebook_times(times)
+    entries = [nb[k] for k in (sorted(nb) if names is None else names)]
     return (f"{label} {len(entries)} notebooks, run one after the other | "
             f"{cell([e.get('full') for e in entries], seconds, sum)} | "
             f"{cell([e.get('fast') for e in entries], seconds, sum)} | "
@@ -71,7 +100,8 @@ def render(readme: str, times: dict) -> str:
         if inside and line.startswith(TOTAL):
             line = total_row(times)
         if inside and line.startswith(LAB):
-            line = total_row(times, LAB, LAB_LAST)
+            lab = lab_path(times)
+            line = total_row(times, lab_label(lab), lab)
         if m:
             seen = True
             t = times.get(f"{m.group(1)}.ipynb", {})

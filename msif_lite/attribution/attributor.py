@@ -31,6 +31,7 @@ from msif_lite.attribution.encoder import INVISIBLE, Encoder, QuestionLike
 from msif_lite.attribution.methods import Method, get_method
 from msif_lite.attribution.settings import ScoreSettings, Stage
 from msif_lite.attribution.stage import StageState
+from msif_lite.config import trim_allocator
 from msif_lite.engine.curvature import curvature
 from msif_lite.engine.gradstore import Candidate
 from msif_lite.engine.inputs import as_pairs, prepare_documents, unknown_document
@@ -74,6 +75,8 @@ class Attributor:
         if not documents:
             raise ValueError("no pre-training documents given: the candidate set is empty.")
         self.config = config = config.with_alpha(alpha)
+        if config.trim_allocator:
+            trim_allocator()
         self.settings: ScoreSettings = config.score_settings()
         self.encoder = Encoder.for_model(pretrained, tokenizer, config.template,
                                          config.context_length, config.batch_size)

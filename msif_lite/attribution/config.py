@@ -63,6 +63,11 @@ class AttributionConfig:
     gradient_cache_gb: float = _help(
         "disk budget of a candidate set's cached gradients; above it they are streamed, "
         "never written", 20.0, cli="--gradient-cache-gb")
+    trim_allocator: bool = _help(
+        "make glibc return freed tensors' memory to the system at once (mallopt: mmap "
+        "threshold 64 KiB, `msif_lite.config.trim_allocator`) when the Attributor is built, "
+        "so memory comes back down between questions and the memory plan "
+        "(scale.memory.predict) holds", True)
     gradient_chunk_mb: float = _help(
         "stored candidate gradients held in memory at once while scoring (GradientStore; "
         "lower it to lower the scoring peak, scale.memory's chunk_mb)", 1024.0,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from msif_lite.config import describe_run, fast_mode
+from msif_lite.config import MMAP_THRESHOLD, describe_run, fast_mode
 from msif_lite.engine.storage import atomic_write_json, atomic_write_text
 
 
@@ -157,7 +157,6 @@ def finish(name: str, payload: dict, markdown: str, out_dir: str | Path = "resul
     return BenchResult(name, path, path.with_suffix(".md"), payload)
 
 
-MMAP_THRESHOLD = 65536  # glibc: allocations ≥ 64 KiB are mmapped and unmapped when freed
 
 
 def run_row(command: Sequence[str], spec: dict, *, default_malloc: bool = False) -> dict:

@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from msif_lite.attribution.encoder import Encoder
 from msif_lite.bench import common
 from msif_lite.config import pick
-from msif_lite.engine import exact
+from msif_lite.engine import exact, exact_products
 from msif_lite.engine.exact import ggn_matvec
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.tasks import LanguageModelingTask
@@ -128,15 +128,15 @@ def parts(model, batches, modules, k: int, repeats: int) -> dict[str, float]:
     primal forward (one pass, what jvp recomputes), the vmapped jvp J·v (primal included),
     the pulled-back output Hessian H̃ u and the vmapped vjp Jᵀ·u (closure cached)."""
     task = LanguageModelingTask()
-    m32, head = exact._through_head(copy.deepcopy(model).float(), task, batches,
+    m32, head = exact_products._through_head(copy.deepcopy(model).float(), task, batches,
                                     exact.modules_of(model, modules), True, True, True)
     mods = exact.modules_of(m32, modules)
-    wrapped, p0 = exact._OutputOf(m32, task), exact._tracked(mods)
+    wrapped, p0 = exact.OutputOf(m32, task), exact.tracked_params(mods)
     p = sum(m.numel for m in mods)
-    tangents = exact._to_params(torch.randn(k, p, generator=torch.Generator().manual_seed(0)),
+    tangents = exact.to_params(torch.randn(k, p, generator=torch.Generator().manual_seed(0)),
                                 mods)  # fmt: skip
     out = dict.fromkeys(("forward", "jvp", "output_hessian", "vjp"), 0.0)
-    with exact._math_sdpa(), torch.no_grad():
+    with exact.math_sdpa(), torch.no_grad():
         for batch in batches:
             f = lambda q, batch=batch: functional_call(wrapped, q, (batch,))  # noqa: E731
             h, vjp_fn = vjp(f, p0)

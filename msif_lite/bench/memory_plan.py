@@ -1,31 +1,25 @@
 """Does the memory plan hold on a real corpus? `memory.predict` vs resident memory and disk.
 
-`msif-lite bench memory-plan [--sizes small,medium,large] [--archs llama,gpt2]` builds small
-random-init Llama and GPT-2 models from configs (no hub) at three sizes and a variable-length
-corpus for each (skewed lengths in document order, one document at the longest length, as
-license texts and docstrings are: most short, a few long). The plan is given the corpus's
-lengths (`predict(..., lengths=...)`): the batches the fit and the gradient store form
-(chunks of batch_size in the given order, each padded to its longest). For every stage it
-runs that stage in a **fresh subprocess** and measures the peak resident memory above the
-level just before the stage (`measure.measure_rss_peak`: VmHWM − VmRSS, high-water mark reset,
-free heap returned first), plus the tensor bytes the stage inherits that the plan counts (the
-factors of earlier stages, the cached captures), the convention of `MemoryPlan.peak`.
-
-Allocator: every row runs without MALLOC_* variables, the environment a user has. 'kit' rows
-call `measure.trim_allocator()` at the start of the process, as the kit's own processes do
-(mallopt: a fixed 64 KiB mmap threshold, so freed tensors go back to the system); 'glibc
-default' rows do not, and show what glibc's dynamic threshold does to resident memory. Each
-row also gives the plan from the longest document (every batch batch_size × longest, the plan
-before `lengths`). Disk: the bytes the gradient store wrote for the candidates (cached
-scoring). The BLOOM-560m shape is predicted without running. Writes
-results/memory_plan.json + .md after every row (partial results survive an interruption);
-`--append` adds glibc-default rows to them, `--replan` re-predicts their rows without measuring.
+`msif-lite bench memory-plan [--sizes small,medium,large] [--archs llama,gpt2]`: random-init
+Llama and GPT-2 models from configs (no hub) at three sizes, each with a variable-length
+corpus (skewed lengths in document order: most short, one at the longest length). The plan
+gets the corpus's lengths (`predict(..., lengths=...)`: the batches the fit and the gradient
+store form, in order, each padded to its longest). Each stage runs in a **fresh subprocess**
+that measures the peak resident memory above the level before the stage
+(`measure.measure_rss_peak`: VmHWM − VmRSS, high-water mark reset, free heap returned first)
+plus the tensor bytes it inherits that the plan counts (earlier stages' factors, the cached
+captures), the convention of `MemoryPlan.peak`. Rows run without MALLOC_* variables, as a
+user's do: 'kit' rows call `measure.trim_allocator()` first (mallopt: a fixed 64 KiB mmap
+threshold, as the kit's own processes are meant to), 'glibc default' rows do not. Each row
+also has the plan from the longest document (every batch batch_size × longest, the plan
+before `lengths`). Disk: what the gradient store wrote. The BLOOM-560m shape is predicted
+without running. Writes results/memory_plan.json + .md after every row; `--append` adds
+glibc-default rows, `--replan` re-predicts the rows without measuring.
 
 Stages: covariance, eigendecomposition, lambda (as `fit_ekfac` runs them, captures cached),
-scoring (`pairwise_scores` on a query batch, multi-stage with two EK-FACs, candidates
-streamed), cached scoring (the `Attributor` path: the method's inverse built, the queries
-preconditioned layer by layer, `GradientStore.scores` computing and writing the candidates'
-gradients).
+scoring (`pairwise_scores`, two EK-FACs, candidates streamed), cached scoring (the
+Attributor's path: the method's inverse, the queries preconditioned layer by layer,
+`GradientStore.scores` computing and writing the candidates' gradients).
 """
 
 from __future__ import annotations
@@ -37,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -117,9 +111,8 @@ def options(size: Size, longest_document: bool = False) -> MemoryOptions:
     the longest document."""
     kw = dict(batch_size=size.batch_size, n_queries=size.n_queries, query_len=size.query_len,
               n_candidates=size.n_docs, factor_dtype="float32")  # fmt: skip
-    if longest_document:
-        return MemoryOptions(seq_len=size.longest, **kw)
-    return MemoryOptions(lengths=tuple(corpus_lengths(size)), **kw)
+    longest = dict(seq_len=size.longest) if longest_document else {}
+    return MemoryOptions(lengths=None if longest else tuple(corpus_lengths(size)), **longest, **kw)
 
 
 # ------------------------------------------------------------------ one row, in a subprocess
@@ -307,10 +300,8 @@ def bloom560m_prediction() -> list[dict]:
                               query_len=64, query_rank=rank, n_candidates=1000,
                               gradient_cache_gb=1e6)  # fmt: skip
             p = predict(cfg, o, device="cuda")
-            streamed = predict(cfg, o.__class__(**{**asdict(o), "gradient_cache_gb": 20.0}),
-                               device="cuda")  # fmt: skip
-            proj = predict(cfg, o.__class__(**{**asdict(o), "projection": (64, 64)}),
-                           device="cuda")  # fmt: skip
+            streamed = predict(cfg, replace(o, gradient_cache_gb=20.0), device="cuda")
+            proj = predict(cfg, replace(o, projection=(64, 64)), device="cuda")
             out.append({"layers": include or "all", "query_rank": rank,
                         "scoring_gib": p.peak["scoring"] / GiB,
                         "cached_scoring_gib": p.peak["cached scoring"] / GiB,
@@ -344,16 +335,15 @@ def markdown(res: dict) -> str:
         "(disk)." + (" With glibc's default allocator untouched (no trim_allocator), plan ÷ "
                      f"measured by size: {glibc_text}: glibc keeps tens of MiB of freed heap "
                      "(its dynamic mmap threshold rises to 32 MiB), which matters most at "
-                     "small sizes; the kit's processes call trim_allocator() so that resident "
-                     "memory follows the plan." if glibc else ""),
+                     "small sizes; `scale.measure.trim_allocator()` at the start of a process "
+                     "makes resident memory follow the plan (the 'kit' rows)." if glibc else ""),
         f"Measured: {res['measured_by']}. Total {res.get('total_s', 0):.0f} s.",
         "",
         f"Corpus lengths (tokens, in batching order, batch 4): {lens}.",
         "",
         markdown_table(rows, ["arch", "size", "stage", "allocator", "predicted_gib",
                               "measured_gib", "ratio", "longest_doc_ratio",
-                              "predicted_disk_gb", "measured_disk_gb"],
-                       floatfmt=".4g"),  # fmt: skip
+                              "predicted_disk_gb", "measured_disk_gb"], floatfmt=".4g"),
         "",
         "## Historical (superseded paths and plans, measured before)",
         "",
@@ -361,12 +351,7 @@ def markdown(res: dict) -> str:
         "",
         "## BLOOM-560m shape, predicted (16 queries × 1,000 candidates, batch 4 × 512)",
         "",
-        markdown_table(res["bloom560m_predicted"], ["layers", "query_rank", "scoring_gib",
-                                                    "cached_scoring_gib",
-                                                    "streamed_cached_scoring_gib",
-                                                    "dense_cache_disk_gb",
-                                                    "projected_64x64_disk_gb",
-                                                    "fit_peak_gib"]),  # fmt: skip
+        markdown_table(res["bloom560m_predicted"], list(res["bloom560m_predicted"][0])),
     ]
     return "\n".join(lines) + "\n"
 
@@ -402,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> BenchResult | None:
     kept = json.loads((Path(a.out) / "memory_plan.json").read_text()) if a.append else None
     res = run(sizes, a.archs.split(","), tuple(a.glibc_sizes.split(",")), out=a.out,
               kit=not a.append, rows=kept["rows"] if kept else ())
-    if kept:  # the sizes of both runs, the time of both
+    if kept:  # the sizes and the time of both runs
         res["sizes"] = kept["sizes"] + [s for s in res["sizes"] if s not in kept["sizes"]]
         res["total_s"] += kept.get("total_s", 0.0)
     return finish("memory_plan", res, markdown(res), a.out)

@@ -3,8 +3,8 @@
 One `Curvature` per approximation, selected by name (`AttributionConfig.curvature`, the
 CLI's `--curvature`):
 
-    ekfac     G_l ≈ (Q_A ⊗ Q_S) diag(Λ) (Q_A ⊗ Q_S)ᵀ       notebook 04 §The eigenbasis
-    kfac      G_l ≈ A ⊗ S                                  notebook 03 §The Fisher block
+    ekfac     G_l ≈ (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ       notebook 04 §The eigenbasis
+    kfac      G_l ≈ S ⊗ A                                  notebook 03 §The Fisher block
     identity  G = 0, so (G + λI)⁻¹ = I/λ; with λ = 0 the plain gradient (no curvature)
     …         any module in `msif_lite/engine/curvatures/` (e.g. `diagonal`): each file
               registers its own entry and is found by name, nothing else is edited
@@ -115,7 +115,7 @@ def register(curvature: Curvature) -> Curvature:
 
 register(Curvature("ekfac", "EK-FAC: Kronecker eigenbasis, eigenvalues refitted (Λ)",
                    fit_ekfac, EKFACIHVP, whitening=True))  # fmt: skip
-register(Curvature("kfac", "K-FAC: A ⊗ S, eigenvalues λ_S λ_Aᵀ", _fit_kfac, KFACIHVP,
+register(Curvature("kfac", "K-FAC: S ⊗ A, eigenvalues d_S d_Aᵀ", _fit_kfac, KFACIHVP,
                    whitening=True))  # fmt: skip
 register(Curvature("identity", "no curvature: (λI)⁻¹ (the gradient dot product at λ = 0)",
                    lambda *a: None, _identity_inverse, factors=None))  # fmt: skip

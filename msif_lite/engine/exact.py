@@ -42,17 +42,15 @@ from msif_lite.engine.functional import (  # noqa: F401
     OutputOf,
     _as_list,
     _check_eval,
-    _math_sdpa,
-    _to_flat,
-    _to_params,
-    _tracked,
+    math_sdpa,
     modules_of,
     param_key,
+    to_flat,
+    to_params,
+    tracked_params,
 )
 from msif_lite.engine.layers import TrackedModule
 from msif_lite.engine.tasks import Fisher, Task
-
-_OutputOf, _key = OutputOf, param_key  # the former private names (bench/exact_speed.py)
 
 
 def _dense(matvec: Matvec, modules: Sequence[TrackedModule], chunk: int) -> Tensor:
@@ -100,7 +98,7 @@ def per_example_flat_grads(
             gs = torch.autograd.grad(losses[n], params, retain_graph=True, allow_unused=True)
             gs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
             d = dict(zip([param_key(k) for m in modules for k, _ in m.parameters()], gs))
-            rows.append(_to_flat(d, modules))
+            rows.append(to_flat(d, modules))
     return torch.stack(rows).detach()
 
 

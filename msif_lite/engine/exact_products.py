@@ -19,12 +19,12 @@ from msif_lite.engine.functional import (
     _as_list,
     _check_eval,
     _floats_to,
-    _math_sdpa,
     _n_examples,
-    _to_flat,
-    _to_params,
-    _tracked,
+    math_sdpa,
     modules_of,
+    to_flat,
+    to_params,
+    tracked_params,
 )
 from msif_lite.engine.layers import TrackedModule
 from msif_lite.engine.tasks import Task
@@ -78,7 +78,7 @@ def ggn_matvec(
                                 owned)  # fmt: skip
     mods = modules_of(model, modules)
     wrapped = OutputOf(model, task)
-    p0 = _tracked(mods)
+    p0 = tracked_params(mods)
     scale = 1.0 / _n_examples(task, batches) if average else 1.0
     work, dev = next(iter(p0.values())).dtype, next(iter(p0.values())).device
     saved: dict[int, tuple] = {}
@@ -93,16 +93,16 @@ def ggn_matvec(
 
     def matvec(v: Tensor) -> Tensor:
         vs = v.reshape(-1, v.shape[-1])
-        tangents = _to_params(vs.to(dev, work), mods)
+        tangents = to_params(vs.to(dev, work), mods)
         total = torch.zeros(vs.shape, dtype=work, device=dev)
         # no_grad: the untracked parameters (embeddings, norms) still require grad, and the
         # torch.func transforms below ignore an outer no_grad, so G v carries no autograd graph
-        with _math_sdpa(), torch.no_grad():
+        with math_sdpa(), torch.no_grad():
             for i, batch in enumerate(batches):
                 f, vjp_fn, hess = linearised(i, batch)
                 jv = vmap(lambda t, f=f: jvp(f, (p0,), (t,))[1])(tangents)  # J v, (K, *out)
                 # H (J v) on all K at once (every `hess` takes a leading K), then Jᵀ
-                total += _to_flat(vmap(vjp_fn)(hess(jv))[0], mods)
+                total += to_flat(vmap(vjp_fn)(hess(jv))[0], mods)
         return (total * scale).to(v.device, v.dtype).reshape(v.shape)
 
     matvec.through_head = head is not None
@@ -139,7 +139,7 @@ def pulled_back_hessian(hess: Matvec, weight: Tensor, positions: torch.Size) -> 
     V-sized intermediates), or H̃ itself, built once from `hess` (u of shape positions × V)
     applied to the columns of W (B·T·V·d², a few columns at a time) and then read once per
     call (B·T·d² floats, shared by the K). Reading H̃ is memory-bound, so it pays from about
-    K ≥ 20·d/V right-hand sides (measured in benchmarks/exact_speed.py); it is built at the
+    K ≥ 20·d/V right-hand sides (measured by `msif-lite bench exact-speed`); it is built at the
     first such call.
     """
     vocab, d = weight.shape
@@ -196,7 +196,7 @@ def _through_head(model: nn.Module, task: Task, batches: list, mods: Sequence[Tr
         if d >= head.out_features or d > PULLED_BACK_MAX_HIDDEN or mb > PULLED_BACK_MAX_MB:
             return model, None
     if reason is None:
-        with torch.no_grad(), _math_sdpa():
+        with torch.no_grad(), math_sdpa():
             b0 = _floats_to(batches[0], head.weight.dtype)
             ref = task.output(model, b0)
             body = model if owned else copy.deepcopy(model)
@@ -221,17 +221,17 @@ def hessian_matvec(
     """v ↦ H v, H = ∇²_θ (1/N) Σ_n ℓ_n over the tracked layers (forward-over-reverse)."""
     _check_eval(model)
     wrapped, batches = OutputOf(model, task), _as_list(batches)
-    p0, n = _tracked(modules), _n_examples(task, batches)
+    p0, n = tracked_params(modules), _n_examples(task, batches)
 
     def matvec(v: Tensor) -> Tensor:
         vs = v.reshape(-1, v.shape[-1])
-        tangents = _to_params(vs.to(next(iter(p0.values())).dtype), modules)
+        tangents = to_params(vs.to(next(iter(p0.values())).dtype), modules)
         total = torch.zeros_like(vs)
-        with _math_sdpa(), torch.no_grad():  # as in ggn_matvec: no graph through the result
+        with math_sdpa(), torch.no_grad():  # as in ggn_matvec: no graph through the result
             for b in batches:
                 loss = lambda p, b=b: task.loss_from_output(functional_call(wrapped, p, (b,)), b)  # noqa: E731
                 g = grad(lambda p, loss=loss: loss(p).sum())
-                total += _to_flat(vmap(lambda t, g=g: jvp(g, (p0,), (t,))[1])(tangents), modules)
+                total += to_flat(vmap(lambda t, g=g: jvp(g, (p0,), (t,))[1])(tangents), modules)
         return (total / n).reshape(v.shape)
 
     return matvec

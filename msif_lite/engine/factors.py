@@ -5,12 +5,13 @@ Notebook 03 §The Fisher block: per tracked layer,
     A = (1/N_tok) Σ_{n,t} ā_{n,t} ā_{n,t}ᵀ          (d_in, d_in), averaged over real tokens
     S = (1/N_seq) Σ_n Σ_t Ds_{n,t} Ds_{n,t}ᵀ        (out, out), token-summed per sequence,
                                                      averaged over sequences
-    G_layer ≈ A ⊗ S     (in the kit's row-major `flatten`: torch.kron(S, A))
+    G_layer ≈ S ⊗ A     (in the kit's row-major `flatten`: torch.kron(S, A))
 
-With one token per example A ⊗ S is exactly the Fisher block of a linear model; with T
+With one token per example S ⊗ A is exactly the Fisher block of a linear model; with T
 tokens per sequence S carries the per-sequence scale of DW_n = Σ_t Ds_t ā_tᵀ.
 
-Notebook 04 §The eigenbasis: A = Q_A Λ_A Q_Aᵀ, S = Q_S Λ_S Q_Sᵀ (float64 eigh) and
+Notebook 04 §The eigenbasis: A = Q_A diag(d_A) Q_Aᵀ, S = Q_S diag(d_S) Q_Sᵀ (float64 eigh;
+`eig_a`, `eig_s`) and
 
     Λ = (1/N_seq) Σ_n (Q_Sᵀ DW_n Q_A)^⊙2                (out, d_in)
 
@@ -266,7 +267,7 @@ class EKFACFactors(_Factors):
 
     def scaled(self, c: float) -> EKFACFactors:
         """Factors of c·G: the eigenbases are unchanged, eig_s and Λ are multiplied by c (so
-        K-FAC's λ_S λ_Aᵀ and EK-FAC's Λ both scale). Used to turn the fitted per-sequence G
+        K-FAC's d_S d_Aᵀ and EK-FAC's Λ both scale). Used to turn the fitted per-sequence G
         into the Hessian of a token-mean objective (`AttributionConfig.finetune_loss`)."""
         if not c > 0:
             raise ValueError(f"scale the curvature by a positive factor, got {c}")

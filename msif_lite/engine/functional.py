@@ -34,7 +34,7 @@ def _as_list(batches) -> list:
     return list(batches) if isinstance(batches, list) else [batches]
 
 
-def _math_sdpa():
+def math_sdpa():
     """Forward-mode AD needs the composite SDPA kernel (the fused CPU one has no jvp)."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -56,11 +56,11 @@ def _check_eval(model: nn.Module) -> None:
                            "(dropout is active)")  # fmt: skip
 
 
-def _tracked(modules: Sequence[TrackedModule]) -> dict[str, Tensor]:
+def tracked_params(modules: Sequence[TrackedModule]) -> dict[str, Tensor]:
     return {param_key(n): p.detach() for m in modules for n, p in m.parameters()}
 
 
-def _to_params(vec: Tensor, modules: Sequence[TrackedModule]) -> dict[str, Tensor]:
+def to_params(vec: Tensor, modules: Sequence[TrackedModule]) -> dict[str, Tensor]:
     """Flat (..., P) → {'model.<layer>.weight': ..., ...} (Conv1D weights transposed back)."""
     mats, out = unflatten(vec, modules), {}
     for m in modules:
@@ -69,7 +69,7 @@ def _to_params(vec: Tensor, modules: Sequence[TrackedModule]) -> dict[str, Tenso
     return out
 
 
-def _to_flat(params: dict[str, Tensor], modules: Sequence[TrackedModule]) -> Tensor:
+def to_flat(params: dict[str, Tensor], modules: Sequence[TrackedModule]) -> Tensor:
     mats = {}
     for m in modules:
         ws = [params[param_key(n)] for n, _ in m.parameters()]

@@ -1,10 +1,10 @@
 """Inverse-Hessian(-approximation)-vector products: v ↦ (G + λI)⁻¹ v, per tracked layer.
 
-Notebook 04 §Inverting EK-FAC, and damping: with G_l ≈ (Q_A ⊗ Q_S) diag(D) (Q_A ⊗ Q_S)ᵀ,
+Notebook 04 §Inverting EK-FAC, and damping: with G_l ≈ (Q_S ⊗ Q_A) diag(D) (Q_S ⊗ Q_A)ᵀ,
 
     (G_l + λ_l I)⁻¹ V = Q_S [ (Q_Sᵀ V Q_A) ⊘ (D + λ_l) ] Q_Aᵀ,
 
-D = λ_S λ_Aᵀ for K-FAC and D = Λ for EK-FAC. Damping is applied at use time and never
+D = d_S d_Aᵀ for K-FAC and D = Λ for EK-FAC. Damping is applied at use time and never
 written back into the factors. In the kit's row-major `flatten` the explicit matrix of a
 layer is torch.kron(S, A) (K-FAC) or kron(Q_S, Q_A) diag(vec Λ) kron(Q_S, Q_A)ᵀ (EK-FAC).
 
@@ -36,7 +36,7 @@ class InverseHVP(Protocol):
 @dataclass(frozen=True)
 class Damping:
     """λ_l = `absolute` if given, else heuristic_factor · mean(D_l), D_l the layer's curvature
-    eigenvalues (EK-FAC: Λ_l; K-FAC: the Kronecker eigenvalues λ_S λ_Aᵀ)."""
+    eigenvalues (EK-FAC: Λ_l; K-FAC: the Kronecker eigenvalues d_S d_Aᵀ)."""
 
     absolute: float | None = None
     heuristic_factor: float = 0.1
@@ -137,7 +137,7 @@ class _EigenIHVP:
 
 
 class KFACIHVP(_EigenIHVP):
-    """(A ⊗ S + λI)⁻¹ through the eigenbases: D = λ_S λ_Aᵀ (Notebook 03 §Inverting a Kronecker)."""
+    """(S ⊗ A + λI)⁻¹ through the eigenbases: D = d_S d_Aᵀ (Notebook 03 §Inverting a Kronecker)."""
 
     name = "kfac"
 

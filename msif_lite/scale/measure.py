@@ -29,14 +29,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from msif_lite.config import MMAP_THRESHOLD, trim_allocator  # noqa: F401 (re-exported)
 from msif_lite.engine.layers import TrackedModule, find_modules
 
 if TYPE_CHECKING:  # pragma: no cover
     from msif_lite.scale.memory import MemoryPlan
 
 GiB = 2**30
-MMAP_THRESHOLD = 65536  # bytes: glibc mmaps allocations at least this large
-_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 
 
 def fmt_bytes(n: float) -> str:
@@ -44,18 +43,6 @@ def fmt_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
-
-
-def trim_allocator(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Make glibc mmap every allocation of at least `threshold` bytes and unmap it when freed
-    (a fixed threshold: the dynamic raise is off), so resident memory follows the live tensor
-    bytes the memory plan predicts. Returns False where it cannot (not glibc). The kit's own
-    processes call it at start; tensors allocated before the call keep their heap pages."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return False
 
 
 class WontFitError(MemoryError):
