@@ -147,6 +147,14 @@ def test_check_fits_refuses_and_names_options():
     check_fits(plan, "cpu", available=10 * plan.max_peak)
     with pytest.raises(WontFitError, match="batch_size=32.*predict\\(\\) again"):
         check_fits(plan, "cpu", available=plan.peak["covariance"] // 2)
+    # the refusal never advises a setting the plan already has (notebook 09's refusal did)
+    set_ = predict(cfg, MemoryOptions(batch_size=64, seq_len=512, cache_activations_mb=0,
+                                      include="mlp"), device="cpu")  # fmt: skip
+    with pytest.raises(WontFitError) as refused:
+        check_fits(set_, "cpu", available=set_.peak["covariance"] // 2)
+    tips = str(refused.value).split("FactorConfig: ")[1].split(", then")[0]
+    assert tips
+    assert "cache_activations_mb=0" not in tips and "include='mlp'" not in tips
 
 
 def test_factor_options_token_budget_autocast_offload_partitions():

@@ -43,7 +43,7 @@ from msif_lite.attribution.methods import (
 )
 from msif_lite.engine.layers import Grads
 
-REPLAY_RTOL = 1e-2  # ‖θ_pt(replay) − θ_pt(context)‖ / ‖θ_pt(context)‖: see `check_replay`
+REPLAY_RTOL = 0.1  # ‖θ_pt(replay) − θ_pt(context)‖ / ‖θ_pt(context)‖: see `check_replay`
 
 
 def training_run(ctx: ScoringContext):
@@ -63,9 +63,9 @@ def check_replay(ctx: ScoringContext, run) -> None:
 
     Relative distance over all parameters, tolerance REPLAY_RTOL: on one machine the replay
     is training.py bit-for-bit, but a checkpoint trained elsewhere (other threads, library
-    versions) differs by rounding grown over the steps: the shipped `lds` θ_pt by 5e-4 at
-    most per weight (m within 0.002 nats), while another seed, corpus order or schedule
-    moves θ_pt by O(1) relative."""
+    versions) differs by rounding grown over the 600 steps (the shipped `lds` θ_pt by 5e-4
+    at most per weight, m within 0.002 nats; `lds-hard` by 0.023 relative), while another
+    seed, corpus order or schedule moves θ_pt by O(1) relative (tests)."""
     have = dict(ctx.stage(Stage.PRETRAINED).model.named_parameters())
     diff = ref = 0.0
     for name, p in zip(run.problem.names, run.theta_pt()):

@@ -175,7 +175,7 @@ def run_world(cfg: UnrolledBenchConfig, cache: Path, gt_path: Path | None,
                      alpha=shipped.alpha, mentions=world.document_mentions(),
                      training_run=run)  # fmt: skip
     targets = lds_bench.removal_targets(world, cfg.n_queries)
-    spath = cache / f"scores-{cfg.retrain.pipeline}-{len(targets)}.json"
+    spath = cache / f"scores-{cfg.retrain.pipeline}.json"  # keyed by question index
     timings: dict = {}
     scores = {}
     with PeakMemory() as mem:

@@ -139,7 +139,7 @@ def fit_covariances(
 
 
 def fit_eigenbasis(kfac: KFACFactors, device: torch.device | str | None = None) -> EKFACFactors:
-    """A = Q_A diag(eig_A) Q_Aᵀ, S = Q_S diag(eig_S) Q_Sᵀ by float64 `eigh` (Notebook 04
+    """A = Q_A diag(d_A) Q_Aᵀ, S = Q_S diag(d_S) Q_Sᵀ by float64 `eigh` (Notebook 04
     §Eigenbasis); round-off negative eigenvalues are clamped to 0. Stored in the factor dtype.
     `device`: where to run each eigh (default: where the factors are); with config.offload
     the results go back to the CPU one layer at a time."""

@@ -8,6 +8,17 @@ both stages bit-for-bit (CPU) and differentiates the measurement through every s
 and `finetune` with `replace(cfg, seed=seed)`), i.e. the run behind `data/checkpoints/lds`
 and `lds-hard` and the w = 1 point of the retraining ground truth (`eval.retraining`).
 
+The fine-tune's reverse pass runs in float64 (`finetune_dtype`), replaying the fine-tune
+in float64 from the float32 θ_pt: for an embedding row whose token no fine-tuning batch has
+held yet, g = α(θ − θ_pt) = 0 and v = 0, where AdamW's update has slope step·(1−β₁)α/ε ≈ 50
+per step (lds: lr 5e-4, α 0.01), so that row's adjoint grows ×49 per step backwards until
+the step where the token first appears. Mathematically it never leaves the row (the row
+has no loss gradient there, and it meets the clip factor and v only through g = 0), but in
+float32 it overflows after ~22 such steps (measured on `lds`: 6e37 at fine-tune step 67)
+and inf·0 = NaN then spreads to every adjoint. In float64 (≤ 49¹⁰⁰ ≈ 1e169) it stays
+finite and the exact zeros keep it in its row. The float64 fine-tune departs from the
+float32 one only by rounding (the pre-training replay stays float32, training.py's bits).
+
 The run memoises, per question (prompt, answer): dm/dθ_pt (the fine-tune's reverse pass,
 start and anchor moved together) and dm/dw (both stages), so the methods that share them
 (`unrolled`, `unrolled_finetune_only`) compute each once. Queries are processed in blocks
@@ -35,8 +46,14 @@ from msif_lite.eval.unrolled import (
     pretrain_metagradient,
     run_stage,
 )
-from msif_lite.eval.unrolled_lm import lm_two_stage, task_measure
+from msif_lite.eval.unrolled_lm import causal_lm_loss_exact, lm_two_stage, task_measure
 from msif_lite.world.training import TrainConfig, qa_batch
+
+
+def _check_finite(xs: Sequence[Tensor], what: str) -> None:
+    if not all(bool(torch.isfinite(x).all()) for x in xs):
+        raise FloatingPointError(f"{what} is not finite (overflow in the reverse pass): "
+                                 "run it in float64 (TrainingRun.finetune_dtype)")
 
 
 def _key(q) -> tuple[str, str]:
@@ -63,11 +80,13 @@ class TrainingRun:
     alpha: float
     block: int = 4
     checkpoint_every: int | None = None
+    finetune_dtype: torch.dtype = torch.float64
     seconds: dict = field(default_factory=dict)  # wall time of each pass, summed
     _adjoints: dict = field(default_factory=dict, repr=False)
     _grads: dict = field(default_factory=dict, repr=False)
     _problem: TwoStage | None = field(default=None, repr=False)
     _copy: nn.Module | None = field(default=None, repr=False)
+    _ft: tuple | None = field(default=None, repr=False)  # (problem, model) in finetune_dtype
     _traj: Trajectory | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -103,11 +122,25 @@ class TrainingRun:
                                          self.finetune_cfg, self.alpha)  # fmt: skip
         return self._problem
 
-    def measure(self, questions: Sequence) -> Measure:
+    def finetune_problem(self) -> tuple[TwoStage, nn.Module]:
+        """The same run on a copy of the model in `finetune_dtype` (its fine-tune stage is
+        the one the reverse pass walks; the loss kept in that dtype)."""
+        if self._ft is None:
+            model = copy.deepcopy(self.model).to(self.finetune_dtype)
+            if self.finetune_dtype == torch.float64:
+                model.loss_function = causal_lm_loss_exact
+            one = replace(self.pretrain_cfg, steps=1)  # its pre-training stage is never run
+            self._ft = (lm_two_stage(model, self.tokenizer, self.texts[:1], self.finetune_pairs,
+                                     one, self.finetune_cfg, self.alpha), model)
+        return self._ft
+
+    def measure(self, questions: Sequence, model: nn.Module | None = None) -> Measure:
         """θ ↦ m(q; θ) = −log p(answer | prompt) per question: the retraining ground
         truth's measurement (`eval.retraining.measure`, the `training.qa_batch` encoding)."""
-        dev = self.problem.theta0[0].device
-        return task_measure(self._copy, LanguageModelingTask(),
+        if model is None:
+            model = self.problem and self._copy  # the float32 copy `problem` builds
+        dev = next(model.parameters()).device
+        return task_measure(model, LanguageModelingTask(),
                             qa_batch(self.tokenizer, list(questions)).to(dev))  # fmt: skip
 
     def pretrain_trajectory(self) -> Trajectory:
@@ -143,13 +176,16 @@ class TrainingRun:
         return [todo[i : i + self.block] for i in range(0, len(todo), self.block)]
 
     def finetune_adjoints(self, questions: Sequence) -> list[Params]:
-        """dm(q)/dθ_pt per question through the fine-tune (start and anchor together)."""
+        """dm(q)/dθ_pt per question through the fine-tune (start and anchor together), in
+        `finetune_dtype`; a non-finite adjoint is refused (never scored)."""
         for blk in self._blocks(questions, self._adjoints):
-            theta_pt = self.theta_pt()
+            theta_pt = [p.to(self.finetune_dtype) for p in self.theta_pt()]
+            problem, model = self.finetune_problem()
             t0 = time.perf_counter()
-            _, ft = finetune_adjoint(self.problem, theta_pt, self.measure(blk),
+            _, ft = finetune_adjoint(problem, theta_pt, self.measure(blk, model),
                                      checkpoint_every=self.checkpoint_every)  # fmt: skip
             self._tick("finetune_pass", t0)
+            _check_finite(ft.both, "the fine-tune's adjoint dm/dθ_pt")
             for i, q in enumerate(blk):
                 self._adjoints[_key(q)] = [a[i].clone() for a in ft.both]
         return [self._adjoints[_key(q)] for q in questions]
@@ -158,11 +194,13 @@ class TrainingRun:
         """(Q, N) dm(q; θ_ft(w))/dw at w = 1 through both stages, columns as `texts`."""
         for blk in self._blocks(questions, self._grads):
             adj = self.finetune_adjoints(blk)
-            lam = [torch.stack([a[j] for a in adj]) for j in range(len(adj[0]))]
             traj = self.pretrain_trajectory()
+            lam = [torch.stack([a[j] for a in adj]).to(p.dtype)
+                   for j, p in enumerate(traj.final)]  # fmt: skip
             t0 = time.perf_counter()
             g = pretrain_metagradient(self.problem, lam, trajectory=traj)
             self._tick("pretrain_pass", t0)
+            _check_finite([g], "the pre-training metagradient dm/dw")
             for i, q in enumerate(blk):
                 self._grads[_key(q)] = g[i].clone()
         return torch.stack([self._grads[_key(q)] for q in questions])

@@ -13,7 +13,7 @@ the batch loss of step t being the kit's token mean with per-document weights,
 then g_t = ∇_θ[L_t + (α/2)‖θ − θ_pt‖²] (the penalty on fine-tuning only), the clip factor
 c_t = min(1, C/(‖g_t‖ + 1e-6)), and AdamW exactly as `torch.optim.AdamW` computes it:
 
-    θ ← θ(1 − η_t λ_wd);  m ← m + (1−β₁)(c_t g_t − m);  v ← β₂ v + (1−β₂)(c_t g_t)²
+    θ ← θ(1 − η_t wd);  m ← m + (1−β₁)(c_t g_t − m);  v ← β₂ v + (1−β₂)(c_t g_t)²
     θ ← θ − (η_t / (1−β₁^{t+1})) · m / (√v / √(1−β₂^{t+1}) + ε).
 
 Fine-tuning starts from θ_pt(w) with fresh moments and minimises L_ft + (α/2)‖θ − θ_pt(w)‖²:
@@ -94,7 +94,7 @@ class Stage:
     """One training stage to replay: schedule and optimiser (`cfg`, as `TrainConfig` defines
     them), the batch loss of each step, and whether the proximity term (α/2)‖θ − θ_a‖²
     to an anchor θ_a is added (fine-tuning). optimizer: "adamw" (the kit's) or "gd"
-    (θ ← θ(1 − η_t λ_wd) − η_t c_t g_t, for the closed-form checks)."""
+    (θ ← θ(1 − η_t wd) − η_t c_t g_t, for the closed-form checks)."""
 
     cfg: TrainConfig
     loss: BatchLoss

@@ -124,11 +124,24 @@ def check_fits(plan: MemoryPlan, device: torch.device | str, *, available: int |
                            f"chunk_mb={o.chunk_mb / 2:g}", "projection=(64, 64)",
                            "include='mlp'"],
     }[worst]
+    tips = [t for t in tips if not _already(t, o)]  # name only changes that change something
     raise WontFitError(
         f"stage {worst!r} needs about {fmt_bytes(plan.peak[worst])} but "
         f"{fmt_bytes(max(limit, 0))} of "
         f"{torch.device(device)} is free for it (stages over: {', '.join(bad)}). Change "
         f"MemoryOptions/FactorConfig: {' or '.join(tips)}, then predict() again.\n{plan}")
+
+def _already(tip: str, options) -> bool:
+    """True when a suggested `field=value` is already the options' setting."""
+    name, _, value = tip.partition("=")
+    if not hasattr(options, name):
+        return False
+    current, value = getattr(options, name), value.strip("'")
+    try:
+        return float(current) == float(value)
+    except (TypeError, ValueError):
+        return str(current) == value
+
 
 @contextlib.contextmanager
 def _quiet_fds():

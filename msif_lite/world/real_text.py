@@ -49,9 +49,13 @@ MODULES = (
     "secrets", "shlex", "shutil", "smtplib", "socket", "sqlite3", "statistics", "string",
     "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize",
     "traceback", "turtle", "typing", "unittest", "urllib.parse", "uuid", "warnings", "weakref",
-    "zipfile",
+    "zipfile", "abc", "array", "binascii", "cmd", "code", "colorsys", "concurrent.futures",
+    "email.message", "getopt", "graphlib", "http.cookies", "http.server", "importlib",
+    "multiprocessing.pool", "netrc", "numbers", "operator", "quopri", "reprlib", "runpy",
+    "selectors", "shelve", "stat", "struct", "tracemalloc", "types", "wave", "webbrowser",
+    "xml.dom.minidom", "zlib",
 )  # fmt: skip
-MAX_PER_MODULE = 4  # paragraphs kept per module, so no module dominates (turtle has ~50)
+MAX_PER_MODULE = 5  # paragraphs kept per module, so no module dominates (turtle has ~50)
 
 
 @dataclass(frozen=True)
@@ -95,11 +99,11 @@ RELATIONS: dict[str, Relation] = {
 
 @dataclass(frozen=True)
 class RealWorldConfig:
-    """Sizes of the real-language world (defaults: 90 + 32 × 3 = 186 documents)."""
+    """Sizes of the real-language world (defaults: 90 + 32 × 4 = 218 documents)."""
 
     n_paragraphs: int = field(default=90, metadata={"help": "real paragraphs without facts"})
     facts_per_relation: int = field(default=8, metadata={"help": "facts (people) per relation"})
-    name_first: int = field(default=2, metadata={"help": "sources naming the person first"})
+    name_first: int = field(default=3, metadata={"help": "sources naming the person first"})
     value_first: int = field(default=1, metadata={"help": "sources giving the answer first"})
     finetune_per_relation: int = field(default=5, metadata={"help": "facts asked in fine-tuning"})
 
