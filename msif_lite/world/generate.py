@@ -170,10 +170,7 @@ class World:
     @property
     def content_hash(self) -> str:
         """sha256 over all JSON-lines files: the 'data hash' checkpoints record."""
-        h = hashlib.sha256()
-        for name, data in sorted(self._files().items()):
-            h.update(name.encode() + b"\0" + data)
-        return h.hexdigest()
+        return files_hash(self._files())
 
     def document_mentions(self) -> dict[str, str]:
         """doc_id → the name of the entity a document states facts about (documents that
@@ -222,6 +219,14 @@ class World:
         }
         (out / "world.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return out
+
+
+def files_hash(files: dict[str, bytes]) -> str:
+    """sha256 over named files (name, NUL, bytes; sorted by name): a world's data hash."""
+    h = hashlib.sha256()
+    for name, data in sorted(files.items()):
+        h.update(name.encode() + b"\0" + data)
+    return h.hexdigest()
 
 
 def _name(rng: random.Random) -> str:

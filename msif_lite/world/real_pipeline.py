@@ -1,4 +1,4 @@
-"""The two training stages on the real model (DESIGN.md §7): continued pre-training of
+"""The two training stages on the real model: continued pre-training of
 SmolLM2-135M-Instruct (a 4-bit Q4_1 approximation of the released weights, see
 `msif_lite.scale.real_lm`) on the real-language world of `data/real_lm`, then the proximity
 fine-tune on its QA pairs, with the kit's own training loop (`world.training`) and
