@@ -78,6 +78,14 @@ def _paired(per_q: dict[str, list[float]], base: str) -> dict:
     return out
 
 
+def cross_query(scores: torch.Tensor) -> float:
+    """Mean over pairs of questions of the Spearman between their score rows: near 1 when
+    one query-independent component dominates a method's scores."""
+    q = scores.shape[0]
+    pairs = [spearman(scores[a], scores[b]) for a in range(q) for b in range(a + 1, q)]
+    return float(np.mean(pairs)) if pairs else float("nan")
+
+
 def _cached_scores(att: Attributor, name: str, queries, targets: list[int], block: int,
                    path: Path, timings: dict) -> torch.Tensor:  # fmt: skip
     """(len(targets), N) scores of `name`, computed `block` questions at a time and cached
@@ -223,7 +231,8 @@ def run_world(cfg: UnrolledBenchConfig, cache: Path, gt_path: Path | None,
     k = gt.m_noise.shape[0]
     ceil = [spearman(gt.m_noise[:, q], gt.m[:k, q]) for q in targets]
     out = {
-        "methods": {n: {"lds_mean": float(np.mean(v)), "lds_sem": sem(v), "lds_per_query": v}
+        "methods": {n: {"lds_mean": float(np.mean(v)), "lds_sem": sem(v), "lds_per_query": v,
+                        "cross_query_spearman": cross_query(scores[n])}
                     for n, v in per_q.items()},
         "paired_vs_multi_stage": _paired(per_q, "multi_stage"),
         "noise_ceiling": {"mean": float(np.mean(ceil)), "sem": sem(ceil)},
@@ -249,9 +258,14 @@ def run_world(cfg: UnrolledBenchConfig, cache: Path, gt_path: Path | None,
 
 
 def merged(out_dir: Path, payload: dict) -> dict:
-    """`payload`'s worlds added to those already in out_dir/unrolled.json."""
+    """`payload`'s worlds added to those already in out_dir/unrolled.json (a world whose
+    scores all came from the cache keeps the cost its earlier entry measured)."""
     old = out_dir / "unrolled.json"
     worlds = json.loads(old.read_text()).get("worlds", {}) if old.exists() else {}
+    for name, w in payload["worlds"].items():  # scores all cached: keep the earlier cost
+        before = worlds.get(name, {})
+        if w.get("cost") is None and before.get("cost"):
+            w["cost"] = {**before["cost"], "measured_by": before["settings"].get("command")}
     return {**payload, "worlds": {**worlds, **payload["worlds"]}}
 
 
@@ -267,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
                          "shipped ground truth; e.g. 0.9 retrains a small-fraction one)")
     ap.add_argument("--subsets", type=int, default=None, help="M subsets (with --keep)")
     ap.add_argument("--no-removal", action="store_true", help="skip leave-top-k-out")
+    ap.add_argument("--removal-methods", default=None,
+                    help="comma-separated methods whose top-k are removed (default: all scored)")
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated unrolled methods (default {','.join(UNROLLED)})")
     ap.add_argument("--fixed-order", type=int, default=0,
                     help="also replay the first M subsets in the run's own batch order (w = "
                          "mask): the counterfactual the derivative linearises")  # fmt: skip
@@ -278,7 +296,10 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         rc = replace(rc, fraction=a.keep or rc.fraction, n_subsets=a.subsets or rc.n_subsets)
     cfg = replace(cfg, retrain=rc, n_queries=a.queries or cfg.n_queries,
                   removal=cfg.removal and not a.no_removal,
-                  fixed_order=a.fixed_order or cfg.fixed_order)  # fmt: skip
+                  fixed_order=a.fixed_order or cfg.fixed_order,
+                  methods=tuple(a.methods.split(",")) if a.methods else cfg.methods,
+                  removal_methods=tuple(a.removal_methods.split(","))
+                  if a.removal_methods else cfg.removal_methods)  # fmt: skip
     pipelines = a.pipelines.split(",") if a.pipelines else (
         [rc.pipeline] if fast_mode() else ["lds", "lds-hard"])  # fmt: skip
     out, args = Path(a.out), sys.argv[1:] if argv is None else list(argv)

@@ -27,6 +27,8 @@ def _rows(w: dict, ctx: dict) -> list[dict]:
             "Δm others": f"{rm[m]['dm_others_mean']:.2f}" if m in rm else "",
             "subset r (linear)": _f(lin.get(m), "pearson_mean", "pearson_sem"),
             "s/query": f"{cost[m]:.0f}" if m in cost else "",
+            "cross-query ρ": f"{v['cross_query_spearman']:.2f}"
+            if "cross_query_spearman" in v else "",
         })  # fmt: skip
     rows += [{"method": f"({m})", "Δm targets": f"{rm[m]['dm_targets_mean']:.2f}",
               "Δm others": f"{rm[m]['dm_others_mean']:.2f}"}
@@ -35,7 +37,8 @@ def _rows(w: dict, ctx: dict) -> list[dict]:
 
 
 COLUMNS = ["method", "LDS (these questions)", "paired − multi_stage", "LDS (all 52, bench lds)",
-           "Δm targets", "Δm linear", "Δm others", "subset r (linear)", "s/query"]
+           "Δm targets", "Δm linear", "Δm others", "subset r (linear)", "cross-query ρ",
+           "s/query"]
 
 
 def _cost_md(c: dict | None) -> str:
@@ -105,7 +108,9 @@ def markdown(payload: dict) -> str:
             f"targets in one retrain); Δm linear: the method's own first-order prediction of "
             f"that rise, Σ_removed I(z, q) (meaningful for the unrolled scores only, which "
             f"are −dm/dw in nats); subset r: Pearson of the linear prediction and the "
-            f"measured m over the ground truth's subsets. Command: `{s.get('command', '')}`; "
+            f"measured m over the ground truth's subsets; cross-query ρ: mean Spearman between "
+            f"two questions' score rows (near 1: one query-independent component). "
+            f"Command: `{s.get('command', '')}`; "
             f"wall time {w['timings_s']['total']:.0f} s.\n\n",
             markdown_table(_rows(w, ctx), COLUMNS),
             _cost_md(w.get("cost")), _decomposition_md(w), _fixed_order_md(w),
