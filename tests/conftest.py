@@ -135,3 +135,23 @@ def lm_task() -> LanguageModelingTask:
 
 def pad_sides(arch: str) -> tuple[str, ...]:
     return ("right",) if arch == "bloom" else ("right", "left")
+
+
+@pytest.fixture
+def tiny_pipeline(monkeypatch, tmp_path):
+    """A 6-person world, a 1-layer model and a few steps per stage, registered as the presets
+    "lds-tiny" / "tiny" (the retraining benchmarks' tests: lds, variants, unrolled)."""
+    from msif_lite.world import generate, lm, training
+    from msif_lite.world.generate import WorldConfig
+
+    monkeypatch.setitem(generate.WORLD_PRESETS, "lds-tiny",
+                        WorldConfig(n_entities=6, docs_per_fact=2, vocab_size=300))
+    monkeypatch.setitem(lm.MODEL_PRESETS, "tiny", lm.ModelPreset("tiny", "gpt-neox", 1, 32, 2,
+                                                                 64, 128))  # fmt: skip
+    preset = training.PipelinePreset("lds-tiny", "tiny",
+                                     training.TrainConfig(steps=6, warmup=1, progress=False),
+                                     training.TrainConfig(steps=3, warmup=1, progress=False))
+    monkeypatch.setitem(training.PIPELINE_PRESETS, "lds-tiny", preset)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MSIF_DATA", str(tmp_path / "data"))
+    return "lds-tiny"

@@ -11,8 +11,7 @@ import torch
 
 from msif_lite.eval.metrics import lds, subset_predictions
 from msif_lite.eval.retraining import GroundTruth, RetrainConfig, retrain, subset_masks
-from msif_lite.world import generate, lm, training
-from msif_lite.world.generate import WorldConfig
+from msif_lite.world import generate, lm
 
 
 def test_lds_is_one_for_an_exact_linear_datamodel_and_near_zero_for_random_scores():
@@ -40,22 +39,6 @@ def test_subset_masks_are_seeded_half_sized_and_prefix_stable():
     assert torch.equal(a, b) and (a.sum(1) == 100).all()
     assert torch.equal(subset_masks(200, 3, 0.5, 0), a[:3])  # more subsets: same first ones
     assert not torch.equal(subset_masks(200, 8, 0.5, 1), a)
-
-
-@pytest.fixture
-def tiny_pipeline(monkeypatch, tmp_path):
-    """A 6-person world, a 1-layer model and a few steps per stage, registered as presets."""
-    monkeypatch.setitem(generate.WORLD_PRESETS, "lds-tiny",
-                        WorldConfig(n_entities=6, docs_per_fact=2, vocab_size=300))
-    monkeypatch.setitem(lm.MODEL_PRESETS, "tiny", lm.ModelPreset("tiny", "gpt-neox", 1, 32, 2,
-                                                                 64, 128))  # fmt: skip
-    preset = training.PipelinePreset("lds-tiny", "tiny",
-                                     training.TrainConfig(steps=6, warmup=1, progress=False),
-                                     training.TrainConfig(steps=3, warmup=1, progress=False))
-    monkeypatch.setitem(training.PIPELINE_PRESETS, "lds-tiny", preset)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MSIF_DATA", str(tmp_path / "data"))
-    return "lds-tiny"
 
 
 def test_retrain_is_deterministic_and_ground_truth_refuses_another_world(tiny_pipeline, tmp_path):

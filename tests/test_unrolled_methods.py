@@ -27,8 +27,7 @@ from msif_lite.eval import unrolled as U
 from msif_lite.eval import unrolled_lm as L
 from msif_lite.eval.retraining import RetrainConfig
 from msif_lite.eval.training_run import TrainingRun
-from msif_lite.world import generate, lm, training
-from msif_lite.world.generate import WorldConfig
+from msif_lite.world import generate, lm
 from msif_lite.world.training import TrainConfig, finetune, pretrain, qa_batch, snapshot_params
 
 TINY_LM = dict(arch="gpt-neox", n_layers=1, hidden=8, n_heads=2, intermediate=16)
@@ -134,22 +133,6 @@ def test_unrolled_methods_refuse_without_or_with_another_run(tiny):
         tiny.run.columns(["no-such-document"])
     with pytest.raises(ValueError, match="unique"):
         TrainingRun(tiny.init, tiny.tok, ["a", "a"], ["x", "y"], [], PT_CFG, FT_CFG, ALPHA)
-
-
-@pytest.fixture
-def tiny_pipeline(monkeypatch, tmp_path):
-    """A 6-person world, a 1-layer model and a few steps per stage (tests/test_lds.py's)."""
-    monkeypatch.setitem(generate.WORLD_PRESETS, "lds-tiny",
-                        WorldConfig(n_entities=6, docs_per_fact=2, vocab_size=300))
-    monkeypatch.setitem(lm.MODEL_PRESETS, "tiny", lm.ModelPreset("tiny", "gpt-neox", 1, 32, 2,
-                                                                 64, 128))  # fmt: skip
-    preset = training.PipelinePreset("lds-tiny", "tiny",
-                                     training.TrainConfig(steps=6, warmup=1, progress=False),
-                                     training.TrainConfig(steps=3, warmup=1, progress=False))
-    monkeypatch.setitem(training.PIPELINE_PRESETS, "lds-tiny", preset)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MSIF_DATA", str(tmp_path / "data"))
-    return "lds-tiny"
 
 
 def test_bench_unrolled_end_to_end(tiny_pipeline, tmp_path, monkeypatch):

@@ -328,6 +328,17 @@ def removal_bars(ax, removal: dict[str, dict], title: str) -> None:
     ax.legend(loc="lower right")
 
 
+def lds_bars(ax, world: dict, title: str) -> None:
+    """One world's LDS per method (mean ± s.e. over the questions) beside its noise ceiling."""
+    names = sorted(world["methods"], key=lambda m: world["methods"][m]["lds_mean"])
+    ax.barh(names, [world["methods"][m]["lds_mean"] for m in names],
+            xerr=[world["methods"][m]["lds_sem"] for m in names], color="tab:blue")
+    ax.axvline(world["noise_ceiling"]["mean"], ls="--", c="gray", label="noise ceiling")
+    ax.axvline(0, c="black", lw=0.8)
+    ax.set(xlabel="LDS (Spearman, mean ± s.e. over the questions)", title=title)
+    ax.legend(loc="lower right")
+
+
 def plot(payload: dict, path: Path) -> None:
     """Per world: LDS per method with the noise ceiling, and Δm of leave-top-k-out."""
     from matplotlib.figure import Figure
@@ -336,14 +347,7 @@ def plot(payload: dict, path: Path) -> None:
     fig = Figure(figsize=(11, 4.2 * len(worlds)))
     axes = fig.subplots(len(worlds), 2, squeeze=False)
     for (a, b), (wname, w) in zip(axes, worlds.items()):
-        names = sorted(w["methods"], key=lambda m: w["methods"][m]["lds_mean"])
-        a.barh(names, [w["methods"][m]["lds_mean"] for m in names],
-               xerr=[w["methods"][m]["lds_sem"] for m in names], color="tab:blue")
-        a.axvline(w["noise_ceiling"]["mean"], ls="--", c="gray", label="noise ceiling")
-        a.axvline(0, c="black", lw=0.8)
-        a.set(xlabel="LDS (Spearman, mean ± sem over questions)",
-              title=f"world {wname}: predicting retraining")
-        a.legend(loc="lower right")
+        lds_bars(a, w, f"world {wname}: predicting retraining")
         removal_bars(b, w["top_k_removal"], f"world {wname}: remove each method's top-k, retrain")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -122,19 +122,13 @@ def plot(payload: dict, path: Path) -> None:
     """Per world: LDS per method with the noise ceiling; Δm of leave-top-k-out."""
     from matplotlib.figure import Figure
 
-    from msif_lite.bench.lds import removal_bars
+    from msif_lite.bench.lds import lds_bars, removal_bars
 
     worlds = payload["worlds"]
     fig = Figure(figsize=(11, 4.0 * len(worlds)))
     axes = fig.subplots(len(worlds), 2, squeeze=False)
     for (a, b), (wname, w) in zip(axes, worlds.items()):
-        names = sorted(w["methods"], key=lambda m: w["methods"][m]["lds_mean"])
-        a.barh(names, [w["methods"][m]["lds_mean"] for m in names],
-               xerr=[w["methods"][m]["lds_sem"] for m in names], color="tab:blue")
-        a.axvline(w["noise_ceiling"]["mean"], ls="--", c="gray", label="noise ceiling")
-        a.axvline(0, c="black", lw=0.8)
-        a.set(xlabel="LDS (mean ± s.e. over the questions)", title=f"world {wname}")
-        a.legend(loc="lower right")
+        lds_bars(a, w, f"world {wname}")
         if w.get("top_k_removal"):
             removal_bars(b, w["top_k_removal"], f"world {wname}: remove top-k, retrain")
     fig.tight_layout()
