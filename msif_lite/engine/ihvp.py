@@ -62,6 +62,9 @@ class IdentityIHVP:
     def __init__(self) -> None:
         self.damping_values: dict[str, float] = {}
 
+    def layer(self, name: str) -> IdentityIHVP:
+        return self
+
     def apply(self, vectors: Grads) -> Grads:
         return dict(vectors)
 

@@ -20,14 +20,13 @@ is not block-diagonal (the dense references of `engine.exact`) is applied whole.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from msif_lite.engine.capture import BatchCapture, capture_batch, per_sequence_grads
-from msif_lite.engine.ihvp import EKFACIHVP, KFACIHVP, IdentityIHVP, InverseHVP
+from msif_lite.engine.ihvp import InverseHVP
 from msif_lite.engine.layers import Grads, TrackedModule, check_finite
 from msif_lite.engine.multistage import MultiStageIHVP
 from msif_lite.engine.tasks import Task
@@ -62,21 +61,17 @@ def query_gradients(
 
 def layer_inverse(ihvp: InverseHVP, name: str) -> InverseHVP | None:
     """The block (G_l + λ_l I)⁻¹ of layer `name` of a block-diagonal inverse, as an InverseHVP
-    of that one layer (the same λ_l: the damping heuristic is per layer); None when `ihvp` is
-    not known to be block-diagonal (then it must be applied to all layers at once)."""
-    from msif_lite.engine.curvature import ScaledIdentityIHVP
-
-    if isinstance(ihvp, IdentityIHVP | ScaledIdentityIHVP):
-        return ihvp
-    if isinstance(ihvp, EKFACIHVP | KFACIHVP):
-        one = replace(ihvp.factors, layers=(ihvp.factors.layer(name),))
-        return type(ihvp)(one, ihvp.damping)
+    of that one layer (the same λ_l: the damping heuristic is per layer): an inverse is
+    block-diagonal when it has a `layer(name)` method (EK-FAC, K-FAC, the identity, every
+    registered curvature that declares it) or composes two such (multi-stage); None otherwise
+    (then it must be applied to all layers at once)."""
     if isinstance(ihvp, MultiStageIHVP):
         ft, pt = layer_inverse(ihvp.finetune, name), layer_inverse(ihvp.pretrain, name)
         if ft is None or pt is None:
             return None
         return MultiStageIHVP(ft, pt, ihvp.alpha, ihvp.include_alpha)
-    return None
+    layer = getattr(ihvp, "layer", None)
+    return None if layer is None else layer(name)
 
 
 def _blocks(ihvp: InverseHVP, names: Sequence[str]) -> dict[str, InverseHVP] | None:
