@@ -81,7 +81,18 @@ def cmp_table(rows: Sequence[tuple[str, object, object]], **kw) -> list[dict]:
     return [cmp(n, a, b, **kw) for n, a, b in rows]
 
 
-# ---------------------------------------------------------------------------- CLI from configs
+# ---------------------------------------------------------------------------- config fields
+def help_field(text: str, default, **metadata):
+    """A dataclass field with its help text (and e.g. `cli="--flag"`) in its metadata: the one
+    description the config's `help()`, the CLI and the memory planner read."""
+    return dataclasses.field(default=default, metadata={"help": text, **metadata})
+
+
+def fields_help(cls) -> str:
+    """One line per field of the dataclass `cls`: its name and help text."""
+    return "\n".join(f"{f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(cls))
+
+
 def _option_type(cls, name: str) -> type:
     """The scalar type of a dataclass field (`int | None` → int)."""
     hint = typing.get_type_hints(cls)[name]

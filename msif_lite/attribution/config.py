@@ -4,10 +4,11 @@ reads its defaults from it, so each setting is defined here once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 from msif_lite.attribution.checks import context_length
 from msif_lite.attribution.settings import ScoreSettings, as_damping
+from msif_lite.config import fields_help, help_field
 from msif_lite.engine.curvature import curvature as lookup_curvature
 from msif_lite.engine.factors import FactorConfig
 from msif_lite.engine.ihvp import Damping
@@ -16,31 +17,27 @@ from msif_lite.engine.prompts import DEFAULT_TEMPLATE, PromptTemplate
 from msif_lite.engine.tasks import LanguageModelingTask, Normalisation, Task
 
 
-def _help(text: str, default, **kw):
-    return field(default=default, metadata={"help": text, **kw})
-
-
 @dataclass(frozen=True)
 class AttributionConfig:
     """Settings shared by every method. `AttributionConfig.help()` prints each field."""
 
-    factors: FactorConfig = _help(
+    factors: FactorConfig = help_field(
         "the curvature fit (Fisher type, layers tracked, token budget, autocast, offload): one "
         "FactorConfig for both stages", FactorConfig())
-    curvature: str = _help(
+    curvature: str = help_field(
         "which approximation of G, a name in engine.curvature.CURVATURES ('ekfac', 'kfac', "
         "'identity', 'diagonal', …)", "ekfac", cli="--curvature")
-    alpha: float | None = _help(
+    alpha: float | None = help_field(
         "proximity α of the fine-tune; None = read from the fine-tuned checkpoint "
         "(msif_meta.json)", None, cli="--alpha")
-    pretrain_damping: Damping = _help(
+    pretrain_damping: Damping = help_field(
         "λ_pt of (H_pt + λ_pt I): a number, or Damping(); default 0.1·mean eigenvalue",
         Damping())
-    finetune_damping: Damping = _help(
+    finetune_damping: Damping = help_field(
         "λ_ft of (H_ft + λ_ft I) in the finetune_only method (the multi-stage method damps "
         "H_ft with exactly α)", Damping())
-    include_alpha: bool = _help("multi_stage reports α·(…) = −dm/dε (True) or (…)", True)
-    finetune_loss: Normalisation = _help(
+    include_alpha: bool = help_field("multi_stage reports α·(…) = −dm/dε (True) or (…)", True)
+    finetune_loss: Normalisation = help_field(
         "how the fine-tuning loss averaged its pairs: 'token_mean' (the Hugging Face loss; the "
         "kit's fine-tune) makes H_ft = G_ft / T̄, T̄ = mean answer tokens per pair, so that "
         "(H_ft + αI) uses the α of the objective; 'example_mean' uses G_ft as fitted",
@@ -48,27 +45,27 @@ class AttributionConfig:
     task: Task = field(default_factory=LanguageModelingTask, metadata={"help": (
         "the objective ℓ(z) and measurement m(q) (engine.tasks): a causal LM's next-token "
         "loss, m = −log p(answer | prompt)")})
-    batch_size: int = _help("sequences per forward/backward", 16, cli="--batch-size")
-    cache_dir: str = _help("where factors and candidate gradients go", ".cache/msif",
+    batch_size: int = help_field("sequences per forward/backward", 16, cli="--batch-size")
+    cache_dir: str = help_field("where factors and candidate gradients go", ".cache/msif",
                            cli="--cache-dir")
-    progress: bool = _help("tqdm progress bars (every stage)", True)
-    template: PromptTemplate = _help(
+    progress: bool = help_field("tqdm progress bars (every stage)", True)
+    template: PromptTemplate = help_field(
         "how a question becomes a prompt and prompt and answer are joined: prefix + question "
         "+ suffix + joiner + answer + eos, for the fine-tuning pairs (H_ft) and the queries "
         "alike (engine.prompts)", DEFAULT_TEMPLATE)
-    context_length: int | None = _help(
+    context_length: int | None = help_field(
         "longest sequence in tokens; None = the model's position limit (checks."
         "context_length). Longer documents are refused: split them with scale.pairs."
         "chunk_documents", None, cli="--context-length")
-    gradient_cache_gb: float = _help(
+    gradient_cache_gb: float = help_field(
         "disk budget of a candidate set's cached gradients; above it they are streamed, "
         "never written", 20.0, cli="--gradient-cache-gb")
-    trim_allocator: bool = _help(
+    trim_allocator: bool = help_field(
         "make glibc return freed tensors' memory to the system at once (mallopt: mmap "
         "threshold 64 KiB, `msif_lite.config.trim_allocator`) when the Attributor is built, "
         "so memory comes back down between questions and the memory plan "
         "(scale.memory.predict) holds", True)
-    gradient_chunk_mb: float = _help(
+    gradient_chunk_mb: float = help_field(
         "stored candidate gradients held in memory at once while scoring (GradientStore; "
         "lower it to lower the scoring peak, scale.memory's chunk_mb)", 1024.0,
         cli="--gradient-chunk-mb")
@@ -99,8 +96,8 @@ class AttributionConfig:
 
     @classmethod
     def help(cls) -> str:
-        """One line per field: name, default and what it does."""
-        return "\n".join(f"{f.name}: {f.metadata['help']}" for f in fields(cls))
+        """One line per field: its name and what it does."""
+        return fields_help(cls)
 
     def factor_config(self) -> FactorConfig:
         """The FactorConfig both stages are fitted with (progress follows this config)."""

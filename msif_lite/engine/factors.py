@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
+from msif_lite.config import fields_help, help_field
 from msif_lite.engine.layers import DEFAULT_EXCLUDE, TrackedModule, find_modules
 from msif_lite.engine.storage import (
     ArtifactKey,
@@ -42,38 +43,34 @@ from msif_lite.engine.storage import (
 from msif_lite.engine.tasks import Fisher
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass(frozen=True)
 class FactorConfig:
     """Settings of a factor fit (frozen, validated; `FactorConfig.help()` prints the fields)."""
 
-    fisher: Fisher = _help(
+    fisher: Fisher = help_field(
         "'sampled': labels drawn from the model (true Fisher = GGN for softmax CE); "
         "'empirical': the data labels (empirical Fisher).", "sampled")
-    seed: int = _help("seed of the torch.Generator that draws sampled labels", 0)
-    include: str | tuple[str, ...] | None = _help(
+    seed: int = help_field("seed of the torch.Generator that draws sampled labels", 0)
+    include: str | tuple[str, ...] | None = help_field(
         "regexes of layers to track (None: every linear layer); 'mlp'/'attention' shortcuts",
         None)
-    exclude: str | tuple[str, ...] | None = _help(
+    exclude: str | tuple[str, ...] | None = help_field(
         "regexes of layers never tracked (default: the unembedding)", DEFAULT_EXCLUDE)
-    max_batches: int | None = _help("stop each pass after this many batches (None: all)", None)
-    factor_dtype: Literal["float32", "float64", "auto"] = _help(
+    max_batches: int | None = help_field("stop each pass after this many batches (None: all)", None)
+    factor_dtype: Literal["float32", "float64", "auto"] = help_field(
         "dtype of the accumulated factors; 'auto' = the model's dtype, float32 for 16-bit "
         "models (eigendecompositions always run in float64)", "auto")
-    progress: bool = _help("show tqdm progress bars", True)
-    cache_activations_mb: float = _help(
+    progress: bool = help_field("show tqdm progress bars", True)
+    cache_activations_mb: float = help_field(
         "memory budget (MiB) for keeping the covariance pass's (ā, Ds) to reuse in the Λ pass; "
         "0 always recomputes them", 2048.0)
-    autocast_dtype: Literal["bfloat16", "float16"] | None = _help(
+    autocast_dtype: Literal["bfloat16", "float16"] | None = help_field(
         "run the forward/backward passes under torch.autocast in this dtype (None: off); the "
         "captured (ā, Ds) and the factors stay in factor_dtype, eigh in float64", None)
-    max_tokens: int | None = _help(
+    max_tokens: int | None = help_field(
         "token budget of each pass: stop before the batch after the one that reaches it "
         "(counted with task.token_mask; None: no budget)", None)
-    offload: bool = _help(
+    offload: bool = help_field(
         "keep finished factors in CPU memory: A, S after the covariance pass; each layer's "
         "eigh on the model's device then back; Λ stored on the CPU (scoring moves a layer "
         "to the device only while applying it)", False)
@@ -105,7 +102,7 @@ class FactorConfig:
 
     @classmethod
     def help(cls) -> str:
-        return "\n".join(f"{f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(cls))
+        return fields_help(cls)
 
     def settings(self, module_names: Sequence[str]) -> str:
         """Fingerprint of what changes the factors' values (not progress bars or cache size)."""

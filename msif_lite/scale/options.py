@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from msif_lite.attribution.config import AttributionConfig
+from msif_lite.config import fields_help, help_field
 from msif_lite.engine.factors import FactorConfig
 from msif_lite.engine.layers import TrackedModule
 
 _CONFIGS = {"factors": FactorConfig, "attribution": AttributionConfig}
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
 
 
 def _from(config: str, name: str):
@@ -83,20 +82,21 @@ class MemoryOptions:
     cache_activations_mb: float = _from("factors", "cache_activations_mb")
     gradient_cache_gb: float = _from("attribution", "gradient_cache_gb")
     chunk_mb: float = _from("attribution", "gradient_chunk_mb")
-    lengths: tuple[int, ...] | None = _help(
+    lengths: tuple[int, ...] | None = help_field(
         "token length of each document in the order they are batched (the fit's corpus, whose "
         "first n_candidates are the candidates); None: n_candidates documents of seq_len", None)
-    seq_len: int = _help("tokens per document when `lengths` is None (the longest)", 512)
-    partitions: int = _help("fit the layers in this many groups, one after another", 1)
-    n_queries: int = _help("queries scored at once", 16)
-    query_len: int = _help("tokens per query", 64)
-    query_rank: int | None = _help("rank r of low-rank preconditioned queries (None: full)", None)
-    stages: int = _help("EK-FACs held while scoring: 2 multi-stage, 1 single-stage", 2)
-    padded: bool = _help("without `lengths`: batches contain padding (Ds copied once more)",
-                         False)  # fmt: skip
-    n_candidates: int = _help("candidate documents scored (cached scoring, disk)", 1000)
-    projection: tuple[int, int] | None = _help("(k_in, k_out) of projected candidate gradients",
-                                               None)  # fmt: skip
+    seq_len: int = help_field("tokens per document when `lengths` is None (the longest)", 512)
+    partitions: int = help_field("fit the layers in this many groups, one after another", 1)
+    n_queries: int = help_field("queries scored at once", 16)
+    query_len: int = help_field("tokens per query", 64)
+    query_rank: int | None = help_field(
+        "rank r of low-rank preconditioned queries (None: full)", None)
+    stages: int = help_field("EK-FACs held while scoring: 2 multi-stage, 1 single-stage", 2)
+    padded: bool = help_field(
+        "without `lengths`: batches contain padding (Ds copied once more)", False)
+    n_candidates: int = help_field("candidate documents scored (cached scoring, disk)", 1000)
+    projection: tuple[int, int] | None = help_field(
+        "(k_in, k_out) of projected candidate gradients", None)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "partitions", "n_queries", "query_len",
@@ -125,7 +125,7 @@ class MemoryOptions:
 
     @classmethod
     def help(cls) -> str:
-        return "\n".join(f"{f.name}: {f.metadata['help']}" for f in dataclasses.fields(cls))
+        return fields_help(cls)
 
     @classmethod
     def from_configs(cls, factors: FactorConfig | None = None,
