@@ -14,10 +14,9 @@ from typing import Protocol
 
 from msif_lite.attribution.checks import check_fits_context, context_length
 from msif_lite.engine.gradstore import Candidate
+from msif_lite.engine.inputs import INVISIBLE
 from msif_lite.engine.prompts import DEFAULT_TEMPLATE, PromptTemplate, encode_document
 from msif_lite.engine.tasks import IGNORE_INDEX, TokenBatch, make_token_batch
-
-INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff \t\r\n"  # zero-width and white space
 
 
 class QuestionLike(Protocol):

@@ -112,8 +112,11 @@ class GradientMethod(Method):
         return ctx.stage(self.query_at).preconditioned(questions, ihvp, rank)
 
     def layer_mask(self, ctx: ScoringContext) -> torch.Tensor:
-        """(L,) 1.0 for the layers this method sums, 0.0 for the others."""
-        return scoring.layer_mask(self, [m.group for m in ctx.stage(self.candidates_at).modules])
+        """(L,) float64 w_l: 1.0 for the layers this method sums, 0.0 for the others."""
+        groups = [m.group for m in ctx.stage(self.candidates_at).modules]
+        if self.layer_group is None:
+            return torch.ones(len(groups), dtype=torch.float64)
+        return torch.tensor([g == self.layer_group for g in groups], dtype=torch.float64)
 
     def raw_layer_scores(self, ctx: ScoringContext, questions: Sequence[QuestionLike],
                          doc_ids: Sequence[str], settings: ScoreSettings,

@@ -32,13 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from msif_lite.attribution.methods import GradientMethod
 
 
-def layer_mask(method: GradientMethod, groups: Sequence[str]) -> torch.Tensor:
-    """(L,) float64 w_l: 1 for the layers the method sums, 0 for the others."""
-    if method.layer_group is None:
-        return torch.ones(len(groups), dtype=torch.float64)
-    return torch.tensor([g == method.layer_group for g in groups], dtype=torch.float64)
-
-
 def normalisation(method: GradientMethod, ctx: ScoringContext,
                   questions: Sequence[QuestionLike], doc_ids: Sequence[str],
                   settings: ScoreSettings, candidate_norms: torch.Tensor | None = None
@@ -67,5 +60,4 @@ def finish(method: GradientMethod, ctx: ScoringContext, questions: Sequence[Ques
     s = normalisation(method, ctx, questions, doc_ids, settings, candidate_norms)
     if s is not None:
         out = out * s.to(out.device)[..., None]
-    groups = [m.group for m in ctx.stage(method.candidates_at).modules]
-    return out * layer_mask(method, groups).to(out.device)
+    return out * method.layer_mask(ctx).to(out.device)

@@ -348,7 +348,9 @@ def plot(payload: dict, path: Path) -> None:
     axes = fig.subplots(len(worlds), 2, squeeze=False)
     for (a, b), (wname, w) in zip(axes, worlds.items()):
         lds_bars(a, w, f"world {wname}: predicting retraining")
-        removal_bars(b, w["top_k_removal"], f"world {wname}: remove each method's top-k, retrain")
+        if w.get("top_k_removal"):  # bench unrolled may run without removals
+            removal_bars(b, w["top_k_removal"],
+                         f"world {wname}: remove each method's top-k, retrain")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

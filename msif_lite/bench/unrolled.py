@@ -33,7 +33,8 @@ import torch
 from msif_lite.attribution.attributor import AttributionConfig, Attributor
 from msif_lite.bench import lds as lds_bench
 from msif_lite.bench.common import Benchmark, BenchResult, PeakMemory, display_path, finish
-from msif_lite.bench.unrolled_report import markdown, plot
+from msif_lite.bench.lds import plot  # the same figure: LDS per method, Δm of removal
+from msif_lite.bench.unrolled_report import markdown
 from msif_lite.config import fast_mode
 from msif_lite.eval.metrics import lds, sem, spearman
 from msif_lite.eval.retraining import RetrainConfig

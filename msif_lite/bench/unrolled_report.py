@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from msif_lite.bench.common import markdown_table
 
 
@@ -116,20 +114,3 @@ def markdown(payload: dict) -> str:
             _cost_md(w.get("cost")), _decomposition_md(w), _fixed_order_md(w),
         ]
     return "".join(out)
-
-
-def plot(payload: dict, path: Path) -> None:
-    """Per world: LDS per method with the noise ceiling; Δm of leave-top-k-out."""
-    from matplotlib.figure import Figure
-
-    from msif_lite.bench.lds import lds_bars, removal_bars
-
-    worlds = payload["worlds"]
-    fig = Figure(figsize=(11, 4.0 * len(worlds)))
-    axes = fig.subplots(len(worlds), 2, squeeze=False)
-    for (a, b), (wname, w) in zip(axes, worlds.items()):
-        lds_bars(a, w, f"world {wname}")
-        if w.get("top_k_removal"):
-            removal_bars(b, w["top_k_removal"], f"world {wname}: remove top-k, retrain")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
