@@ -217,6 +217,21 @@ def test_shipped_files(tmp_path):
         rt.load_real_world(tmp_path)
 
 
+def test_subset_keeps_heldout_facts_and_their_sources():
+    w = rt.load_real_world(DATA)
+    s = w.subset(16, 2)
+    assert s.heldout == w.heldout and s.content_hash != w.content_hash
+    kept = {f.fact_id for f in s.facts}
+    assert {q.fact_id for q in w.heldout} <= kept and len(kept) == 12 + 2 * 4
+    assert {q.fact_id for q in s.finetune} <= kept and len(s.finetune) == 2 * 2 * 4
+    ids = {d.id for d in s.documents}
+    assert all(set(q.source_doc_ids) <= ids for q in s.heldout)  # every source still there
+    assert sum(d.kind == "real" for d in s.documents) == 16 and len(s.documents) == 96
+    assert all(d.kind == "real" or set(d.fact_ids) <= kept for d in s.documents)
+    with pytest.raises(ValueError, match="finetune_facts_per_relation"):
+        w.subset(16, 0)
+
+
 # ---------------------------------------------------------------- the pipeline, the pair
 @pytest.fixture(scope="module")
 def tiny_run(paragraphs, tmp_path_factory):

@@ -29,7 +29,7 @@ import json
 import random
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from msif_lite.engine.prompts import as_prompt
@@ -157,6 +157,33 @@ class RealWorld:
 
     def pretrain_texts(self) -> list[str]:
         return [d.text for d in self.documents]
+
+    def subset(self, n_paragraphs: int, finetune_facts_per_relation: int) -> RealWorld:
+        """A smaller world with the same held-out questions (notebook 09's lab pair): every
+        held-out fact, the first `finetune_facts_per_relation` fine-tuning facts of each
+        relation with their QA pairs, the first `n_paragraphs` real paragraphs, and every
+        document stating a kept fact. Document ids are kept, so sources still match."""
+        kept_ft: list[str] = []
+        for rel in dict.fromkeys(f.relation for f in self.facts):
+            asked = dict.fromkeys(q.fact_id for q in self.finetune)
+            kept_ft += [f for f in asked if self._fact(f).relation == rel][
+                :finetune_facts_per_relation]
+        if finetune_facts_per_relation < 1 or not 0 <= n_paragraphs <= self.config.n_paragraphs:
+            raise ValueError(f"set finetune_facts_per_relation >= 1 and n_paragraphs in "
+                             f"[0, {self.config.n_paragraphs}]")
+        facts = set(kept_ft) | {q.fact_id for q in self.heldout}
+        real = [d.id for d in self.documents if d.kind == "real"][:n_paragraphs]
+        docs = [d for d in self.documents if d.id in real or set(d.fact_ids) & facts]
+        per_rel = len(self.heldout) // len({f.relation for f in self.facts})
+        cfg = replace(self.config, n_paragraphs=n_paragraphs,
+                      facts_per_relation=finetune_facts_per_relation + per_rel,
+                      finetune_per_relation=finetune_facts_per_relation)
+        return RealWorld(cfg, self.seed, self.python, docs,
+                         [f for f in self.facts if f.fact_id in facts],
+                         [q for q in self.finetune if q.fact_id in facts], list(self.heldout))
+
+    def _fact(self, fact_id: str) -> Fact:
+        return next(f for f in self.facts if f.fact_id == fact_id)
 
     def names(self) -> dict[str, str]:
         """fact_id → the fictional person it is about."""
