@@ -163,11 +163,10 @@ class RealWorld:
         held-out fact, the first `finetune_facts_per_relation` fine-tuning facts of each
         relation with their QA pairs, the first `n_paragraphs` real paragraphs, and every
         document stating a kept fact. Document ids are kept, so sources still match."""
-        kept_ft: list[str] = []
-        for rel in dict.fromkeys(f.relation for f in self.facts):
-            asked = dict.fromkeys(q.fact_id for q in self.finetune)
-            kept_ft += [f for f in asked if self._fact(f).relation == rel][
-                :finetune_facts_per_relation]
+        relation = {f.fact_id: f.relation for f in self.facts}
+        asked = dict.fromkeys(q.fact_id for q in self.finetune)  # in order, once each
+        kept_ft = [f for rel in dict.fromkeys(relation.values())
+                   for f in [f for f in asked if relation[f] == rel][:finetune_facts_per_relation]]
         if finetune_facts_per_relation < 1 or not 0 <= n_paragraphs <= self.config.n_paragraphs:
             raise ValueError(f"set finetune_facts_per_relation >= 1 and n_paragraphs in "
                              f"[0, {self.config.n_paragraphs}]")
@@ -181,9 +180,6 @@ class RealWorld:
         return RealWorld(cfg, self.seed, self.python, docs,
                          [f for f in self.facts if f.fact_id in facts],
                          [q for q in self.finetune if q.fact_id in facts], list(self.heldout))
-
-    def _fact(self, fact_id: str) -> Fact:
-        return next(f for f in self.facts if f.fact_id == fact_id)
 
     def names(self) -> dict[str, str]:
         """fact_id → the fictional person it is about."""
