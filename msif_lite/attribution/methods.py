@@ -174,7 +174,7 @@ class RandomMethod(Method):
 METHODS: Registry[Method] = Registry(
     "method", "method= (or --method)",
     discover=("msif_lite.attribution.projected", "msif_lite.attribution.variants",
-              "msif_lite.attribution.unrolled_methods"))
+              "msif_lite.attribution.unrolled_methods", "msif_lite.attribution.source_methods"))
 
 
 def register(method: Method) -> Method:

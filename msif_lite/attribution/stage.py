@@ -53,6 +53,12 @@ class StageState:
         self._self_inf: dict[tuple, float] = {}
         self._stores: dict[tuple, GradientStore] = {}
 
+    def with_model(self, model: nn.Module) -> StageState:
+        """This stage (encoder, config, fit data, objective scale) on another model's weights,
+        e.g. a checkpoint of the same run; its caches are its own."""
+        return StageState(self.stage, model, self.encoder, self.config, self._fit_examples,
+                          self._objective_scale)  # fmt: skip
+
     @property
     def task(self):
         return self.config.task

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from msif_lite.eval.training_run import TrainingRun
 from msif_lite.world.shipped import data_dir, load_shipped, trained_pipeline
 
 UNROLLED = ("unrolled", "unrolled_finetune_only")
+ABLATIONS = ("source", "if_checkpoints")  # attribution.source_methods: also --methods
 BASELINES = ("multi_stage", "multi_stage_token_positive", "bm25")
 
 
@@ -100,10 +102,20 @@ def _cached_scores(att: Attributor, name: str, queries, targets: list[int], bloc
         s = att.scores(name, [queries[i] for i in blk], att.doc_ids)
         timings.setdefault(name, []).append((len(blk), time.perf_counter() - t0))
         have.update({str(i): row.tolist() for i, row in zip(blk, s)})
-        path.write_text(json.dumps(cache))
+        _write_merged(path, name, have)
         print(f"  {name}: {len(have)}/{len(targets)} questions "
               f"({time.perf_counter() - t0:.0f} s for {len(blk)})", flush=True)  # fmt: skip
     return torch.tensor([have[str(i)] for i in targets], dtype=torch.float64)
+
+
+def _write_merged(path: Path, name: str, rows: dict) -> None:
+    """Add `name`'s rows to the JSON cache as it is on disk now (another run may have added
+    other methods since this one read it), written to a temporary file then renamed."""
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    cache.setdefault(name, {}).update(rows)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache))
+    tmp.replace(path)
 
 
 def _ground_truth(shipped, cfg: UnrolledBenchConfig, cache: Path, gt_path: Path | None):
@@ -285,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     ap.add_argument("--removal-methods", default=None,
                     help="comma-separated methods whose top-k are removed (default: all scored)")
     ap.add_argument("--methods", default=None,
-                    help=f"comma-separated unrolled methods (default {','.join(UNROLLED)})")
+                    help=f"comma-separated methods needing the run (default "
+                         f"{','.join(UNROLLED)}; also {','.join(ABLATIONS)})")
     ap.add_argument("--fixed-order", type=int, default=0,
                     help="also replay the first M subsets in the run's own batch order (w = "
                          "mask): the counterfactual the derivative linearises")  # fmt: skip

@@ -43,7 +43,8 @@ def _cost_md(c: dict | None) -> str:
     if not c:
         return ""
     passes = ", ".join(f"{k} {v:.0f} s" for k, v in c["pass_s_per_query"].items())
-    return (f"\nCost per question (blocks of {c['block']}, one CPU thread): {passes}; the "
+    passes = passes + "; the" if passes else "the"
+    return (f"\nCost per question (blocks of {c['block']}, one CPU thread): {passes} "
             f"pre-training replay {c['pretrain_replay_s']:.0f} s once per world; peak memory "
             f"of the unrolled methods {c['peak_mb']:.0f} MB (resident-set growth). "
             f"{c['note']}.\n")
@@ -65,6 +66,20 @@ def _decomposition_md(w: dict) -> str:
             f"spread (median over questions) {lin.get('spread_ratio_median', float('nan')):.3g}, "
             f"mean predicted Δm {lin.get('pred_dm_mean', float('nan')):.3g} vs measured "
             f"{lin.get('measured_dm_mean', float('nan')):.3g} nats.\n")
+
+
+def _ablation_md(w: dict) -> str:
+    """The SOURCE / influence-at-checkpoints ablations next to their two ends."""
+    m = w["methods"]
+    if not {"source", "if_checkpoints"} & set(m):
+        return ""
+    names = [n for n in ("multi_stage", "if_checkpoints", "source", "unrolled_finetune_only",
+                         "unrolled") if n in m]  # fmt: skip
+    parts = ", ".join(f"{n} {m[n]['lds_mean']:.3f}" for n in names)
+    return (f"\nAblations (LDS on these questions): {parts}. if_checkpoints: multi_stage with "
+            f"its pre-training factor averaged over equally spaced pre-training checkpoints; "
+            f"source: SOURCE, the run unrolled approximately in segments with EK-FAC per "
+            f"segment (attribution.source_methods).\n")
 
 
 def _fixed_order_md(w: dict) -> str:
@@ -111,6 +126,6 @@ def markdown(payload: dict) -> str:
             f"Command: `{s.get('command', '')}`; "
             f"wall time {w['timings_s']['total']:.0f} s.\n\n",
             markdown_table(_rows(w, ctx), COLUMNS),
-            _cost_md(w.get("cost")), _decomposition_md(w), _fixed_order_md(w),
+            _cost_md(w.get("cost")), _decomposition_md(w), _ablation_md(w), _fixed_order_md(w),
         ]
     return "".join(out)
