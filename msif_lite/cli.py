@@ -2,6 +2,7 @@
 
     msif-lite trace "Where was Ludrur Draethund born?"     # the main job
     msif-lite trace "..." --json --method single_stage -k 5
+    msif-lite trace "..." --compare bm25                    # a second ranking beside the first
     msif-lite trace --pretrained DIR_OR_HUB_ID --finetuned DIR_OR_HUB_ID \\
         --corpus docs.jsonl --finetune-data ft.jsonl --alpha 1e-3 "Where was Ada born?"
     msif-lite bench --help                                  # the benchmarks (msif_lite/bench)
@@ -19,7 +20,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
+from msif_lite.attribution.chat import CHAT, chat_prompt_template
 from msif_lite.attribution.config import AttributionConfig
 from msif_lite.attribution.methods import METHODS, describe_methods
 from msif_lite.config import add_config_options, config_kwargs, trim_allocator
@@ -46,7 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msif-lite", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("trace", help="attribute the fine-tuned model's answer to documents")
+    t = sub.add_parser(
+        "trace", help="attribute the fine-tuned model's answer to documents",
+        description="Rank pre-training documents by their influence on the fine-tuned model's "
+                    "answer. Each hit shows the part of the document that carries its score "
+                    "(the sentence with the most per-token score; for text methods the "
+                    "sentence sharing most words with the question and answer). On the kit's "
+                    "world the output ends with what the kit measured about the method "
+                    "against retraining (results/variants.json, results/lds.json).")
     t.add_argument("question", help="a question, e.g. 'Where was Ludrur Draethund born?'")
     t.add_argument("--answer", help="attribute this answer instead of the model's own")
     t.add_argument("-k", type=int, default=10, help="documents to print (default 10)")
@@ -55,7 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default="multi_stage", choices=list(METHODS), metavar="METHOD",
                    help="a registered method (default multi_stage; `msif-lite methods` "
                         f"lists them): {', '.join(METHODS)}")  # fmt: skip
-    t.add_argument("--json", action="store_true", help="print the hits as JSON")
+    t.add_argument("--compare", metavar="METHOD", choices=list(METHODS),
+                   help="also rank the same candidates with this method and print it below, "
+                        "e.g. --compare bm25 or --compare multi_stage_token_positive")
+    t.add_argument("--json", action="store_true",
+                   help="print the hits as JSON (each with its evidence text)")
     t.add_argument("--mlp-only", action="store_true", help="track MLP layers only")
     t.add_argument("--preset", default="default", help="shipped world/checkpoints to use")
     t.add_argument("--world", help="world directory (default data/world/<preset>)")
@@ -71,8 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     own.add_argument("--finetune-data", metavar="FILE",
                      help=".jsonl with 'prompt' and 'answer' per line (fits H_ft)")
     own.add_argument("--template", default=DEFAULT_TEMPLATE.describe()[1:-1],
-                     help="how questions and answers were joined in fine-tuning, for H_ft and "
-                          "the query alike; \\n is a newline (default '%(default)s')")
+                     help="default '%(default)s' (the kit's plain QA template, which its "
+                          "fine-tunes use, also on an instruct model): how questions and "
+                          "answers were joined in fine-tuning, for H_ft and the query alike; "
+                          "\\n is a newline. 'chat': the tokenizer's chat template "
+                          "(apply_chat_template), for a pair fine-tuned in that format. The "
+                          "output says which template is used; retrieval matches the bare "
+                          "question either way")
     settings = t.add_argument_group(
         "attribution settings (AttributionConfig; --alpha is for your own pair, required "
         "unless the fine-tuned directory records it; longer documents are split into chunks "
@@ -118,8 +137,9 @@ def _device(name: str):
     return dev
 
 
-def _own_pair(a: argparse.Namespace, cfg):
-    """The Attributor and notes for `--pretrained … --finetuned … --corpus … --finetune-data`."""
+def _own_pair(a: argparse.Namespace, cfg, chat: bool = False):
+    """The Attributor and notes for `--pretrained … --finetuned … --corpus … --finetune-data`;
+    `chat`: encode with the tokenizer's chat template (`--template chat`)."""
     from msif_lite.attribution.attributor import Attributor
     from msif_lite.attribution.checks import context_length
     from msif_lite.scale.pairs import (
@@ -152,6 +172,8 @@ def _own_pair(a: argparse.Namespace, cfg):
 
         hf_logging.disable_progress_bar()
     pair = load_model_pair(a.pretrained, a.finetuned, device=_device(a.device))
+    if chat:
+        cfg = replace(cfg, template=chat_prompt_template(pair.tokenizer))
     n_ctx, ctx_source = context_length(pair.pretrained, pair.tokenizer, a.context_length)
     docs = read_documents(a.corpus)
     docs, report = chunk_documents(docs, pair.tokenizer, n_ctx)
@@ -173,29 +195,34 @@ def _trace(a: argparse.Namespace) -> int:
     from msif_lite.engine.prompts import PromptTemplate
     from msif_lite.world.shipped import load_shipped
 
-    template = PromptTemplate.parse(a.template.replace("\\n", "\n").replace("\\t", "\t"))
+    chat = a.template.strip() == CHAT
+    template = DEFAULT_TEMPLATE if chat else PromptTemplate.parse(
+        a.template.replace("\\n", "\n").replace("\\t", "\t"))
     given = config_kwargs(AttributionConfig, a)
     given.pop("alpha", None)  # resolved with the checkpoint's record (_own_pair)
     cfg = AttributionConfig(factors=FactorConfig(include="mlp" if a.mlp_only else None),
                             progress=not (a.quiet or a.json), template=template,
                             **given)  # fmt: skip
     if any(getattr(a, n) is not None for n in OWN_PAIR):
-        att, notes = _own_pair(a, cfg)
+        att, notes = _own_pair(a, cfg, chat)
         result = trace_attributor(att, a.question, answer=a.answer, k=a.k,
-                                  n_candidates=a.candidates, method=a.method, notes=notes)
+                                  n_candidates=a.candidates, method=a.method, notes=notes,
+                                  compare=a.compare)  # fmt: skip
     else:
         if a.alpha is not None:
             raise ValueError("--alpha is for your own pair (--pretrained …); the kit's "
                              "checkpoints record the α they were fine-tuned with")  # fmt: skip
         shipped = load_shipped(a.preset, world_dir=a.world, checkpoint_dir=a.checkpoints)
+        if chat:
+            cfg = replace(cfg, template=chat_prompt_template(shipped.tokenizer))
         dev = _device(a.device)
         shipped.pretrained.to(dev)
         shipped.finetuned.to(dev)
         result = trace(shipped, a.question, answer=a.answer, k=a.k, n_candidates=a.candidates,
-                       method=a.method, config=cfg)  # fmt: skip
+                       method=a.method, config=cfg, compare=a.compare)  # fmt: skip
     if a.json:
-        if result.notes:
-            print("\n".join(n for n in result.notes if n), file=sys.stderr)
+        if result.notes or result.measured:
+            print("\n".join(n for n in result.notes + result.measured if n), file=sys.stderr)
         print(json.dumps(result.as_json(), indent=2))
     else:
         print(result.as_text())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from functools import cached_property
@@ -270,8 +271,9 @@ class Attributor:
     def embedding_index(self):
         from msif_lite.attribution.retrieval import EmbeddingIndex
 
-        texts = [self.texts[d] for d in self.doc_ids]
-        root = Path(self.config.cache_dir) / "embeddings"
+        texts = [self.texts[d] for d in self.doc_ids]  # one folder per corpus: no eviction
+        corpus = hashlib.sha256(json.dumps([self.doc_ids, texts]).encode()).hexdigest()[:16]
+        root = Path(self.config.cache_dir) / "embeddings" / corpus
         return EmbeddingIndex.build_or_load(root, self.doc_ids, texts,
                                             progress=self.config.progress)  # fmt: skip
 

@@ -170,7 +170,8 @@ class StageState:
         pre = preconditioned_queries(
             self.model, self.task, self.encoder.query_batch(questions), self.modules,
             ihvp if ihvp is not None else IdentityIHVP(), rank=rank,
-            batch_size=self.encoder.batch_size, on_gradient=keep)  # fmt: skip
+            batch_size=self.encoder.batch_size, on_gradient=keep,
+            progress=self.config.progress)  # fmt: skip
         for q, v in zip(questions, sum(layer_sq.values()).sqrt().tolist()):
             self._query_norms[(q.prompt, q.answer)] = v
         return pre

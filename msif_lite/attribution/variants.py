@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
+from tqdm.auto import tqdm
 
 from msif_lite.attribution.context import ScoringContext
 from msif_lite.attribution.encoder import QuestionLike
@@ -106,7 +107,8 @@ class TokenMethod(Method):
         modules, b = stage.modules, ctx.encoder.batch_size
         dtype = pre[modules[0].name].dtype
         out = []
-        for i in range(0, len(doc_ids), b):
+        for i in tqdm(range(0, len(doc_ids), b), desc=f"{self.name} (per-token scores)",
+                      disable=not stage.config.progress, delay=2.0):  # fmt: skip
             cands = self.candidates(ctx, doc_ids[i : i + b])
             cap = capture_batch(stage.model, stage.task, ctx.encoder.collate(cands), modules,
                                 dtype=dtype)  # fmt: skip

@@ -147,7 +147,8 @@ def fit_eigenbasis(kfac: KFACFactors, device: torch.device | str | None = None) 
     layers = []
     threads = torch.get_num_threads()
     offload = kfac.config.offload
-    for x in kfac.layers:
+    for x in tqdm(kfac.layers, desc="eigendecomposition (per layer)", total=len(kfac.layers),
+                  disable=not kfac.config.progress, delay=2.0):  # fmt: skip
         if device is not None:
             x = KroneckerFactors(x.name, x.A.to(device), x.S.to(device))
         # CPU eigh of these (≤ few-k) matrices gains little from threads but suffers badly

@@ -267,10 +267,11 @@ class GradientStore:
                                    {k: v.to(self.dtype) for k, v in pre.right.items()}, pre.rank)
         elif pre[self.modules[0].name].dtype != self.dtype:
             pre = {k: v.to(self.dtype) for k, v in pre.items()}
-        return pairwise_scores(self.model, self.task, pre,
-                               (self.collate(c) for c in self._batch_lists(candidates)),
+        batches = self._batch_lists(candidates)
+        return pairwise_scores(self.model, self.task, pre, (self.collate(c) for c in batches),
                                IdentityIHVP(), self.modules, by_module=by_module,
-                               progress=self.progress, preconditioned=True)  # fmt: skip
+                               progress=self.progress, preconditioned=True,
+                               total=len(batches))  # fmt: skip
 
     def _batch_lists(self, candidates: Sequence[Candidate]) -> list[Sequence[Candidate]]:
         return [candidates[i : i + self.batch_size]

@@ -17,7 +17,7 @@ per layer is sqrt(Σ_{k>r} σ_k² / Σ_k σ_k²); `agreement` reports what it do
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 
 import torch
@@ -94,13 +94,16 @@ def pairwise_scores_lowrank(
     *,
     progress: bool = True,
     by_module: bool = False,
+    total: int | None = None,
 ) -> torch.Tensor:
     """(Q, N) I[q, n] = Σ_l ⟨L_l R_l, DW_{n,l}⟩ for preconditioned low-rank queries ((Q, N, L)
     per layer with `by_module`); the same as `pairwise_scores(..., preconditioned=True)` on
     `low.dense()`, without forming DW."""
     cols = []
     dtype = next(iter(low.left.values())).dtype
-    for batch in tqdm(candidates, desc="pairwise scores (low rank)", disable=not progress):
+    total = len(candidates) if isinstance(candidates, Sized) else total  # for the bar
+    for batch in tqdm(candidates, desc="pairwise scores (low rank)", total=total,
+                      disable=not progress):  # fmt: skip
         cap = capture_batch(model, task, batch, modules, dtype=dtype)
         s = low.scores(cap, by_module)
         check_finite({"scores": s}, "candidate scores")

@@ -19,7 +19,7 @@ is not block-diagonal (the dense references of `engine.exact`) is applied whole.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 
 import torch
 from torch import nn
@@ -109,6 +109,7 @@ def preconditioned_queries(
     batch_size: int = 16,
     layerwise: bool = True,
     on_gradient: Callable[[str, torch.Tensor], None] | None = None,
+    progress: bool = False,
 ):
     """P_l = (G_l + λ_l I)⁻¹ ∇m_l for a query batch, layer by layer: the captured (ā, Ds) of
     all queries are kept (Q·T·(d_in + o) per layer), then each layer's ∇m_l = Σ_t Ds_t ā_tᵀ is
@@ -117,7 +118,8 @@ def preconditioned_queries(
     (Q, o, d_in) temporaries (not the (1 + stages)·Q·P of `precondition` on all layers).
     `on_gradient(name, ∇m_l)` sees each layer's (Q, o, d_in) query gradient before it is
     preconditioned (e.g. to accumulate ‖∇m‖² without a second pass). `layerwise=False` (or
-    an inverse that is not block-diagonal): the dense path, for comparison."""
+    an inverse that is not block-diagonal): the dense path, for comparison. `progress`: a
+    bar over the layers (shown after 2 s)."""
     from msif_lite.engine.lowrank import LowRankGrads, truncate
 
     blocks = _blocks(ihvp, [m.name for m in modules]) if layerwise else None
@@ -132,7 +134,8 @@ def preconditioned_queries(
     dense: Grads = {}
     left: dict[str, torch.Tensor] = {}
     right: dict[str, torch.Tensor] = {}
-    for m, g in _layer_query_gradients(caps, modules):
+    for m, g in tqdm(_layer_query_gradients(caps, modules), desc="preconditioning queries "
+                     "(per layer)", total=len(modules), disable=not progress, delay=2.0):
         if on_gradient is not None:
             on_gradient(m.name, g)
         p = blocks[m.name].apply({m.name: g})[m.name]
@@ -198,6 +201,7 @@ def pairwise_scores(
     preconditioned: bool = False,
     rank: int | None = None,
     layerwise: bool = True,
+    total: int | None = None,
 ) -> torch.Tensor:
     """I[q, n] = Σ_l ⟨P_{q,l}, DW_{n,l}⟩ with P = (G + λI)⁻¹∇m(q): (Q, N), or (Q, N, L)
     per layer with `by_module` (layers in `modules` order; summing over L gives the total).
@@ -207,14 +211,17 @@ def pairwise_scores(
     `LowRankGrads` (then scored at its rank).
     `rank`: score with the rank-r truncated SVD of each layer's P (msif_lite.engine.lowrank;
     Notebook 09), never forming the candidates' DW. Queries are preconditioned (and truncated)
-    one layer at a time (`preconditioned_queries`); `layerwise=False` keeps the dense path."""
+    one layer at a time (`preconditioned_queries`); `layerwise=False` keeps the dense path.
+    `total`: the number of candidate batches, for the progress bar when `candidates` is a
+    generator (a sized `candidates` gives its own length)."""
     from msif_lite.engine.lowrank import LowRankGrads, pairwise_scores_lowrank, truncate
 
     if isinstance(query_grads_or_batch, LowRankGrads):
         if not preconditioned:
             raise ValueError("LowRankGrads are preconditioned queries: pass preconditioned=True")
         return pairwise_scores_lowrank(model, task, query_grads_or_batch, candidates, modules,
-                                       progress=progress, by_module=by_module)  # fmt: skip
+                                       progress=progress, by_module=by_module,
+                                       total=total)  # fmt: skip
     given = isinstance(query_grads_or_batch, Mapping)
     if preconditioned:
         if not given:
@@ -231,9 +238,10 @@ def pairwise_scores(
                                      layerwise=layerwise)  # fmt: skip
     if rank is not None:
         return pairwise_scores_lowrank(model, task, pre, candidates, modules, progress=progress,
-                                       by_module=by_module)  # fmt: skip
+                                       by_module=by_module, total=total)  # fmt: skip
     cols = []
-    for batch in tqdm(candidates, desc="pairwise scores", disable=not progress):
+    total = len(candidates) if isinstance(candidates, Sized) else total
+    for batch in tqdm(candidates, desc="pairwise scores", total=total, disable=not progress):
         dtype = pre[modules[0].name].dtype
         cap = capture_batch(model, task, batch, modules, dtype=dtype)
         per_layer = []

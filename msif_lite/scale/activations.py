@@ -97,8 +97,11 @@ def _calibration_depths(config) -> tuple[tuple[int, int], ...]:
 
 @functools.lru_cache(maxsize=32)
 def _calibrate(config_json: str, config_cls: type, include, exclude, autocast: str | None,
-               factor_dtype: str, weight_dtype: str) -> tuple[ActivationModel, ActivationModel]:
-    """(fitting, scoring) activation models of one config (see `activation_model`)."""
+               factor_dtype: str, weight_dtype: str, progress: bool = True
+               ) -> tuple[ActivationModel, ActivationModel]:  # fmt: skip
+    """(fitting, scoring) activation models of one config (see `activation_model`);
+    `progress`: a bar over the measured passes (shown after 2 s)."""
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     from msif_lite.engine.capture import capture_batch
@@ -116,6 +119,8 @@ def _calibrate(config_json: str, config_cls: type, include, exclude, autocast: s
                                                                          weight_dtype)}  # fmt: skip
     coef: dict[str, list] = {k: [] for k in modes}
     resid = dict.fromkeys(modes, 0.0)
+    bar = tqdm(total=len(copies) * len(modes) * len(points), disable=not progress, delay=2.0,
+               desc="memory plan: measuring activations")  # fmt: skip
     for depth, vocab in copies:
         torch.manual_seed(0)
         cfg = copy_config(config, depth)
@@ -143,6 +148,7 @@ def _calibrate(config_json: str, config_cls: type, include, exclude, autocast: s
                 run()  # warm-up: lazily created kernels and caches are not activations
                 rows.append([b * t, b * t * t, 1.0])
                 ys.append(float(measure_peak(run)[0]))
+                bar.update()
             x, y = torch.tensor(rows, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
             c = torch.linalg.lstsq(x, y[:, None]).solution[:, 0]
             if c[1] < 0:  # no negative T² term (it would dominate at long T): refit without
@@ -151,6 +157,7 @@ def _calibrate(config_json: str, config_cls: type, include, exclude, autocast: s
             coef[mode].append(tuple(float(v) for v in c))
             resid[mode] = max(resid[mode], float(((x @ c - y).abs() / y).max()))
         del model
+    bar.close()
     depths = tuple(d for d, _ in copies)
     return tuple(ActivationModel(depths, tuple(coef[m]), resid[m], (
         f"measured: capture_batch peaks of copies of width {getattr(config, 'hidden_size', '?')}"
@@ -159,8 +166,8 @@ def _calibrate(config_json: str, config_cls: type, include, exclude, autocast: s
         for m in modes)  # type: ignore[return-value]
 
 
-def activation_model(config, options, *, fitting: bool,
-                     weight_dtype: torch.dtype = torch.float32) -> ActivationModel:  # fmt: skip
+def activation_model(config, options, *, fitting: bool, weight_dtype: torch.dtype = torch.float32,
+                     progress: bool = True) -> ActivationModel:  # fmt: skip
     """The act(B, T) of `config` for the fitting passes (sampled labels, autocast, captures in
     the factor dtype) or for scoring (data labels, no autocast, captures in the weights'
     dtype), measured once per config on the CPU and cached (module docstring).
@@ -182,6 +189,6 @@ def activation_model(config, options, *, fitting: bool,
     norm = lambda p: tuple(p) if isinstance(p, list | tuple) else p  # noqa: E731
     fit, score = _calibrate(js, type(config), norm(options.include), norm(options.exclude),
                             options.autocast_dtype, options.factor_dtype_for(weight_dtype),
-                            str(weight_dtype).removeprefix("torch."))  # fmt: skip
+                            str(weight_dtype).removeprefix("torch."), progress)  # fmt: skip
     return fit if fitting else score
 

@@ -195,13 +195,14 @@ class _Sizes:
 
 def predict(model_config_or_model, options: MemoryOptions | None = None,
             device: torch.device | str | None = None, *,
-            lengths: Sequence[int] | None = None) -> MemoryPlan:  # fmt: skip
+            lengths: Sequence[int] | None = None, progress: bool = True) -> MemoryPlan:  # fmt: skip
     """A `MemoryPlan` from the model's config (or the model) and the options, for `device`
     (default msif_lite.device(); offload changes nothing on a CPU, where the "device" is the
     CPU memory itself). `lengths`: the corpus's document lengths in batching order (as
     `MemoryOptions.lengths`): the plan then uses the batches the run forms, not the longest
     document. See the module docstring for each formula; the activation terms are measured on
-    shrunken copies of the model (`activation_model`, a few seconds, cached)."""
+    shrunken copies of the model (`activation_model`, a few seconds, cached; a progress bar
+    after 2 s unless `progress=False`)."""
     from msif_lite.config import device as default_device
 
     opts = options if options is not None else MemoryOptions()
@@ -217,8 +218,9 @@ def predict(model_config_or_model, options: MemoryOptions | None = None,
         wdt = next(model_config_or_model.parameters()).dtype
     e = 8 if o.factor_dtype_for(wdt) == "float64" else 4
     config = _config_of(model_config_or_model)
-    c = _Sizes(s, o, e, s.grad_bytes, activation_model(config, o, fitting=True, weight_dtype=wdt),
-               activation_model(config, o, fitting=False, weight_dtype=wdt))
+    c = _Sizes(s, o, e, s.grad_bytes,
+               activation_model(config, o, fitting=True, weight_dtype=wdt, progress=progress),
+               activation_model(config, o, fitting=False, weight_dtype=wdt, progress=progress))
     peaks, terms = _fit_terms(c)
     factors = sum((d * d + out * out + d * out) * e for _, d, out in s.layers)
     on_device = 0 if o.offload else o.stages * factors
