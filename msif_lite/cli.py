@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true",
                    help="print the hits as JSON (each with its evidence text)")
     t.add_argument("--mlp-only", action="store_true", help="track MLP layers only")
+    t.add_argument("--layers", metavar="REGEX", action="append",
+                   help="track only layers whose name matches this regex (repeatable), e.g. "
+                        "'layers\\.2[6-9]\\.mlp\\.' for the MLPs of the last 4 of 30 blocks")
     t.add_argument("--preset", default="default", help="shipped world/checkpoints to use")
     t.add_argument("--world", help="world directory (default data/world/<preset>)")
     t.add_argument("--checkpoints", help="directory with the kit's pretrained/ and finetuned/")
@@ -84,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
                           "plain text (one document per blank-line-separated paragraph)")
     own.add_argument("--finetune-data", metavar="FILE",
                      help=".jsonl with 'prompt' and 'answer' per line (fits H_ft)")
+    own.add_argument("--real", metavar="PRESET",
+                     help="the kit's real pair instead: SmolLM2-135M-Instruct (a 4-bit GGUF "
+                          "approximation, `scale.real_lm`) continued-pre-trained and fine-tuned "
+                          "on data/real_lm by `world.real_pipeline` preset PRESET ('lab': 96 "
+                          "documents, ~3 min once; 'cpu': 218, ~9 min), trained once and "
+                          "cached; sets --pretrained, --finetuned, --corpus and --finetune-data")
     own.add_argument("--template", default=DEFAULT_TEMPLATE.describe()[1:-1],
                      help="default '%(default)s' (the kit's plain QA template, which its "
                           "fine-tunes use, also on an instruct model): how questions and "
@@ -200,9 +209,11 @@ def _trace(a: argparse.Namespace) -> int:
         a.template.replace("\\n", "\n").replace("\\t", "\t"))
     given = config_kwargs(AttributionConfig, a)
     given.pop("alpha", None)  # resolved with the checkpoint's record (_own_pair)
-    cfg = AttributionConfig(factors=FactorConfig(include="mlp" if a.mlp_only else None),
+    cfg = AttributionConfig(factors=FactorConfig(include=_include(a.layers, a.mlp_only)),
                             progress=not (a.quiet or a.json), template=template,
                             **given)  # fmt: skip
+    if a.real:
+        _real_pair(a)
     if any(getattr(a, n) is not None for n in OWN_PAIR):
         att, notes = _own_pair(a, cfg, chat)
         result = trace_attributor(att, a.question, answer=a.answer, k=a.k,
@@ -243,6 +254,29 @@ def _bench(parser: argparse.ArgumentParser, name: str, args: list[str]) -> int:
         raise TypeError(f"benchmark {name!r} returned {type(result).__name__}, not a "
                         "BenchResult (msif_lite/bench/common.py)")  # fmt: skip
     return 0
+
+
+def _real_pair(a: argparse.Namespace) -> None:
+    """--real PRESET: train (once) and point the own-pair options at the real pair's run."""
+    from msif_lite.scale.real_lm import smollm2_folder
+    from msif_lite.world.real_pipeline import build_real_pipeline
+
+    if any(getattr(a, n) is not None for n in OWN_PAIR):
+        raise SystemExit("--real sets the pair and its data: drop --pretrained, --finetuned, "
+                         "--corpus and --finetune-data, or drop --real")
+    root = build_real_pipeline(smollm2_folder(), a.real, progress=not a.quiet)
+    a.pretrained, a.finetuned = (str(root / "checkpoints" / s) for s in ("pretrained",
+                                                                          "finetuned"))
+    a.corpus, a.finetune_data = (str(root / "world" / f) for f in ("documents.jsonl",
+                                                                   "finetune.jsonl"))
+
+
+def _include(layers: list[str] | None, mlp_only: bool) -> str | tuple[str, ...] | None:
+    """FactorConfig.include for --layers (regexes) or --mlp-only (the 'mlp' shortcut)."""
+    if layers and mlp_only:
+        raise SystemExit("give --layers or --mlp-only, not both: put the MLP in the regex, "
+                         "e.g. --layers 'layers\\.2[6-9]\\.mlp\\.'")
+    return tuple(layers) if layers else ("mlp" if mlp_only else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -275,6 +275,29 @@ def test_pipeline_runs_both_stages_and_caches(tiny_run, monkeypatch):
     assert again == out
 
 
+def test_real_option_traces_the_cached_pair(tiny_run, monkeypatch, capsys):
+    """`msif-lite trace --real PRESET`: the run's own world files, refusals that name the fix."""
+    from msif_lite import cli
+    from msif_lite.scale import real_lm
+    from msif_lite.world import real_pipeline as rp
+
+    world, out, root = tiny_run
+    assert rt.load_real_world(out / "world").content_hash == world.content_hash
+    monkeypatch.setattr(real_lm, "smollm2_folder", lambda *a, **k: root / "base")
+    monkeypatch.setattr(rp, "build_real_pipeline", lambda *a, **k: out)
+    q = world.heldout[0]
+    question = q.prompt.split("Question: ")[1].split("\n")[0]
+    rc = cli.main(["trace", "--real", "smoke", "--quiet", "--json", "-k", "3", "--layers",
+                   r"layers\.0\.mlp\.", "--cache-dir", str(root / "attr-cli"), question])
+    hits = json.loads(capsys.readouterr().out)
+    assert rc == 0 and len(hits) == 3 and all(h["doc_id"] in {d.id for d in world.documents}
+                                              for h in hits)  # fmt: skip
+    with pytest.raises(SystemExit, match="drop --real"):
+        cli.main(["trace", "--real", "smoke", "--corpus", "x.jsonl", question])
+    with pytest.raises(SystemExit, match="not both"):
+        cli.main(["trace", "--real", "smoke", "--mlp-only", "--layers", "mlp", question])
+
+
 def test_attributor_on_a_gqa_tied_embedding_pair(tiny_run):
     """The real model's shape (GQA, tied input/output embeddings) through the Attributor:
     k/v projections narrower than q, the tied unembedding left out like every unembedding."""

@@ -35,7 +35,7 @@ from msif_lite.world.lm import (
     save_checkpoint,
     tokenizer_hash,
 )
-from msif_lite.world.real_text import RealWorld, load_real_world
+from msif_lite.world.real_text import RealWorld, load_real_world, save_real_world
 from msif_lite.world.shipped import data_dir
 from msif_lite.world.training import (
     TrainConfig,
@@ -208,13 +208,14 @@ def build_real_pipeline(base_dir: str | Path, preset: str | RealPipelinePreset =
     root = Path(cache) / f"pipeline-{name}-{pipeline_key(p, world, Path(base_dir), seed)}"
     if (root / "results.json").is_file() and \
             json.loads((root / "results.json").read_text()).get("status") == "complete":
-        return root
+        return _with_world(root, world)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         print(f"training the real-model pipeline once into {root} (progress: {tmp}/results.json)",
               flush=True)
         run_stages(Path(base_dir), world, p, tmp, seed, progress)
+        _with_world(tmp, world)
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)
     except BaseException:
@@ -224,3 +225,16 @@ def build_real_pipeline(base_dir: str | Path, preset: str | RealPipelinePreset =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _with_world(root: Path, world: RealWorld) -> Path:
+    """`root`, with the world it was trained on written to `root/world/` (documents.jsonl,
+    finetune.jsonl, heldout.jsonl, facts.json: the `--corpus` / `--finetune-data` of
+    `msif-lite trace`), atomically."""
+    if not (root / "world" / "facts.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=".world-", dir=root))
+        save_real_world(world, tmp)
+        shutil.rmtree(root / "world", ignore_errors=True)
+        tmp.rename(root / "world")
+    return root
+
