@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up (first time) and run the kit's main job
 #   make test   set up (first time) and run the tests, the notebooks (fast mode) and ruff
+#   make demo-real  the same trace on a real pretrained LM (SmolLM2-135M-Instruct, trained once)
 #   make test-fast  the development loop: the tests not marked slow (pytest -m "not slow")
 #   make student  the notebooks without their solution cells, in student/ (git-ignored)
 # Everything installs into ./.venv from this repo's own files.
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.msif-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast lint notebooks student
+.PHONY: setup demo demo-real test test-fast lint notebooks student
 
 $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,12 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/msif-lite trace "Where was Lind Xozae born?"
+
+# the real pair of notebook 09 (the 'lab' preset: ~3 min of training once, then cached), the
+# MLPs of the last 4 of its 30 blocks tracked, every one of its 96 documents scored
+demo-real: setup
+	$(BIN)/msif-lite trace --real lab --layers 'layers\.2[6-9]\.mlp\.' --candidates 96 \
+		--compare bm25 "Where was Quiosox Taedrev born?"
 
 test: setup
 	MSIF_FAST=1 $(BIN)/python -m pytest tests
