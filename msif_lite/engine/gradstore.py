@@ -195,7 +195,8 @@ class GradientStore:
                 place(c, g)
             del g
         chunks = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
-        for chunk in tqdm(chunks, desc="candidate gradients", disable=not self.progress):
+        show = self.progress and bool(chunks)  # nothing to compute: no empty bar
+        for chunk in tqdm(chunks, desc="candidate gradients", disable=not show):
             g = self._compute(chunk)
             for i, c in enumerate(chunk):
                 one = {k: v[i].contiguous().cpu() for k, v in g.items()}
