@@ -21,9 +21,11 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from msif_lite.attribution.chat import CHAT, chat_prompt_template
 from msif_lite.attribution.config import AttributionConfig
+from msif_lite.attribution.measured import real_lm_lines
 from msif_lite.attribution.methods import METHODS, describe_methods
 from msif_lite.config import add_config_options, config_kwargs, trim_allocator
 from msif_lite.engine.curvature import CURVATURES
@@ -218,7 +220,9 @@ def _trace(a: argparse.Namespace) -> int:
         att, notes = _own_pair(a, cfg, chat)
         result = trace_attributor(att, a.question, answer=a.answer, k=a.k,
                                   n_candidates=a.candidates, method=a.method, notes=notes,
-                                  compare=a.compare)  # fmt: skip
+                                  compare=a.compare, truth=_real_truth(a))  # fmt: skip
+        if a.real:
+            result.measured = real_lm_lines(a.method, preset=a.real)
     else:
         if a.alpha is not None:
             raise ValueError("--alpha is for your own pair (--pretrained …); the kit's "
@@ -269,6 +273,18 @@ def _real_pair(a: argparse.Namespace) -> None:
                                                                           "finetuned"))
     a.corpus, a.finetune_data = (str(root / "world" / f) for f in ("documents.jsonl",
                                                                    "finetune.jsonl"))
+
+
+def _real_truth(a: argparse.Namespace):
+    """--real: the true sources of a held-out or fine-tuning question of the real world."""
+    if not a.real:
+        return None
+    from msif_lite.world.real_text import load_real_world
+
+    world = load_real_world(Path(a.corpus).parent)
+    sources = {f.fact_id: set(f.source_doc_ids) for f in world.facts}
+    by_prompt = {q.prompt.strip(): sources[q.fact_id] for q in [*world.heldout, *world.finetune]}
+    return lambda prompt: by_prompt.get(prompt.strip())
 
 
 def _include(layers: list[str] | None, mlp_only: bool) -> str | tuple[str, ...] | None:

@@ -289,9 +289,12 @@ def test_real_option_traces_the_cached_pair(tiny_run, monkeypatch, capsys):
     question = q.prompt.split("Question: ")[1].split("\n")[0]
     rc = cli.main(["trace", "--real", "smoke", "--quiet", "--json", "-k", "3", "--layers",
                    r"layers\.0\.mlp\.", "--cache-dir", str(root / "attr-cli"), question])
-    hits = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    hits = json.loads(out.out)
     assert rc == 0 and len(hits) == 3 and all(h["doc_id"] in {d.id for d in world.documents}
                                               for h in hits)  # fmt: skip
+    assert all(h["is_true_source"] == (h["doc_id"] in q.source_doc_ids) for h in hits)
+    assert "real_lm.json" in out.err  # what the kit measured on the real model, or that it did not
     with pytest.raises(SystemExit, match="drop --real"):
         cli.main(["trace", "--real", "smoke", "--corpus", "x.jsonl", question])
     with pytest.raises(SystemExit, match="not both"):

@@ -143,3 +143,20 @@ def test_cli_says_which_template_and_retrieval_ignores_the_wrapper(chat_pair, ca
         runs.append(json.loads(capsys.readouterr().out))
     assert [(h["doc_id"], h["score"]) for h in runs[0]] == [
         (h["doc_id"], h["score"]) for h in runs[1]]
+
+
+def test_real_lm_lines_read_the_benchmark_and_say_when_missing(tmp_path):
+    from msif_lite.attribution.measured import real_lm_lines
+
+    assert "no " in real_lm_lines("multi_stage", tmp_path)[0]
+    rem = {"multi_stage": {"dm_mean": 3.25, "dm_sem": 0.5, "dm_relative_to_true_sources": 0.5},
+           "true_sources": {"dm_mean": 6.5, "dm_sem": 0.25, "dm_relative_to_true_sources": 1.0},
+           "bm25": {"dm_mean": 6.5, "dm_sem": 0.25, "dm_relative_to_true_sources": 1.0}}
+    (tmp_path / "real_lm.json").write_text(json.dumps(
+        {"settings": {"preset": "lab", "k": 4, "n_documents": 96, "n_questions": 12},
+         "removal": rem, "methods": {"multi_stage": {"mrr": 0.75, "recall_at_10": 0.5}}}))
+    lines = real_lm_lines("multi_stage", tmp_path, preset="cpu")
+    assert "not the traced preset 'cpu'" in lines[0] and "top-4" in lines[1]
+    ms = next(x for x in lines if x.lstrip().startswith("multi_stage"))
+    assert "+3.25 ± 0.50" in ms and "0.750" in ms and ms.endswith("<- this ranking")
+    assert any(x.lstrip().startswith("bm25") and "+6.50" in x for x in lines)

@@ -129,3 +129,40 @@ def measured_lines(method: str, results_dir: str | Path | None = None, *,
         lines.append(f"  to see {others[0]}'s ranking beside this one: msif-lite trace "
                      f"{json.dumps(question, ensure_ascii=False)} --compare {others[0]}{alt}")
     return lines
+
+
+def real_lm_lines(method: str, results_dir: str | Path | None = None,
+                  preset: str | None = None) -> list[str]:  # fmt: skip
+    """What `msif-lite bench real-lm` measured on the real model (results/real_lm.json): per
+    method the joint leave-top-k-out Δm (mean ± s.e. over the held-out questions, and as a
+    fraction of removing the true sources) and the fact-tracing MRR / recall@10; a line
+    saying so when the file is missing. `preset`: the traced pair's, said when it differs."""
+    root = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    r = _read(root / "real_lm.json")
+    if not r or not r.get("removal"):
+        return [f"what the kit measured: no {root.name}/real_lm.json (run `msif-lite bench "
+                f"real-lm`), so nothing is known here about how {method} compares on this model."]
+    s, rem, mth = r.get("settings") or {}, r["removal"], r.get("methods") or {}
+    names = [n for n in dict.fromkeys((method, "bm25", "multi_stage_token_positive", "embedding",
+                                       "random", "true_sources", "none", "noise")) if n in rem]
+    w, k = max(len(n) for n in names), s.get("k", "k")
+    lines = [f"what the kit measured against retraining on this model ({root.name}/real_lm.json: "
+             f"preset {s.get('preset', '?')!r}, {s.get('n_documents', '?')} documents, "
+             f"{s.get('n_questions', '?')} held-out questions, both stages retrained"
+             + (f"; not the traced preset {preset!r}" if preset not in (None, s.get("preset"))
+                else "") + "):",
+             f"  {'method':{w}}  {f'Δm top-{k} out':>16}  {'÷ true sources':>14}  {'MRR':>5}  "
+             f"{'recall@10':>9}"]  # fmt: skip
+
+    def num(x: float | None, fmt: str) -> str:
+        return "" if x is None else format(x, fmt)
+
+    for n in names:
+        d, m = rem[n], mth.get(n) or {}
+        row = (f"  {n:{w}}  {d['dm_mean']:>+8.2f} ± {d['dm_sem']:<5.2f}  "
+               f"{num(d.get('dm_relative_to_true_sources'), '.2f'):>14}  "
+               f"{num(m.get('mrr'), '.3f'):>5}  {num(m.get('recall_at_10'), '.3f'):>9}")
+        lines.append((row + ("  <- this ranking" if n == method else "")).rstrip())
+    lines.append("  Δm: rise of −log p(answer) (nats) after removing every question's top-k "
+                 "documents at once and retraining; noise: another seed, nothing removed.")
+    return lines
