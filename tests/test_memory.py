@@ -319,3 +319,17 @@ def test_trim_allocator_sets_glibc_threshold():
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert trim_allocator() is True
+
+
+def test_plan_refuses_layers_its_calibration_copies_lack():
+    """predict() measures activations on shallower copies of a large model: an include that
+    names deep blocks only (the MLPs of a 30-block model's last 4) gets an error naming the
+    fix, not the bare 'No linear layers matched' of the copy."""
+    from transformers import LlamaConfig
+
+    from msif_lite.scale.memory import MemoryOptions, predict
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+    with pytest.raises(ValueError, match="exist in every copy"):
+        predict(cfg, MemoryOptions(include=r"layers\.2[6-9]\.mlp\."), progress=False)

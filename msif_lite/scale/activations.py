@@ -129,7 +129,17 @@ def _calibrate(config_json: str, config_cls: type, include, exclude, autocast: s
             if isinstance(getattr(cfg, k, None), int) and getattr(cfg, k) >= vocab:
                 setattr(cfg, k, vocab - 1)
         model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, weight_dtype)).eval()
-        mods = find_modules(model, include, exclude)
+        try:
+            mods = find_modules(model, include, exclude)
+        except ValueError as e:  # a block index the shallower copy does not have
+            raise ValueError(
+                f"the memory plan measures activations on copies of the model {depth} blocks "
+                f"deep ({', '.join(str(c[0]) for c in copies)} of "
+                f"{getattr(config, _layer_count_key(config))}), and "
+                f"include={include!r} selects no layer there ({e}). Plan with layers that exist "
+                f"in every copy (e.g. as many layers of the same kind in the first blocks, or "
+                "'mlp'): every block has the same shapes, so the plan depends on the tracked "
+                "layers' kind and number, hardly on their depth") from e
         for mode, (cast, fisher, cap_dtype) in modes.items():
             rows, ys = [], []
             for b, t in [(b, {1: t1, 2: t2}[i]) for b, i in points]:
