@@ -6,10 +6,9 @@ result: the JSON schema, one retrain per row, Δm = 0 for the retrain without re
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
-from test_real_lm import SMALL, _llama, _tokenizer
+from test_real_lm import SMALL, save_tiny_base
 
 from msif_lite.bench import real_lm as bench
 from msif_lite.world import real_text as rt
@@ -18,13 +17,7 @@ from msif_lite.world import real_text as rt
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("real-lm-bench")
-    world = rt.make_real_world(rt.harvest(), SMALL)
-    rt.save_real_world(world, root / "world")
-    tok = _tokenizer(world.pretrain_texts() + [f"{q.prompt} {q.answer}" for q in world.finetune])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    save_tiny_base(rt.make_real_world(rt.harvest(), SMALL), root)
     return root
 
 

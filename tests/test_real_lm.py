@@ -233,6 +233,17 @@ def test_subset_keeps_heldout_facts_and_their_sources():
 
 
 # ---------------------------------------------------------------- the pipeline, the pair
+def save_tiny_base(world, root) -> None:
+    """`world` into root/world and a tiny GQA + tied-embeddings Llama with a tokenizer fitted
+    to its text into root/base (the real model's shape, for the pipeline and bench tests)."""
+    rt.save_real_world(world, root / "world")
+    tok = _tokenizer(world.pretrain_texts() + [f"{q.prompt} {q.answer}" for q in world.finetune])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(paragraphs, tmp_path_factory):
     """The two stages (`smoke` preset) on a tiny GQA + tied-embeddings Llama and a small world."""
@@ -240,12 +251,7 @@ def tiny_run(paragraphs, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("real")
     world = make_real_world(paragraphs, SMALL)
-    rt.save_real_world(world, root / "world")
-    tok = _tokenizer(world.pretrain_texts() + [f"{q.prompt} {q.answer}" for q in world.finetune])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    save_tiny_base(world, root)
     out = build_real_pipeline(root / "base", "smoke", world_dir=root / "world",
                               cache=root / "cache", progress=False)  # fmt: skip
     return world, out, root
