@@ -15,9 +15,9 @@ from msif_lite.attribution.evidence import (
     evidence,
     excerpt,
     overlap_evidence,
-    position_terms,
     sentence_spans,
     token_evidence,
+    token_terms,
 )
 from msif_lite.attribution.trace import TracedQuestion, trace
 from msif_lite.engine.factors import FactorConfig
@@ -110,7 +110,7 @@ def test_per_token_scores_sum_to_the_document_score(tiny, method):
     att = _att(s, cache)
     q = TracedQuestion(s.world.queries[0].prompt, s.world.queries[0].answer)
     ids = [d.doc_id for d in s.world.documents[:5]]
-    terms = position_terms(att, method, q, ids)
+    terms = token_terms(att, method, q, ids)
     scores = att.scores(method, [q], ids)[0]
     for d, sc in zip(ids, scores.tolist()):
         assert len(terms[d]) == len(att.candidate(d).input_ids)

@@ -29,7 +29,12 @@ import torch
 
 from msif_lite.attribution.encoder import QuestionLike
 from msif_lite.attribution.methods import GradientMethod, Method, get_method
-from msif_lite.attribution.variants import TokenMethod, TokenSum, decoded_token_spans
+from msif_lite.attribution.variants import (
+    TokenMethod,
+    TokenSum,
+    decoded_token_spans,
+    position_terms,
+)
 from msif_lite.engine.capture import capture_batch
 from msif_lite.engine.prompts import retrieval_text
 
@@ -193,7 +198,7 @@ def token_spans(tokenizer, text: str,
     return decoded_token_spans(tokenizer, input_ids)
 
 
-def position_terms(att, method: str | Method, question: QuestionLike,
+def token_terms(att, method: str | Method, question: QuestionLike,
                    doc_ids: Sequence[str]) -> dict[str, list[float]] | None:  # fmt: skip
     """doc_id → the score of each of its tokens (the term of the position predicting it;
     0 for the first token), or None when the method has no per-token split. The layer
@@ -215,13 +220,8 @@ def position_terms(att, method: str | Method, question: QuestionLike,
         cands = m.candidates(att, ids) if isinstance(m, TokenMethod) else att.candidates(ids)
         cap = capture_batch(stage.model, stage.task, att.collate(cands), stage.modules, dtype=dtype)
         terms = sum(w * x.token_scores(pre[mod.name])
-                    for mod, x, w in zip(stage.modules, cap.layers, weights) if w)[0].double()
-        if tokens in (TokenSum.UNIT, TokenSum.UNIT_POSITIVE):
-            sq = sum(w * x.token_grad_sq_norms() for x, w in zip(cap.layers, weights) if w)
-            terms = terms / sq.double().sqrt().clamp_min(1e-30)
-        if tokens is TokenSum.UNIT_POSITIVE:
-            terms = terms.clamp_min(0.0)
-        terms = terms.masked_fill(~cap.mask, 0.0)
+                    for mod, x, w in zip(stage.modules, cap.layers, weights) if w).double()
+        terms = position_terms(tokens, cap, terms, weights)[0]
         for row, c in enumerate(cands):
             t = terms[row, : len(c.input_ids)]
             # position t's term → the token it predicts, x_{t+1}
@@ -232,7 +232,7 @@ def position_terms(att, method: str | Method, question: QuestionLike,
 def evidence(att, method: str | Method, question: QuestionLike, doc_ids: Sequence[str],
              max_chars: int = MAX_CHARS) -> dict[str, Evidence]:  # fmt: skip
     """doc_id → the `Evidence` of each document for `method` (module docstring)."""
-    terms = position_terms(att, method, question, doc_ids)
+    terms = token_terms(att, method, question, doc_ids)
     if terms is None:
         query = retrieval_text(question.prompt, question.answer)
         return {d: overlap_evidence(att.texts[d], query, max_chars) for d in doc_ids}

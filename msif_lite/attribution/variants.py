@@ -137,12 +137,20 @@ class TokenMethod(Method):
     def combine(self, cap: BatchCapture, terms: torch.Tensor,
                 weights: Sequence[float]) -> torch.Tensor:  # fmt: skip
         """(Q, B, T) per-position terms → (Q, B) document scores."""
-        if self.tokens in (TokenSum.UNIT, TokenSum.UNIT_POSITIVE):
-            sq = sum(w * x.token_grad_sq_norms() for x, w in zip(cap.layers, weights) if w)
-            terms = terms / sq.double().sqrt().clamp_min(1e-30)
-        if self.tokens is TokenSum.UNIT_POSITIVE:
-            terms = terms.clamp_min(0.0)
-        return terms.masked_fill(~cap.mask, 0.0).sum(-1)
+        return position_terms(self.tokens, cap, terms, weights).sum(-1)
+
+
+def position_terms(tokens: TokenSum, cap: BatchCapture, terms: torch.Tensor,
+                   weights: Sequence[float]) -> torch.Tensor:  # fmt: skip
+    """(Q, B, T) per-position terms I_t as `tokens` sums them: divided by the position's
+    gradient length ‖∇ℓ_t‖ (UNIT, UNIT_POSITIVE), clamped at 0 (UNIT_POSITIVE), padding 0.
+    The one place the variants' terms are formed (`TokenMethod.combine`, the trace's evidence)."""
+    if tokens in (TokenSum.UNIT, TokenSum.UNIT_POSITIVE):
+        sq = sum(w * x.token_grad_sq_norms() for x, w in zip(cap.layers, weights) if w)
+        terms = terms / sq.double().sqrt().clamp_min(1e-30)
+    if tokens is TokenSum.UNIT_POSITIVE:
+        terms = terms.clamp_min(0.0)
+    return terms.masked_fill(~cap.mask, 0.0)
 
 
 @dataclass(frozen=True)
