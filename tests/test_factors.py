@@ -135,3 +135,28 @@ def test_save_load_roundtrip(tmp_path, mlp):
     kfac.save(tmp_path / "k.safetensors", mlp.model, "data-v1")
     k2 = KFACFactors.load(tmp_path / "k.safetensors", mlp.model, cfg, "data-v1")
     assert torch.equal(k2.layers[1].S, kfac.layers[1].S)
+
+
+def test_eigh_workers_change_nothing_and_float32_eigh_is_close(mlp):
+    """eigh_workers only schedules the layers (bit-identical bases); eigh_dtype float32 gives
+    the same bases and Λ to float32 round-off (rtol 1e-4 on Λ, the EK-FAC inverse's input)."""
+    batches = mlp.batches(5)
+    model = mlp.model.float()
+    fbatches = [(x.float(), y) for x, y in batches]
+    cfg = FactorConfig(fisher="empirical", progress=False, factor_dtype="float32")
+    one = fit_ekfac(model, mlp.task, fbatches, dataclasses.replace(cfg, eigh_workers=1))
+    two = fit_ekfac(model, mlp.task, fbatches, dataclasses.replace(cfg, eigh_workers=2))
+    f32 = fit_ekfac(model, mlp.task, fbatches, dataclasses.replace(cfg, eigh_dtype="float32"))
+    for a, b, c in zip(one.layers, two.layers, f32.layers):
+        assert torch.equal(a.q_a, b.q_a) and torch.equal(a.q_s, b.q_s)
+        assert torch.equal(a.lam, b.lam)
+        # the same subspaces (eigenvectors up to sign): |Q64ᵀ Q32| ≈ I
+        for q64, q32 in ((a.q_a, c.q_a), (a.q_s, c.q_s)):
+            torch.testing.assert_close((q64.T @ q32).abs(), torch.eye(len(q64)), atol=1e-4,
+                                       rtol=0)  # fmt: skip
+        torch.testing.assert_close(c.lam, a.lam, rtol=1e-4, atol=1e-7)
+    assert cfg.settings(["0"]) == dataclasses.replace(cfg, eigh_workers=3).settings(["0"])
+    assert cfg.settings(["0"]) != dataclasses.replace(cfg, eigh_dtype="float32").settings(["0"])
+    for bad in (dict(eigh_dtype="float16"), dict(eigh_workers=0)):
+        with pytest.raises(ValueError, match="eigh_"):
+            FactorConfig(**bad)

@@ -127,6 +127,15 @@ def test_options_move_the_prediction_the_right_way():
     assert off.peak["eigendecomposition"] < base.peak["eigendecomposition"]
     assert low.stored["queries"] < base.stored["queries"]
     assert parts.terms["covariance"]["A,S"] < base.terms["covariance"]["A,S"]
+    # eigh: float32 halves the workspace; two layers in flight hold two workspaces
+    e64 = predict(cfg, MemoryOptions(seq_len=128, eigh_workers=1), device="cpu")
+    e32 = predict(cfg, MemoryOptions(seq_len=128, eigh_workers=1, eigh_dtype="float32"),
+                  device="cpu")  # fmt: skip
+    two = predict(cfg, MemoryOptions(seq_len=128, eigh_workers=2), device="cpu")
+    key = "eigh ({}) + bases so far"
+    assert e32.terms["eigendecomposition"][key.format("float32")] < e64.terms[
+        "eigendecomposition"][key.format("float64")] < two.terms["eigendecomposition"][
+        key.format("float64")]
     # on a CPU, offloading to the CPU saves nothing
     assert predict(cfg, MemoryOptions(offload=True), device="cpu").peak == predict(
         cfg, MemoryOptions(), device="cpu").peak

@@ -10,8 +10,8 @@ Notebook 03 §The Fisher block: per tracked layer,
 With one token per example S ⊗ A is exactly the Fisher block of a linear model; with T
 tokens per sequence S carries the per-sequence scale of DW_n = Σ_t Ds_t ā_tᵀ.
 
-Notebook 04 §The eigenbasis: A = Q_A diag(d_A) Q_Aᵀ, S = Q_S diag(d_S) Q_Sᵀ (float64 eigh;
-`eig_a`, `eig_s`) and
+Notebook 04 §The eigenbasis: A = Q_A diag(d_A) Q_Aᵀ, S = Q_S diag(d_S) Q_Sᵀ (eigh in
+`eigh_dtype`, float64 by default; `eig_a`, `eig_s`) and
 
     Λ = (1/N_seq) Σ_n (Q_Sᵀ DW_n Q_A)^⊙2                (out, d_in)
 
@@ -59,17 +59,24 @@ class FactorConfig:
     max_batches: int | None = help_field("stop each pass after this many batches (None: all)", None)
     factor_dtype: Literal["float32", "float64", "auto"] = help_field(
         "dtype of the accumulated factors; 'auto' = the model's dtype, float32 for 16-bit "
-        "models (eigendecompositions always run in float64)", "auto")
+        "models (eigendecompositions run in eigh_dtype)", "auto")
     progress: bool = help_field("show tqdm progress bars", True)
     cache_activations_mb: float = help_field(
         "memory budget (MiB) for keeping the covariance pass's (ā, Ds) to reuse in the Λ pass; "
         "0 always recomputes them", 2048.0)
     autocast_dtype: Literal["bfloat16", "float16"] | None = help_field(
         "run the forward/backward passes under torch.autocast in this dtype (None: off); the "
-        "captured (ā, Ds) and the factors stay in factor_dtype, eigh in float64", None)
+        "captured (ā, Ds) and the factors stay in factor_dtype, eigh in eigh_dtype", None)
     max_tokens: int | None = help_field(
         "token budget of each pass: stop before the batch after the one that reaches it "
         "(counted with task.token_mask; None: no budget)", None)
+    eigh_dtype: Literal["float64", "float32"] = help_field(
+        "precision of the eigendecompositions of A and S: 'float32' takes about half the time "
+        "of 'float64' on a CPU; results/trace_speed.md measures what it changes in the scores",
+        "float64")
+    eigh_workers: int | None = help_field(
+        "eigendecompositions run this many layers at once, each on one thread (None: "
+        "torch.get_num_threads() on a CPU, 1 on a GPU); the results do not depend on it", None)
     offload: bool = help_field(
         "keep finished factors in CPU memory: A, S after the covariance pass; each layer's "
         "eigh on the model's device then back; Λ stored on the CPU (scoring moves a layer "
@@ -93,6 +100,12 @@ class FactorConfig:
         if self.max_tokens is not None and not (isinstance(self.max_tokens, int)
                                                 and self.max_tokens >= 1):
             raise ValueError(f"max_tokens must be None or an int >= 1, not {self.max_tokens!r}")
+        if self.eigh_dtype not in ("float64", "float32"):
+            raise ValueError(f"eigh_dtype must be 'float64' or 'float32', got {self.eigh_dtype!r}")
+        if self.eigh_workers is not None and not (isinstance(self.eigh_workers, int)
+                                                  and self.eigh_workers >= 1):  # fmt: skip
+            raise ValueError("eigh_workers must be None (one per torch thread) or an int >= 1, "
+                             f"got {self.eigh_workers!r}")
         if not self.cache_activations_mb >= 0:
             raise ValueError(f"cache_activations_mb must be >= 0, got {self.cache_activations_mb}")
         for name in ("include", "exclude"):  # lists → tuples, so the config stays hashable
@@ -110,6 +123,9 @@ class FactorConfig:
         d.pop("progress")
         d.pop("cache_activations_mb")
         d.pop("offload")
+        d.pop("eigh_workers")
+        if d["eigh_dtype"] == "float64":  # the setting's default: earlier caches stay valid
+            d.pop("eigh_dtype")
         d["modules"] = list(module_names)
         return config_fingerprint(d)
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -138,36 +139,59 @@ def fit_covariances(
     return KFACFactors(tuple(layers), config.fisher, n_seq, n_tok, config, timings)
 
 
+def _eigh(x: KroneckerFactors, dtype: torch.dtype, offload: bool,
+          device: torch.device | str | None = None) -> EigenFactors:  # fmt: skip
+    """One layer: A = Q_A diag(d_A) Q_Aᵀ, S = Q_S diag(d_S) Q_Sᵀ by `eigh` in `dtype` (on
+    `device` when given), round-off negative eigenvalues clamped to 0, in the factor dtype."""
+    ea, qa = torch.linalg.eigh(x.A.to(device, dtype))
+    es, qs = torch.linalg.eigh(x.S.to(device, dtype))
+    dt = x.A.dtype
+    out = [qa.to(dt), ea.clamp_min(0).to(dt), qs.to(dt), es.clamp_min(0).to(dt)]
+    if offload:
+        out = [t.cpu() for t in out]
+    return EigenFactors(x.name, *out)
+
+
 def fit_eigenbasis(kfac: KFACFactors, device: torch.device | str | None = None) -> EKFACFactors:
-    """A = Q_A diag(d_A) Q_Aᵀ, S = Q_S diag(d_S) Q_Sᵀ by float64 `eigh` (Notebook 04
-    §Eigenbasis); round-off negative eigenvalues are clamped to 0. Stored in the factor dtype.
+    """A = Q_A diag(d_A) Q_Aᵀ, S = Q_S diag(d_S) Q_Sᵀ per layer (Notebook 04 §Eigenbasis), by
+    `eigh` in `config.eigh_dtype` (float64 by default), stored in the factor dtype.
     `device`: where to run each eigh (default: where the factors are); with config.offload
-    the results go back to the CPU one layer at a time."""
+    the results go back to the CPU one layer at a time.
+
+    On a CPU, `config.eigh_workers` layers (default: one per torch thread) are decomposed at
+    once, each on one thread: eigh of these (≤ few-k) matrices gains little from threads
+    inside one call and suffers badly from OpenMP oversubscription on a busy machine (10x
+    seen), while independent layers on separate threads scale; the results are the same."""
     t0 = time.perf_counter()
-    layers = []
-    threads = torch.get_num_threads()
-    offload = kfac.config.offload
-    for x in tqdm(kfac.layers, desc="eigendecomposition (per layer)", total=len(kfac.layers),
-                  disable=not kfac.config.progress, delay=2.0):  # fmt: skip
-        if device is not None:
-            x = KroneckerFactors(x.name, x.A.to(device), x.S.to(device))
-        # CPU eigh of these (≤ few-k) matrices gains little from threads but suffers badly
-        # from OpenMP oversubscription on a busy machine (10x seen): run it on one thread.
-        if x.A.device.type == "cpu":
-            torch.set_num_threads(1)
-        try:
-            ea, qa = torch.linalg.eigh(x.A.double())
-            es, qs = torch.linalg.eigh(x.S.double())
-        finally:
-            torch.set_num_threads(threads)
-        dt = x.A.dtype
-        out = [qa.to(dt), ea.clamp_min(0).to(dt), qs.to(dt), es.clamp_min(0).to(dt)]
-        del ea, qa, es, qs
-        if offload:
-            out = [t.cpu() for t in out]
-        layers.append(EigenFactors(x.name, *out))
+    cfg, threads = kfac.config, torch.get_num_threads()
+    dtype = getattr(torch, cfg.eigh_dtype)
+    layers = kfac.layers
+    on_cpu = torch.device(device or layers[0].A.device).type == "cpu"
+    workers = cfg.eigh_workers or (threads if on_cpu else 1)
+    bar = tqdm(total=len(layers), desc="eigendecomposition (per layer)",
+               disable=not cfg.progress, delay=2.0)  # fmt: skip
+
+    def one(x: KroneckerFactors) -> EigenFactors:
+        if on_cpu:
+            torch.set_num_threads(1)  # this thread's own setting (a worker's or ours)
+        return _eigh(x, dtype, cfg.offload, device)
+
+    out: list[EigenFactors] = []
+    try:
+        if workers == 1:
+            for x in layers:
+                out.append(one(x))
+                bar.update()
+        else:
+            with ThreadPoolExecutor(min(workers, len(layers))) as pool:
+                for f in pool.map(one, layers):  # in layer order
+                    out.append(f)
+                    bar.update()
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
     timings = dataclasses.replace(kfac.timings, eigendecomposition_s=time.perf_counter() - t0)
-    return EKFACFactors(tuple(layers), kfac.fisher, kfac.n_sequences, kfac.n_tokens,
+    return EKFACFactors(tuple(out), kfac.fisher, kfac.n_sequences, kfac.n_tokens,
                         kfac.config, timings)
 
 

@@ -16,8 +16,9 @@ tensor bytes: resident memory follows them with the allocator `measure.trim_allo
   batch has padding (Ds copied once more). kept(B, T) = Σ_m B·T·(d_in + o)·e (the captures).
 - covariance: Σ_m (d_in² + o²)·e + max_i (before batch i: the cached batches < i while
   their captures fit in cache_activations_mb, else batch i − 1's, + act(B_i, T_i))
-- eigendecomposition: A, S (unless offload) + the cache + eigenbases so far + the float64
-  eigh workspace 4·8·n² (the float64 copy, eigenvectors, 2n² LAPACK work)
+- eigendecomposition: A, S (unless offload) + the cache + eigenbases so far + the eigh
+  workspace 4·E·n² (E = 8 for eigh_dtype float64, 4 for float32: the copy, eigenvectors,
+  2n² LAPACK work) of each of the `eigh_workers` layers in flight
 - Λ: Σ_m (d_in² + o²)·e + P·e + the cache + max_{i,m} B_i·(T_i·(d_in + o) + 2·o·d_in)·e
   (without the cache: batch i − 1's captures + max(act_i, kept_i + the rotations))
 - scoring (`engine.scores.pairwise_scores`, candidates streamed): S stored EK-FACs
@@ -213,6 +214,8 @@ def predict(model_config_or_model, options: MemoryOptions | None = None,
     s = ModelShape.of(model_config_or_model, o)
     if dev.type == "cpu" and o.offload:
         o = replace(o, offload=False)
+    if o.eigh_workers is None:  # as fit_eigenbasis resolves it
+        o = replace(o, eigh_workers=torch.get_num_threads() if dev.type == "cpu" else 1)
     wdt = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[s.grad_bytes]
     if isinstance(model_config_or_model, nn.Module):
         wdt = next(model_config_or_model.parameters()).dtype
@@ -265,14 +268,8 @@ def _fit_terms(c: _Sizes) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         cache_all = sum(per) if fits else 0
         cov = {"A,S": as_b, "cached/previous batches": before[i], "forward+backward": acts[i],
                "earlier groups": done}
-        eig_peak, q_so_far = 0, 0
-        for _, d, out in g:  # eigh of A then of S, layer by layer, as fit_eigenbasis runs
-            copy = 0 if e == 8 else 8
-            ws = max((3 * 8 + copy) * d * d, 8 * d * d + (3 * 8 + copy) * out * out)
-            eig_peak = max(eig_peak, q_so_far + ws)
-            q_so_far += (d * d + out * out) * e
         eig = {"A,S": 0 if o.offload else as_b, "cached batches": cache_all,
-               "eigh (float64) + bases so far": eig_peak, "earlier groups": done}
+               f"eigh ({o.eigh_dtype}) + bases so far": _eigh_peak(c, g), "earlier groups": done}
         rot = [max(x.b * (x.t * (d + out) + 2 * out * d) * e for _, d, out in g) for x in batches]
         rotations = max(rot) if fits else max(
             (per[j - 1] if j else 0) + max(acts[j], per[j] + rot[j]) for j in range(len(per)))
@@ -283,6 +280,22 @@ def _fit_terms(c: _Sizes) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
                 peaks[st], terms[st] = sum(t.values()), t
         done += 0 if o.offload else as_b + lam_b
     return peaks, terms
+
+
+def _eigh_peak(c: _Sizes, g: Layers) -> int:
+    """The bases finished so far + the eigh workspaces of the layers in flight
+    (`fit_eigenbasis`: eigh of A then of S per layer, `eigh_workers` layers at once, each
+    copied to `eigh_dtype` when the factors are in another dtype)."""
+    e, E = c.e, 8 if c.o.eigh_dtype == "float64" else 4
+    copy = 0 if e == E else E
+    ws = [max((3 * E + copy) * d * d, E * d * d + (3 * E + copy) * out * out) for _, d, out in g]
+    w = c.o.eigh_workers or 1  # `predict` resolves None for its device
+    peak, q_so_far = 0, 0
+    for i, (_, d, out) in enumerate(g):
+        in_flight = ws[i] + sum(sorted(ws[i + 1:], reverse=True)[: w - 1])
+        peak = max(peak, q_so_far + in_flight)
+        q_so_far += (d * d + out * out) * e
+    return peak
 
 
 def _svd_bytes(d: int, out: int, q: int, g_e: int) -> int:

@@ -79,6 +79,8 @@ class MemoryOptions:
     autocast_dtype: Literal["bfloat16", "float16"] | None = _from("factors", "autocast_dtype")
     factor_dtype: Literal["float32", "float64", "auto"] = _from("factors", "factor_dtype")
     offload: bool = _from("factors", "offload")
+    eigh_dtype: Literal["float64", "float32"] = _from("factors", "eigh_dtype")
+    eigh_workers: int | None = _from("factors", "eigh_workers")
     cache_activations_mb: float = _from("factors", "cache_activations_mb")
     gradient_cache_gb: float = _from("attribution", "gradient_cache_gb")
     chunk_mb: float = _from("attribution", "gradient_chunk_mb")
