@@ -29,6 +29,7 @@ from msif_lite.attribution.measured import real_lm_lines
 from msif_lite.attribution.methods import METHODS, describe_methods
 from msif_lite.config import add_config_options, config_kwargs, trim_allocator
 from msif_lite.engine.curvature import CURVATURES
+from msif_lite.engine.factors import FactorConfig
 from msif_lite.engine.prompts import DEFAULT_TEMPLATE
 
 
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         "unless the fine-tuned directory records it; longer documents are split into chunks "
         "doc#1, doc#2, … of --context-length tokens)")
     add_config_options(settings, AttributionConfig, choices={"curvature": list(CURVATURES)})
+    add_config_options(settings, FactorConfig)
     t.add_argument("--device", default="cpu",
                    help="where the models run: cpu (default), cuda, cuda:1, … or auto (the "
                         "first CUDA GPU if there is one, msif_lite.device())")
@@ -200,20 +202,39 @@ def _own_pair(a: argparse.Namespace, cfg, chat: bool = False):
     return att, notes
 
 
-def _trace(a: argparse.Namespace) -> int:
-    from msif_lite.attribution.trace import trace, trace_attributor
-    from msif_lite.engine.factors import FactorConfig
+def _config(a: argparse.Namespace) -> tuple[AttributionConfig, bool]:
+    """The AttributionConfig (and its FactorConfig) `trace`'s options describe, and whether
+    --template asks for the tokenizer's chat template (resolved once the tokenizer is loaded)."""
     from msif_lite.engine.prompts import PromptTemplate
-    from msif_lite.world.shipped import load_shipped
 
     chat = a.template.strip() == CHAT
     template = DEFAULT_TEMPLATE if chat else PromptTemplate.parse(
         a.template.replace("\\n", "\n").replace("\\t", "\t"))
     given = config_kwargs(AttributionConfig, a)
     given.pop("alpha", None)  # resolved with the checkpoint's record (_own_pair)
-    cfg = AttributionConfig(factors=FactorConfig(include=_include(a.layers, a.mlp_only)),
-                            progress=not (a.quiet or a.json), template=template,
-                            **given)  # fmt: skip
+    factors = FactorConfig(include=_include(a.layers, a.mlp_only),
+                           **config_kwargs(FactorConfig, a))  # fmt: skip
+    cfg = AttributionConfig(factors=factors, progress=not (a.quiet or a.json),
+                            template=template, **given)  # fmt: skip
+    return cfg, chat
+
+
+def pair_attributor(argv: Sequence[str]):
+    """(Attributor, notes, args) of `msif-lite trace ARGV` for --real or your own pair: the
+    very objects the command builds (`msif-lite bench trace-speed` times them)."""
+    a = _parser().parse_args(["trace", *argv])
+    cfg, chat = _config(a)
+    if a.real:
+        _real_pair(a)
+    att, notes = _own_pair(a, cfg, chat)
+    return att, notes, a
+
+
+def _trace(a: argparse.Namespace) -> int:
+    from msif_lite.attribution.trace import trace, trace_attributor
+    from msif_lite.world.shipped import load_shipped
+
+    cfg, chat = _config(a)
     if a.real:
         _real_pair(a)
     if any(getattr(a, n) is not None for n in OWN_PAIR):

@@ -93,11 +93,15 @@ def fields_help(cls) -> str:
     return "\n".join(f"{f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(cls))
 
 
-def _option_type(cls, name: str) -> type:
-    """The scalar type of a dataclass field (`int | None` → int)."""
+def _option_type(cls, name: str) -> tuple[type, list | None]:
+    """The scalar type of a dataclass field (`int | None` → int) and, for a `Literal`, its
+    values as the option's choices."""
     hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) is typing.Literal:
+        values = list(typing.get_args(hint))
+        return type(values[0]), values
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return args[0]
+    return args[0], None
 
 
 def add_config_options(parser, cls, choices: dict | None = None) -> None:
@@ -111,9 +115,9 @@ def add_config_options(parser, cls, choices: dict | None = None) -> None:
         if flag is None:
             continue
         default = None if f.default is dataclasses.MISSING else f.default
-        kind = _option_type(cls, f.name)
+        kind, literal = _option_type(cls, f.name)
         parser.add_argument(flag, dest=f.name, type=kind, default=None,
-                            choices=choices.get(f.name),
+                            choices=choices.get(f.name, literal),
                             help=f"{f.metadata['help']} (default {default!r})")
 
 

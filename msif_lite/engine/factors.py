@@ -73,10 +73,11 @@ class FactorConfig:
     eigh_dtype: Literal["float64", "float32"] = help_field(
         "precision of the eigendecompositions of A and S: 'float32' takes about half the time "
         "of 'float64' on a CPU; results/trace_speed.md measures what it changes in the scores",
-        "float64")
+        "float64", cli="--eigh-dtype")
     eigh_workers: int | None = help_field(
         "eigendecompositions run this many layers at once, each on one thread (None: "
-        "torch.get_num_threads() on a CPU, 1 on a GPU); the results do not depend on it", None)
+        "torch.get_num_threads() on a CPU, 1 on a GPU); the results do not depend on it", None,
+        cli="--eigh-workers")
     offload: bool = help_field(
         "keep finished factors in CPU memory: A, S after the covariance pass; each layer's "
         "eigh on the model's device then back; Λ stored on the CPU (scoring moves a layer "

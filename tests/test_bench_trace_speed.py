@@ -1,0 +1,78 @@
+"""`msif-lite bench trace-speed` end to end on a tiny own pair (tests/test_own_model.py's
+Llama): two variants in fresh processes, every stage timed, the plan beside the peaks, the
+scores of the second variant compared with the first's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_own_model import save_pair, write_data
+
+from msif_lite.bench.trace_speed import StageClock, parse_variant, spearman
+from msif_lite.bench.trace_speed import main as bench_main
+
+
+def test_stage_clock_counts_nested_stages_once():
+    clock = StageClock()
+    import time
+
+    inner = clock.wrap("inner", lambda: time.sleep(0.05))
+
+    def outer_fn():
+        time.sleep(0.05)
+        inner()
+
+    clock.wrap("outer", outer_fn)()
+    t = clock.take()
+    assert 0.04 < t["inner"] < 0.2 and 0.04 < t["outer"] < 0.2  # outer excludes inner
+    assert clock.take() == {}
+
+
+def test_variant_parsing_and_spearman():
+    assert parse_variant("f32:--eigh-dtype float32") == ("f32", ["--eigh-dtype", "float32"])
+    assert parse_variant("defaults:") == ("defaults", [])
+    with pytest.raises(ValueError, match="NAME:FLAGS"):
+        parse_variant("--eigh-dtype float32")
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_bench_runs_two_variants_on_an_own_pair(tmp_path):
+    root = tmp_path / "pair"
+    pt, ft = save_pair(root, "llama")
+    corpus, data = write_data(root)
+    pair = (f"--pretrained {pt} --finetuned {ft} --corpus {corpus} --finetune-data {data} "
+            "--alpha 0.01")
+    res = bench_main(["--pair", pair, "--question", "Where was Ada Lovelace born?",
+                      "--question", "Who wrote the first program?", "--threads", "1",
+                      "--candidates", "5", "--variant", "one:--eigh-workers 1",
+                      "--variant", "f32:--eigh-dtype float32 --eigh-workers 2",
+                      "--out", str(tmp_path / "out")])  # fmt: skip
+    data = json.loads(res.json_path.read_text())
+    one, f32 = data["rows"]
+    for r in (one, f32):
+        s = r["session"]
+        assert set(s["fits"]) == {"pretrained", "finetuned"}
+        for f in s["fits"].values():
+            assert f["covariance_s"] > 0 and f["eigendecomposition_s"] > 0
+            assert f["peak_above_entry_gib"] >= 0
+        for q in ("q1", "q2"):
+            st = s[q]["stages_s"]
+            assert {"answer", "candidate retrieval", "query preconditioning",
+                    "evidence"} <= set(st)  # fmt: skip
+            assert all(v >= 0 for v in st.values())
+            assert sum(st.values()) <= s[q]["wall_s"] + 1e-6
+        assert r["first_question_s"] > s["q1"]["wall_s"] > 0
+        assert r["later_question_command_s"] > 0 and len(s["q1_scores"]) == 5
+        assert s["plan"]["pretrained"]["fit_gib"] > 0
+    # float32 eigendecompositions barely move the ranking of 5 candidates
+    assert f32["spearman_vs_first"] > 0.8
+    md = res.md_path.read_text()
+    assert "first question" in md and "Memory plan against the measured peaks" in md
+    assert "--eigh-dtype float32" in md
+
+
+def test_pair_without_questions_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="two --question"):
+        bench_main(["--pair", "--pretrained x", "--out", str(tmp_path)])
