@@ -118,7 +118,8 @@ def add_config_options(parser, cls, choices: dict | None = None) -> None:
         kind, literal = _option_type(cls, f.name)
         parser.add_argument(flag, dest=f.name, type=kind, default=None,
                             choices=choices.get(f.name, literal),
-                            help=f"{f.metadata['help']} (default {default!r})")
+                            help=f"{f.metadata['help']} (default {default!r})".replace(
+                                "%", "%%"))  # argparse formats help with %
 
 
 def config_kwargs(cls, namespace) -> dict:

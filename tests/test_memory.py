@@ -21,6 +21,7 @@ from msif_lite.bench.common import bloom560m_config
 from msif_lite.engine.factors import FactorConfig
 from msif_lite.engine.fit import fit_covariances, fit_eigenbasis, fit_ekfac, fit_lambda
 from msif_lite.engine.ihvp import EKFACIHVP
+from msif_lite.engine.inputs import length_order
 from msif_lite.engine.layers import find_modules
 from msif_lite.engine.multistage import MultiStageConfig, MultiStageIHVP
 from msif_lite.engine.scores import pairwise_scores
@@ -132,10 +133,17 @@ def test_options_move_the_prediction_the_right_way():
     e32 = predict(cfg, MemoryOptions(seq_len=128, eigh_workers=1, eigh_dtype="float32"),
                   device="cpu")  # fmt: skip
     two = predict(cfg, MemoryOptions(seq_len=128, eigh_workers=2), device="cpu")
-    key = "eigh ({}) + bases so far"
-    assert e32.terms["eigendecomposition"][key.format("float32")] < e64.terms[
-        "eigendecomposition"][key.format("float64")] < two.terms["eigendecomposition"][
-        key.format("float64")]
+    key = "eigh + bases so far"
+    assert e32.terms["eigendecomposition"][key] < e64.terms["eigendecomposition"][key] < two.terms[
+        "eigendecomposition"][key]
+    # a bf16 cache: half the cached bytes, so a budget of 60 % of the float32 cache holds it
+    full = predict(cfg, MemoryOptions(seq_len=128, cache_activations_mb=1e6), device="cpu")
+    f32_mb = full.terms["lambda"]["cached batches"] / 2**20
+    tight = dict(seq_len=128, cache_activations_mb=0.6 * f32_mb)
+    p32 = predict(cfg, MemoryOptions(**tight), device="cpu")
+    p16 = predict(cfg, MemoryOptions(**tight, cache_dtype="bfloat16"), device="cpu")
+    assert p32.terms["lambda"]["cached batches"] == 0  # over the budget: recomputed
+    assert p16.terms["lambda"]["cached batches"] == pytest.approx(0.5 * f32_mb * 2**20)
     # on a CPU, offloading to the CPU saves nothing
     assert predict(cfg, MemoryOptions(offload=True), device="cpu").peak == predict(
         cfg, MemoryOptions(), device="cpu").peak
@@ -219,9 +227,11 @@ def test_lowrank_scoring_peak_below_24_gib_at_the_bloom560m_shape():
 def test_disk_plan_and_streaming_above_the_budget():
     """Disk = N·P·g for the dense cache (MLP layers of BLOOM-560m: 0.81 GB per document), none
     when N·P·g exceeds gradient_cache_gb (then the store streams), k_out·k_in per layer
-    with a projection."""
+    with a projection; token-factored (gradient_storage "tokens", or "auto" where it is
+    smaller): T·Σ_m(o + d_in)·g per document of T tokens."""
     cfg = bloom560m_config()
-    o = MemoryOptions(include="mlp", n_candidates=500, gradient_cache_gb=1e6)
+    o = MemoryOptions(include="mlp", n_candidates=500, gradient_cache_gb=1e6,
+                      gradient_storage="dense")  # fmt: skip
     plan = predict(cfg, o, device="cuda")
     P = sum(d * out for _, d, out in plan.shape.layers)
     assert 200e6 < P < 202e6 and plan.disk == 500 * P * 4  # ≈ 403 GB for docs[:500]
@@ -230,6 +240,14 @@ def test_disk_plan_and_streaming_above_the_budget():
         "cached scoring"] and "streamed" in str(streamed)
     proj = predict(cfg, replace(o, projection=(64, 64)), device="cuda")
     assert proj.disk == 500 * 48 * 64 * 64 * 4
+    per_tok = sum(d + out for _, d, out in plan.shape.layers)  # 245,808: T* = P / per_tok ≈ 819
+    tokens = predict(cfg, replace(o, gradient_storage="tokens"), device="cuda")
+    assert tokens.disk == 500 * 512 * per_tok * 4 < plan.disk  # seq_len 512 < T*
+    assert predict(cfg, replace(o, gradient_storage="auto"), device="cuda").disk == tokens.disk
+    mixed = replace(o, gradient_storage="auto", lengths=(512, 1000, 30), n_candidates=3)
+    assert predict(cfg, mixed, device="cuda").disk == ((512 + 30) * per_tok + P) * 4
+    both = replace(o, gradient_storage="tokens", gradient_cache_gb=20.0)  # 252 GB: streamed
+    assert predict(cfg, both, device="cuda").disk == 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -266,6 +284,9 @@ def test_options_are_derived_from_the_runtime_configs():
         a.batch_size, f.max_tokens, f.cache_activations_mb, f.offload, a.gradient_chunk_mb,
         a.gradient_cache_gb, f.factor_dtype, f.exclude)  # fmt: skip
     assert "AttributionConfig.gradient_chunk_mb" in MemoryOptions.help()
+    assert o.gradient_storage == a.gradient_storage == "auto"
+    assert MemoryOptions.from_configs(attribution=AttributionConfig(
+        gradient_storage="dense")).gradient_storage == "dense"
     run = AttributionConfig(factors=FactorConfig(include="mlp", max_tokens=4096, offload=True),
                             batch_size=4, gradient_chunk_mb=64.0)  # fmt: skip
     got = MemoryOptions.from_configs(attribution=run, n_queries=4, lengths=[5, 9])
@@ -301,8 +322,17 @@ def test_length_plan_uses_the_batches_formed_and_beats_the_longest_document():
     shape = lambda b: (b.input_ids.shape[0], b.input_ids.shape[1], int(b.attention_mask.sum()))  # noqa: E731
     opts = MemoryOptions(batch_size=B, n_candidates=len(docs), n_queries=4, query_len=16,
                          lengths=SKEWED)  # fmt: skip
-    assert [tuple(x) for x in opts.candidate_batches()] == [shape(b) for b in batches]
-    assert opts.fit_batches() == opts.candidate_batches()  # no token budget: the whole corpus
+    given = replace(opts, batch_order="given")
+    assert [tuple(x) for x in given.candidate_batches()] == [shape(b) for b in batches]
+    assert given.fit_batches() == given.candidate_batches()
+    # batch_order "length" (the default), no token budget: the whole corpus shortest to
+    # longest, as attribution.stage.fit_order and GradientStore(order="length") batch it
+    fit_b = [store.collate(cs) for cs in store._batch_lists(
+        [cands[i] for i in length_order(SKEWED)])]  # fmt: skip
+    assert [tuple(x) for x in opts.fit_batches()] == [shape(b) for b in fit_b]
+    assert opts.candidate_batches() == opts.fit_batches()
+    assert sum(x.b * x.t for x in opts.fit_batches()) < sum(
+        x.b * x.t for x in given.fit_batches())  # less padding
     budget = FactorConfig(progress=False, max_tokens=250)
     assert [tuple(x) for x in replace(opts, fit_tokens=250).fit_batches()] == [
         shape(b) for b in fit_pass(batches, budget, "", TASK)]  # stops after the 250th token
@@ -316,7 +346,7 @@ def test_length_plan_uses_the_batches_formed_and_beats_the_longest_document():
     cfg = FactorConfig(progress=False)
     mods = find_modules(model)
     fit_covariances(model, TASK, batches[:1], cfg, mods)  # warm-up
-    m, _ = measure_peak(lambda: fit_covariances(model, TASK, batches, cfg, mods, cache=[]))
+    m, _ = measure_peak(lambda: fit_covariances(model, TASK, fit_b, cfg, mods, cache=[]))
     assert abs(plan.peak["covariance"] / m - 1) < 0.2 < longest.peak["covariance"] / m - 1
 
 

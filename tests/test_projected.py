@@ -79,16 +79,16 @@ def _store(model, tmp_path, **kw):
 def test_store_streams_above_the_disk_budget_and_chunks_scoring(bloom, tmp_path):
     x = _batch(5, 6, seed=1).input_ids
     cands = [Candidate(f"d{i}", tuple(r.tolist()), tuple(r.tolist())) for i, r in enumerate(x)]
-    cached = _store(bloom, tmp_path / "a")
+    cached = _store(bloom, tmp_path / "a", storage="dense")  # tokens: test_gradstore_tokens
     pre = {k: v[:2] for k, v in cached.grads(cands[:2]).items()}  # any (Q, o, d_in) vectors
     want = cached.scores(pre, cands)
     per_doc = cached.bytes_per_document()
     assert per_doc == sum(m.numel for m in cached.modules) * 8
     files = list((tmp_path / "a").rglob("*.safetensors"))
     assert len(files) == 5 and all(f.stat().st_size >= per_doc for f in files)
-    small = _store(bloom, tmp_path / "b", chunk_bytes=per_doc)  # one document per chunk
+    small = _store(bloom, tmp_path / "b", chunk_bytes=per_doc, storage="dense")  # 1 per chunk
     torch.testing.assert_close(small.scores(pre, cands, by_module=True).sum(-1), want)
-    tight = _store(bloom, tmp_path / "c", disk_budget_bytes=3 * per_doc)
+    tight = _store(bloom, tmp_path / "c", disk_budget_bytes=3 * per_doc, storage="dense")
     assert tight.streams(5) and not tight.streams(3)
     torch.testing.assert_close(tight.scores(pre, cands), want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(tight.norms(cands), cached.norms(cands), rtol=1e-10, atol=1e-12)

@@ -188,7 +188,8 @@ def test_gradient_chunk_setting_reaches_the_store_and_keeps_the_scores(atts, tmp
     at a time gives the scores of the default 1 GiB chunk; a chunk ≤ 0 is refused."""
     stored, _ = atts
     docs = stored.doc_ids[:12]
-    per_doc_mb = stored.store("pretrained").bytes_per_document() / 2**20
+    store = stored.store("pretrained")  # the smallest stored document: one per chunk
+    per_doc_mb = min(map(store.bytes_per_document, stored.candidates(docs))) / 2**20
     small = Attributor(stored.pretrained, stored.finetuned, stored.tokenizer,
                        [(d, stored.texts[d]) for d in stored.doc_ids], stored.finetune_pairs,
                        replace(stored.config, gradient_chunk_mb=per_doc_mb), alpha=stored.alpha)

@@ -25,6 +25,7 @@ from msif_lite.attribution.settings import Stage
 from msif_lite.engine.curvature import curvature
 from msif_lite.engine.gradstore import Candidate, GradientStore, Projection
 from msif_lite.engine.ihvp import Damping, IdentityIHVP, InverseHVP
+from msif_lite.engine.inputs import length_order
 from msif_lite.engine.layers import Grads, TrackedModule, find_modules
 from msif_lite.engine.lowrank import LowRankGrads
 from msif_lite.engine.scores import (
@@ -35,6 +36,17 @@ from msif_lite.engine.scores import (
     self_influence,
 )
 from msif_lite.engine.storage import ArtifactError, CorruptArtifactError, data_fingerprint
+
+
+def fit_order(examples: Sequence[Candidate], config: AttributionConfig) -> list[Candidate]:
+    """The order a stage's fit batches its data in: with `batch_order='length'` shortest to
+    longest (`length_order`: less padding, the same factors up to which sampled label each
+    token draws), else as given, and as given whenever a token or batch budget takes a
+    prefix of it (FactorConfig.max_tokens, max_batches)."""
+    f = config.factors
+    if config.batch_order == "given" or f.max_tokens is not None or f.max_batches is not None:
+        return list(examples)
+    return [examples[i] for i in length_order([len(c.input_ids) for c in examples])]
 
 
 class StageState:
@@ -77,7 +89,7 @@ class StageState:
             return None
         if self._fit_examples is None:
             raise ValueError(f"the {self.stage.value} stage has no data to fit a curvature on")
-        cfg, examples = self.config.factor_config(), self._fit_examples()
+        cfg, examples = self.config.factor_config(), fit_order(self._fit_examples(), self.config)
         data_fp = data_fingerprint([[list(c.input_ids), list(c.labels)] for c in examples]
                                    + [self.encoder.batch_size])  # label draws depend on it
         settings = cfg.settings([m.name for m in self.modules])[:12]
@@ -115,7 +127,8 @@ class StageState:
     def store(self, dtype: torch.dtype | None = None,
               projection: Projection | None = None) -> GradientStore:  # fmt: skip
         """The candidate-gradient store (one per dtype and projection; the one construction
-        of a GradientStore from the config: disk budget, chunk, batch size, progress)."""
+        of a GradientStore from the config: disk budget, chunk, storage form, batch size,
+        progress)."""
         key = (dtype, None if projection is None else projection.fingerprint)
         if key not in self._stores:
             c = self.config
@@ -124,7 +137,8 @@ class StageState:
                 self.cache / "grads", batch_size=self.encoder.batch_size, dtype=dtype,
                 progress=c.progress, projection=projection,
                 disk_budget_bytes=c.gradient_cache_gb * 1e9,
-                chunk_bytes=c.gradient_chunk_mb * 2**20)  # fmt: skip
+                chunk_bytes=c.gradient_chunk_mb * 2**20, storage=c.gradient_storage,
+                order=c.batch_order)  # fmt: skip
         return self._stores[key]
 
     def candidate_norms(self, candidates: Sequence[Candidate]) -> torch.Tensor:

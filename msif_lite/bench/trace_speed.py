@@ -19,8 +19,9 @@ trained pair itself comes from the real pipeline's cache, `world.real_pipeline`)
    second time, with the caches the session left (factors, candidate gradients when stored,
    the embedding index): the later question's time from a fresh process, imports included.
 
-The first variant's question-1 scores are the reference: each other variant reports the
-Spearman correlation of its scores over the same candidates (what its settings change).
+Variant 'after' (or `--reference`) is the reference: each variant reports the Spearman
+correlation of its question-1 scores with the reference's over the same candidates (what its
+settings change).
 """
 
 from __future__ import annotations
@@ -40,14 +41,20 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from msif_lite.bench.common import Benchmark, BenchResult, display_path, finish, markdown_table
+from msif_lite.bench.common import Benchmark, BenchResult, display_path, finish
+from msif_lite.bench.trace_speed_report import markdown
 
 GiB = 2**30
 TARGETS = {"first_question_s": 300.0, "later_question_s": 30.0, "peak_gib": 6.0,
            "plan_error": 0.20}  # fmt: skip
-THETA = {"pretrained": "θ_pt", "finetuned": "θ_ft"}
-DEFAULT_VARIANTS = ("before:--eigh-dtype float64 --eigh-workers 1 --gradient-storage dense",
-                    "after:")  # fmt: skip
+DEFAULT_VARIANTS = (
+    # the kit before issue 24's speed work: float64 eigh one layer at a time, dense candidate
+    # gradients (streamed above the disk budget), fit data and candidates batched as given
+    "before:--eigh-dtype float64 --eigh-workers 1 --gradient-storage dense --batch-order given",
+    "after:",  # the defaults
+    # opt-in: float32 eigh, and the Λ pass from a bf16 cache (no second forward pass)
+    "fast:--eigh-dtype float32 --cache-dtype bfloat16 --cache-activations-mb 3072",
+)
 
 
 # ---------------------------------------------------------------------- measuring, in a row
@@ -131,7 +138,7 @@ def _instrument(clock: StageClock) -> None:
 
 def _plan_peaks(att, n_candidates: int, query_len: int) -> dict[str, dict[str, float]]:
     """The memory plan's fitting peak per stage and its scoring peak above the stored factors,
-    for the run's own document lengths (as notebook 09 §Memory plans it)."""
+    for the run's own document lengths (notebook 09 §Memory before each stage)."""
     from msif_lite.scale.memory import predict
     from msif_lite.scale.options import MemoryOptions
 
@@ -258,17 +265,6 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(flags)
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    import torch
-
-    def ranks(v):
-        return torch.tensor(v, dtype=torch.float64).argsort().argsort().double()
-
-    a, b = ranks(x), ranks(y)
-    a, b = a - a.mean(), b - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()))
-
-
 def run_variant(name: str, flags: list[str], a: argparse.Namespace, cache: Path) -> dict:
     pair = ["--real", a.preset] if a.pair is None else shlex.split(a.pair)
     argv = [*pair, "--candidates", str(a.candidates), "--method", a.method,
@@ -291,83 +287,6 @@ def run_variant(name: str, flags: list[str], a: argparse.Namespace, cache: Path)
             "first_question_s": first, "later_question_session_s": session["q2"]["wall_s"],
             "later_question_command_s": command_wall, "command_peak_gib": command["peak_gib"],
             "imports_and_exit_s": imports_s}  # fmt: skip
-
-
-def _plan_rows(r: dict) -> list[dict]:
-    """Plan vs measured peaks (above the resident level at each stage's entry)."""
-    s, rows = r["session"], []
-    for stage, fit in s["fits"].items():
-        plan = s["plan"][stage]["fit_gib"]
-        rows.append({"variant": r["variant"], "stage": f"fit {THETA[stage]}", "plan GiB": plan,
-                     "measured GiB": fit["peak_above_entry_gib"],
-                     "error": plan / fit["peak_above_entry_gib"] - 1})  # fmt: skip
-    key = "cached scoring_gib" if s["plan"]["pretrained"]["disk_gb"] > 0 else "scoring_gib"
-    plan = s["plan"]["pretrained"][key]
-    got = s["q1"]["scoring_peak_above_entry_gib"]
-    rows.append({"variant": r["variant"], "stage": f"question 1's scores ({key[:-4]})",
-                 "plan GiB": plan, "measured GiB": got, "error": plan / got - 1})  # fmt: skip
-    return rows
-
-
-def markdown(rows: list[dict], info: dict) -> str:
-    stage_names = sorted({k for r in rows for q in ("q1", "q2")
-                          for k in r["session"][q]["stages_s"]})  # fmt: skip
-    table = []
-    for r in rows:
-        s = r["session"]
-        line = {"variant": r["variant"], "flags": r["flags"] or "(defaults)",
-                "first question s": r["first_question_s"],
-                "later, same session s": r["later_question_session_s"],
-                "later, new command s": r["later_question_command_s"],
-                "peak GiB": max(s["q1"]["peak_gib"], s["q2"]["peak_gib"],
-                                r["command_peak_gib"]),
-                "RSS after q1 / q2 GiB": f"{s['q1']['rss_after_gib']:.2f} / "
-                                         f"{s['q2']['rss_after_gib']:.2f}",
-                "Spearman vs first": r.get("spearman_vs_first", 1.0)}  # fmt: skip
-        table.append(line)
-    stages: dict[str, dict] = {}  # stage → {variant: seconds}
-
-    def put(stage: str, variant: str, v: float) -> None:
-        stages.setdefault(stage, {"stage": stage})[variant] = v
-
-    for r in rows:
-        s, v = r["session"], r["variant"]
-        put("imports (+ exit)", v, r["imports_and_exit_s"])
-        put("load the pair", v, s["load_s"])
-        for st, f in s["fits"].items():
-            for k in ("covariance_s", "eigendecomposition_s", "lambda_s"):
-                put(f"fit {THETA[st]}: {k[:-2]}", v, f[k])
-        for q in ("q1", "q2"):
-            for k in stage_names:
-                put(f"{q}: {k}", v, s[q]["stages_s"].get(k, 0.0))
-            put(f"{q}: all (wall)", v, s[q]["wall_s"])
-    cols = ["stage", *(r["variant"] for r in rows)]
-    t = info["targets"]
-    return (
-        f"# Trace speed: {info['preset']}\n\n"
-        f"`{info['command']}`: {info['threads']} torch threads, {info['candidates']} candidates, "
-        f"layers {info['layers']}, method {info['method']}; wall {info['wall_s'] / 60:.1f} min "
-        f"for everything. Each variant in fresh processes with an empty cache (the trained "
-        f"pair comes from the pipeline's cache). Questions: {'; '.join(info['questions'])}.\n\n"
-        f"Targets (issue 24): first question ≤ {t['first_question_s']:.0f} s, a later one ≤ "
-        f"{t['later_question_s']:.0f} s, peak ≤ {t['peak_gib']:g} GiB, plan within "
-        f"±{t['plan_error']:.0%}.\n\n"
-        "- *first question*: imports, loading the pair, both fits and question 1, as one "
-        "`msif-lite trace` with empty caches;\n"
-        "- *later, same session*: question 2 on the same Attributor (a notebook);\n"
-        "- *later, new command*: `msif-lite trace` on question 2 in a new process with the "
-        "caches the first left (wall time, imports included);\n"
-        "- *Spearman vs first*: question 1's scores over its candidates against the first "
-        "variant's.\n\n" + markdown_table(table, list(table[0]), ".3g")
-        + "\n## Seconds per stage\n\nExclusive times (a stage's own time, not the stages it "
-        "calls); the fits' three passes from `FitTimings`.\n\n"
-        + markdown_table(list(stages.values()), cols, ".1f")
-        + "\n## Memory plan against the measured peaks\n\nResident peak above the level at "
-        "the stage's entry (`VmHWM`, reset at entry) against `scale.memory.predict` with the "
-        "run's document lengths; question 1's plan is the scoring peak without the stored "
-        "factors, which are resident before it starts.\n\n"
-        + markdown_table([p for r in rows for p in _plan_rows(r)],
-                         ["variant", "stage", "plan GiB", "measured GiB", "error"], ".3g"))
 
 
 def _questions(preset: str, n: int = 2) -> list[str]:
@@ -395,6 +314,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a setting: extra `msif-lite trace` flags (repeatable; default: "
                         f"{' and '.join(repr(v) for v in DEFAULT_VARIANTS)})")
     p.add_argument("--trace-args", default="", help="flags given to every variant")
+    p.add_argument("--reference", help="the variant whose question-1 scores the others are "
+                                       "compared with (default 'after', else the first)")
     p.add_argument("--question", action="append", dest="questions",
                    help="two questions (default: the world's first two held-out questions)")
     p.add_argument("--out", default="results")
@@ -420,14 +341,23 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
             rows.append(run_variant(name, flags, a, Path(tmp) / f"cache{i}"))
             print(f"{name}: first question {rows[-1]['first_question_s']:.0f} s, later "
                   f"{rows[-1]['later_question_command_s']:.0f} s", file=sys.stderr)
-    ref = rows[0]["session"]["q1_scores"]
-    for r in rows[1:]:
-        r["spearman_vs_first"] = spearman(ref, r["session"]["q1_scores"])
+    import torch
+
+    from msif_lite.engine.correlation import spearman
+
+    names = [r["variant"] for r in rows]
+    ref_name = a.reference or ("after" if "after" in names else names[0])
+    if ref_name not in names:
+        raise ValueError(f"--reference {ref_name!r} is not a variant: one of {names}")
+    ref = torch.tensor(rows[names.index(ref_name)]["session"]["q1_scores"])
+    for r in rows:
+        r["spearman_vs_reference"] = spearman(ref, torch.tensor(r["session"]["q1_scores"]))
     info = {"preset": f"the real pair (`--real {a.preset}`)" if a.pair is None else
             "your own pair (`--pair`)", "candidates": a.candidates,
             "method": a.method,
             "layers": a.layers or "MLP (--mlp-only)", "threads": a.threads,
-            "questions": a.questions, "targets": TARGETS, "wall_s": time.perf_counter() - t0,
+            "questions": a.questions, "targets": TARGETS, "reference": ref_name,
+            "wall_s": time.perf_counter() - t0,
             "command": "msif-lite bench trace-speed " + " ".join(
                 shlex.quote(x) for x in (argv or [])),
             "out": display_path(a.out)}  # fmt: skip

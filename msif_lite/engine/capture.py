@@ -85,6 +85,13 @@ class BatchCapture:
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
+    def to(self, dtype: torch.dtype) -> BatchCapture:
+        """This batch with every layer's (ā, Ds) in `dtype` (itself when already in it)."""
+        if all(x.a.dtype == dtype and x.ds.dtype == dtype for x in self.layers):
+            return self
+        layers = tuple(LayerCapture(x.name, x.a.to(dtype), x.ds.to(dtype)) for x in self.layers)
+        return BatchCapture(layers, self.mask, self.losses)
+
 
 class LayerRecorder:
     """Context manager: forward hooks that keep each tracked layer's input and output.

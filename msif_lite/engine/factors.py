@@ -63,7 +63,12 @@ class FactorConfig:
     progress: bool = help_field("show tqdm progress bars", True)
     cache_activations_mb: float = help_field(
         "memory budget (MiB) for keeping the covariance pass's (ā, Ds) to reuse in the Λ pass; "
-        "0 always recomputes them", 2048.0)
+        "0 always recomputes them", 2048.0, cli="--cache-activations-mb")
+    cache_dtype: Literal["bfloat16"] | None = help_field(
+        "keep the cached (ā, Ds) in this dtype (None: the factor dtype): 'bfloat16' halves "
+        "the cache so twice the tokens fit cache_activations_mb and the Λ pass needs no second "
+        "forward + backward; Λ then comes from bf16-rounded inputs (results/trace_speed.md "
+        "measures the effect on scores)", None, cli="--cache-dtype")
     autocast_dtype: Literal["bfloat16", "float16"] | None = help_field(
         "run the forward/backward passes under torch.autocast in this dtype (None: off); the "
         "captured (ā, Ds) and the factors stay in factor_dtype, eigh in eigh_dtype", None)
@@ -71,9 +76,11 @@ class FactorConfig:
         "token budget of each pass: stop before the batch after the one that reaches it "
         "(counted with task.token_mask; None: no budget)", None)
     eigh_dtype: Literal["float64", "float32"] = help_field(
-        "precision of the eigendecompositions of A and S: 'float32' takes about half the time "
-        "of 'float64' on a CPU; results/trace_speed.md measures what it changes in the scores",
-        "float64", cli="--eigh-dtype")
+        "precision of the eigendecompositions of A and S: 'float32' takes half the time on a "
+        "CPU but mixes eigenvectors whose eigenvalues are below ~1e-7 of the largest: two "
+        "fits that differ only by float32 round-off (batch size 1 vs 16, empirical Fisher, "
+        "tests/test_refusals.py) gave scores 3.7 % apart with it, < 0.2 % with float64; "
+        "results/trace_speed.md measures it on the real pair", "float64", cli="--eigh-dtype")
     eigh_workers: int | None = help_field(
         "eigendecompositions run this many layers at once, each on one thread (None: "
         "torch.get_num_threads() on a CPU, 1 on a GPU); the results do not depend on it", None,
@@ -101,6 +108,8 @@ class FactorConfig:
         if self.max_tokens is not None and not (isinstance(self.max_tokens, int)
                                                 and self.max_tokens >= 1):
             raise ValueError(f"max_tokens must be None or an int >= 1, not {self.max_tokens!r}")
+        if self.cache_dtype not in (None, "bfloat16"):
+            raise ValueError(f"cache_dtype must be None or 'bfloat16', got {self.cache_dtype!r}")
         if self.eigh_dtype not in ("float64", "float32"):
             raise ValueError(f"eigh_dtype must be 'float64' or 'float32', got {self.eigh_dtype!r}")
         if self.eigh_workers is not None and not (isinstance(self.eigh_workers, int)
@@ -125,8 +134,10 @@ class FactorConfig:
         d.pop("cache_activations_mb")
         d.pop("offload")
         d.pop("eigh_workers")
-        if d["eigh_dtype"] == "float64":  # the setting's default: earlier caches stay valid
+        if d["eigh_dtype"] == "float64":  # the default: earlier caches stay valid
             d.pop("eigh_dtype")
+        if d["cache_dtype"] is None:  # the default: earlier caches stay valid
+            d.pop("cache_dtype")
         d["modules"] = list(module_names)
         return config_fingerprint(d)
 

@@ -119,12 +119,15 @@ def fit_covariances(
             a_sum[i] = a.T @ a if a_sum[i] is None else a_sum[i].addmm_(a.T, a)
             s_sum[i] = ds.T @ ds if s_sum[i] is None else s_sum[i].addmm_(ds.T, ds)
         if caching:
-            used += cap.nbytes()
+            kept = cap if config.cache_dtype is None else cap.to(getattr(torch,
+                                                                         config.cache_dtype))
+            used += kept.nbytes()
             if used <= budget:
-                cache.append(cap)
+                cache.append(kept)
             else:
                 cache.clear()
                 caching = False
+            del kept
     if n_seq == 0:
         raise ValueError("the data loader yielded no batches; factors need at least one example.")
     layers = []
@@ -153,7 +156,7 @@ def _eigh(x: KroneckerFactors, dtype: torch.dtype, offload: bool,
 
 
 def fit_eigenbasis(kfac: KFACFactors, device: torch.device | str | None = None) -> EKFACFactors:
-    """A = Q_A diag(d_A) Q_Aᵀ, S = Q_S diag(d_S) Q_Sᵀ per layer (Notebook 04 §Eigenbasis), by
+    """A = Q_A diag(d_A) Q_Aᵀ, S = Q_S diag(d_S) Q_Sᵀ per layer (Notebook 04 §The eigenbasis), by
     `eigh` in `config.eigh_dtype` (float64 by default), stored in the factor dtype.
     `device`: where to run each eigh (default: where the factors are); with config.offload
     the results go back to the CPU one layer at a time.
@@ -237,7 +240,8 @@ def fit_lambda(
     for cap in source:
         n_seq += cap.n_sequences
         for i, (x, (q_s, q_a)) in enumerate(zip(cap.layers, bases)):
-            rot = torch.bmm((x.ds @ q_s).transpose(1, 2), x.a @ q_a)  # Q_Sᵀ DW_n Q_A
+            a, ds = x.a.to(q_a.dtype), x.ds.to(q_s.dtype)  # a bf16 cache back to the factors'
+            rot = torch.bmm((ds @ q_s).transpose(1, 2), a @ q_a)  # Q_Sᵀ DW_n Q_A
             sums[i] = sums[i].to(rot.device).add_(rot.square().sum(0))
     if n_seq == 0:
         raise ValueError("the data loader yielded no batches; Λ needs at least one example.")

@@ -1,21 +1,23 @@
 """Candidate gradients ∇ℓ(z, θ), cached on disk and reused across queries and methods.
 
-Notebook 07 §Fact tracing: multi-stage, single-stage, gradient dot product
-and cosine all dot preconditioned queries with the *same* candidate gradients at θ_pt, and
-every damping or α in a sweep reuses them, so each document's gradient is computed once
-and stored as an artifact keyed by (model weights, the document's tokens, the tracked
-layers, dtype). A store for other weights or layers never loads it.
+Notebook 07 §Fact tracing: multi-stage, single-stage, gradient dot product and cosine all
+dot preconditioned queries with the *same* candidate gradients at θ_pt, and every damping or
+α in a sweep reuses them, so each document's gradient is computed once and stored as an
+artifact keyed by (model weights, the document's tokens, the tracked layers, dtype, form).
 
-Scale (docs/design.md §Memory and disk at scale): a document's dense gradient has P numbers
-(BLOOM-560m, MLP layers: 201M, 0.81 GB in float32), so N documents write N·P·e bytes. Above
-`disk_budget_bytes` the store never writes them: `scores` and `norms` stream (each batch's
-gradients are computed, used and dropped; nothing on disk, recomputed on the next call), and
-`grads` refuses; streamed without a projection, a batch is captured once and scored one
-layer's DW at a time (`engine.scores.pairwise_scores`; rank-r queries never form DW). A
-`projection` (e.g. `attribution.projected.KroneckerProjection`) stores k_out·k_in numbers
-per layer instead: G̃_l = Π_out DW_l Π_inᵀ = Σ_t (Π_out Ds_t)(Π_in ā_t)ᵀ, computed from the
-captured tokens without forming DW_l, and the queries are projected the same way before the
-dot. Scoring holds at most `chunk_bytes` of stored gradients at a time.
+Forms (`storage`): "dense" stores DW_l (o × d_in per layer); "tokens" the captured (ā, Ds) on
+the document's T real tokens, DW_l = Dsᵀ ā exactly, T·(o + d_in) numbers per layer
+(`engine.tokengrads`: scores Σ_t Ds_tᵀ P ā_t and norms without forming DW); "auto" (default)
+picks tokens per document when T·Σ_l(o_l + d_l) < Σ_l o_l·d_l. The forms live in separate
+directories and artifact kinds: neither is ever read as the other.
+
+Scale (docs/design.md §Memory and disk at scale): N documents write N·P·e bytes dense
+(BLOOM-560m MLPs: P = 201M, 0.81 GB each) or Σ_n T_n·Σ_l(o_l + d_l)·e as tokens. Above
+`disk_budget_bytes` nothing is written: `scores` and `norms` stream (each batch computed, used
+and dropped, one layer's DW at a time by `engine.scores.pairwise_scores`), `grads` refuses. A
+`projection` (`attribution.projected`; `storage` ignored) stores Π_out DW_l Π_inᵀ = Σ_t
+(Π_out Ds_t)(Π_in ā_t)ᵀ, k_out·k_in numbers per layer. Scoring holds at most `chunk_bytes`
+of stored gradients at a time; documents are computed shortest first with `order="length"`.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from msif_lite.engine import tokengrads
 from msif_lite.engine.capture import BatchCapture, capture_batch
+from msif_lite.engine.inputs import length_order
 from msif_lite.engine.layers import Grads, TrackedModule, check_finite
 from msif_lite.engine.lowrank import LowRankGrads
 from msif_lite.engine.storage import (
@@ -46,24 +50,22 @@ from msif_lite.engine.storage import (
 )
 from msif_lite.engine.tasks import Task, TokenBatch
 
-DISK_BUDGET_BYTES = 20 * 10**9  # dense gradients beyond this are streamed, never written
+DISK_BUDGET_BYTES = 20 * 10**9  # stored gradients beyond this are streamed, never written
 CHUNK_BYTES = 2**30  # stored gradients held at once while scoring
+STORAGE = ("auto", "dense", "tokens")  # GradientStore(storage=...)
 
 
 class Projection(Protocol):
     """What a store needs of a gradient projection (`attribution.projected`)."""
 
     fingerprint: str
-
     def shape(self, module: TrackedModule) -> tuple[int, int]: ...
-
     def capture(self, capture: BatchCapture, modules: Sequence[TrackedModule]) -> Grads: ...
-
     def dense(self, grads: Grads, modules: Sequence[TrackedModule]) -> Grads: ...
 
 
 class OverBudgetError(RuntimeError):
-    """Raised when dense gradients of a candidate set would exceed the disk budget."""
+    """Raised when the stored gradients of a candidate set would exceed the disk budget."""
 
 
 @dataclass(frozen=True)
@@ -76,13 +78,10 @@ class Candidate:
 
 
 class GradientStore:
-    """Per-document gradients DW_z = ∇_θ ℓ(z, θ) (per tracked layer) for one model.
-
-    `collate` turns a list of Candidates into a TokenBatch (padding is exact: scores do not
-    depend on it). Files live under `cache_dir/<model fingerprint>/<settings>/`. With a
-    `projection`, the stored gradients are projected (see the module docstring); above
-    `disk_budget_bytes` for a candidate set, `scores` and `norms` stream instead of writing.
-    """
+    """Per-document gradients DW_z = ∇_θ ℓ(z, θ) (per tracked layer) for one model, under
+    `cache_dir/<model fingerprint>/<settings and form>/`. `collate`: Candidates → TokenBatch
+    (padding is exact). `storage`, `projection`, `disk_budget_bytes`, `order`: the module
+    docstring (the budget counts each document's real bytes in its form)."""
 
     def __init__(
         self,
@@ -98,9 +97,15 @@ class GradientStore:
         projection: Projection | None = None,
         disk_budget_bytes: float = DISK_BUDGET_BYTES,
         chunk_bytes: float = CHUNK_BYTES,
+        storage: Literal["auto", "dense", "tokens"] = "auto",
+        order: Literal["length", "given"] = "given",
     ):
+        if storage not in STORAGE:
+            raise ValueError(f"storage must be one of {', '.join(map(repr, STORAGE))} (dense "
+                             f"DW, token factors (ā, Ds), or the smaller), got {storage!r}")
         self.model, self.task, self.modules, self.collate = model, task, list(modules), collate
-        self.batch_size, self.progress = batch_size, progress
+        self.batch_size, self.progress, self.storage = batch_size, progress, storage
+        self.order = order  # how documents computed are batched (results are in input order)
         self.dtype = dtype or next(model.parameters()).dtype
         self.projection = projection
         self.disk_budget_bytes, self.chunk_bytes = disk_budget_bytes, chunk_bytes
@@ -108,18 +113,33 @@ class GradientStore:
         settings = {"modules": [m.name for m in self.modules], "dtype": str(self.dtype)}
         if projection is not None:
             settings["projection"] = projection.fingerprint
-        self.settings_fp = config_fingerprint(settings)
-        self.root = Path(cache_dir) / self.model_fp[:20] / self.settings_fp[:12]
-        self._memory: dict[str, Grads] = {}
+        self.settings_fp = config_fingerprint(settings)  # dense or projected
+        self.token_settings_fp = config_fingerprint({**settings, "storage": "tokens"})
+        base = Path(cache_dir) / self.model_fp[:20]
+        self.root = base / self.settings_fp[:12]
+        self.token_root = base / self.token_settings_fp[:12]
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
+
+    def form(self, c: Candidate) -> str:
+        """How document c is stored: "projected", "dense" or "tokens"."""
+        if self.projection is not None:
+            return "projected"
+        if self.storage != "auto":
+            return self.storage
+        return "tokens" if tokengrads.prefers_tokens(len(c.input_ids), self.modules) else "dense"
 
     def _key(self, c: Candidate) -> ArtifactKey:
         data = data_fingerprint([c.doc_id, list(c.input_ids), list(c.labels)])
-        return ArtifactKey("candidate-grads", self.model_fp, data, self.settings_fp)
+        tokens = self.form(c) == "tokens"
+        kind = "candidate-token-factors" if tokens else "candidate-grads"
+        return ArtifactKey(kind, self.model_fp, data,
+                           self.token_settings_fp if tokens else self.settings_fp)
 
     def _path(self, c: Candidate) -> Path:
-        return self.root / (hashlib.sha256(c.doc_id.encode()).hexdigest()[:24] + ".safetensors")
+        root = self.token_root if self.form(c) == "tokens" else self.root
+        return root / (hashlib.sha256(c.doc_id.encode()).hexdigest()[:24] + ".safetensors")
 
-    def _load(self, c: Candidate) -> Grads | None:
+    def _load(self, c: Candidate) -> dict[str, torch.Tensor] | None:
         path = self._path(c)
         if not path.exists():
             return None
@@ -134,17 +154,28 @@ class GradientStore:
         return tensors
 
     def shape(self, m: TrackedModule) -> tuple[int, int]:
-        """Shape of one document's stored gradient of layer m: (out, d_in), or projected."""
+        """Shape of one document's dense gradient of layer m: (out, d_in), or projected."""
         return m.shape if self.projection is None else self.projection.shape(m)
 
-    def bytes_per_document(self) -> int:
-        """Σ_l numel_l · e: one document's file (without its small header)."""
+    def bytes_per_document(self, candidate: Candidate | None = None) -> int:
+        """One document's file without its header: Σ_l numel_l·e (dense or projected) or
+        T·Σ_l(o_l + d_l)·e (tokens); without `candidate`, the dense (or projected) size."""
         e = torch.empty((), dtype=self.dtype).element_size()
+        if candidate is not None and self.form(candidate) == "tokens":
+            return tokengrads.token_numel(len(candidate.input_ids), self.modules) * e
         return sum(a * b for a, b in map(self.shape, self.modules)) * e
 
-    def streams(self, n_candidates: int) -> bool:
-        """Whether `n_candidates` documents are over the disk budget (then never written)."""
-        return n_candidates * self.bytes_per_document() > self.disk_budget_bytes
+    def disk_bytes(self, candidates: Sequence[Candidate]) -> int:
+        """The bytes the distinct documents of `candidates` write, each in its own form."""
+        unique = {c.doc_id: c for c in candidates}.values()
+        return sum(self.bytes_per_document(c) for c in unique)
+
+    def streams(self, candidates: Sequence[Candidate] | int) -> bool:
+        """Whether the candidates' stored gradients are over the disk budget (then never
+        written). A count alone assumes the dense (or projected) size per document."""
+        if isinstance(candidates, int):
+            return candidates * self.bytes_per_document() > self.disk_budget_bytes
+        return self.disk_bytes(candidates) > self.disk_budget_bytes
 
     def _compute(self, chunk: Sequence[Candidate]) -> Grads:
         """(B, *shape) per layer for a batch of documents: DW, or its projection."""
@@ -153,25 +184,51 @@ class GradientStore:
         check_finite(g, "candidate gradients")
         return {k: v.detach().to(self.dtype) for k, v in g.items()}
 
-    def _batches(self, candidates: Sequence[Candidate], desc: str) -> Iterator[Grads]:
-        chunks = [candidates[i : i + self.batch_size]
-                  for i in range(0, len(candidates), self.batch_size)]  # fmt: skip
-        for chunk in tqdm(chunks, desc=desc, disable=not self.progress):
-            yield self._compute(chunk)
+    def _compute_docs(self, chunk: Sequence[Candidate]) -> list[dict[str, torch.Tensor]]:
+        """Each document's stored tensors (its form's), from one capture of the batch."""
+        if all(self.form(c) != "tokens" for c in chunk):
+            g = self._compute(chunk)
+            return [{k: v[i].contiguous().cpu() for k, v in g.items()} for i in range(len(chunk))]
+        cap = capture_batch(self.model, self.task, self.collate(chunk), self.modules)
+        return tokengrads.per_document(cap, [self.form(c) == "tokens" for c in chunk],
+                                       self.dtype)  # fmt: skip
+
+    def _fetch(self, candidates: Sequence[Candidate], desc: str
+               ) -> Iterator[tuple[Candidate, dict[str, torch.Tensor]]]:  # fmt: skip
+        """(c, its stored tensors) for each distinct document: from memory or disk, else
+        computed batch by batch and written."""
+        todo = []
+        for c in {c.doc_id: c for c in candidates}.values():
+            g = self._memory.get(c.doc_id) or self._load(c)
+            if g is None:
+                todo.append(c)
+            else:
+                yield c, g
+            del g
+        chunks = self._batch_lists([todo[i] for i in self._ordered(todo)])
+        for chunk in tqdm(chunks, desc=desc, disable=not (self.progress and chunks)):
+            for c, one in zip(chunk, self._compute_docs(chunk)):
+                save_artifact(self._path(c), one, self._key(c), {"doc_id": c.doc_id})
+                yield c, one
+
+    def _split(self, candidates: Sequence[Candidate]) -> tuple[list[int], list[int]]:
+        """Positions of the token-factored documents, and of the others."""
+        tok = [self.form(c) == "tokens" for c in candidates]
+        return [i for i, t in enumerate(tok) if t], [i for i, t in enumerate(tok) if not t]
 
     def grads(self, candidates: Sequence[Candidate], *, keep_in_memory: bool = False) -> Grads:
-        """Stacked gradients (N, out, d_in) per layer, computing and saving the missing ones."""
+        """Stacked dense (or projected) gradients (N, out, d_in) per layer, computing and saving
+        the missing ones; token factors are multiplied out, DW = Dsᵀ ā (dense output)."""
         if len(candidates) == 0:
-            raise ValueError(
-                "the candidate set is empty: pass at least one document to score against."
-            )
-        if self.streams(len(candidates)):
-            need = len(candidates) * self.bytes_per_document()
+            raise ValueError("the candidate set is empty: pass at least one document.")
+        if self.streams(candidates):
+            need = self.disk_bytes(candidates)
             raise OverBudgetError(
                 f"{len(candidates)} documents' gradients need {need / 1e9:.1f} GB, over the disk "
                 f"budget of {self.disk_budget_bytes / 1e9:.1f} GB: use scores()/norms() (they "
                 "stream), fewer candidates, a projected method (e.g. method="
-                "'multi_stage_projected'), or raise AttributionConfig.gradient_cache_gb.")
+                "'multi_stage_projected'), gradient_storage='auto' or 'tokens' (exact, smaller "
+                "for short documents), or raise AttributionConfig.gradient_cache_gb.")
         # Written straight into the stacked output, one document at a time: a loaded file is
         # memory-mapped, so holding every document before stacking would hold the set twice.
         out = {m.name: torch.empty((len(candidates), *self.shape(m)), dtype=self.dtype)
@@ -179,44 +236,38 @@ class GradientStore:
         rows: dict[str, list[int]] = {}
         for i, c in enumerate(candidates):
             rows.setdefault(c.doc_id, []).append(i)
-
-        def place(c: Candidate, g: Grads) -> None:
+        for c, stored in self._fetch(candidates, "candidate gradients"):
+            g = tokengrads.to_dense(stored, self.modules) if self.form(c) == "tokens" else stored
             for m in self.modules:
                 out[m.name][rows[c.doc_id]] = g[m.name].to(self.dtype)
             if keep_in_memory:
-                self._memory[c.doc_id] = g
-
-        todo = []
-        for c in {c.doc_id: c for c in candidates}.values():
-            g = self._memory.get(c.doc_id) or self._load(c)
-            if g is None:
-                todo.append(c)
-            else:
-                place(c, g)
-            del g
-        chunks = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
-        show = self.progress and bool(chunks)  # nothing to compute: no empty bar
-        for chunk in tqdm(chunks, desc="candidate gradients", disable=not show):
-            g = self._compute(chunk)
-            for i, c in enumerate(chunk):
-                one = {k: v[i].contiguous().cpu() for k, v in g.items()}
-                save_artifact(self._path(c), one, self._key(c), {"doc_id": c.doc_id})
-                place(c, one)
-            del g
+                self._memory[c.doc_id] = stored
+            del g, stored
         return out
 
     def _chunks(self, candidates: Sequence[Candidate], chunk: int | None, desc: str
                 ) -> Iterator[Grads]:  # fmt: skip
-        """Stored gradients `chunk` documents at a time (default: `chunk_bytes` worth), or
-        streamed batch by batch when the set is over the disk budget."""
-        if len(candidates) == 0:
-            raise ValueError("the candidate set is empty: pass at least one document.")
-        if self.streams(len(candidates)):
-            yield from self._batches(candidates, desc + " (streamed: over the disk budget)")
+        """Stored dense (or projected) gradients `chunk` documents at a time (default:
+        `chunk_bytes` worth), or batch by batch when over the disk budget (projected)."""
+        if self.streams(candidates):
+            for b in tqdm(self._batch_lists(candidates), disable=not self.progress,
+                          desc=desc + " (streamed: over the disk budget)"):  # fmt: skip
+                yield self._compute(b)
             return
         n = chunk or max(1, int(self.chunk_bytes // self.bytes_per_document()))
         for i in range(0, len(candidates), n):
             yield self.grads(candidates[i : i + n])
+
+    def _token_chunks(self, candidates: Sequence[Candidate], chunk: int | None
+                      ) -> Iterator[tuple[list[int], list[tokengrads.Doc]]]:  # fmt: skip
+        """(positions, factors) of token-factored documents, `chunk` documents (default:
+        `chunk_bytes` of factors) at a time."""
+        sizes = [1] * len(candidates) if chunk else [self.bytes_per_document(c) for c in candidates]
+        for pos in tokengrads.chunks(sizes, chunk or self.chunk_bytes):
+            part = [candidates[i] for i in pos]
+            docs = {c.doc_id: g for c, g in self._fetch(part, "candidate token factors")}
+            yield pos, [docs[c.doc_id] for c in part]
+            del docs  # one chunk held at a time (the caller drops its list too)
 
     def project_queries(self, preconditioned: Grads | LowRankGrads) -> Grads | LowRankGrads:
         """The queries in the stored gradients' space: P itself, or Π_out P Π_inᵀ (formed one
@@ -235,14 +286,38 @@ class GradientStore:
         chunk: int | None = None,
     ) -> torch.Tensor:
         """I[q, n] = Σ_l ⟨P_{q,l}, DW_{n,l}⟩ (Q, N), or (Q, N, L) per layer with `by_module`
-        (with a projection: Σ_l ⟨Π P_{q,l}, Π DW_{n,l}⟩). `preconditioned`: Grads, or rank-r
-        `LowRankGrads` (engine.lowrank; P_l = L_l R_l, formed one layer at a time against
-        stored gradients, never formed when streaming)."""
+        (with a projection: Σ_l ⟨Π P_{q,l}, Π DW_{n,l}⟩; token-factored documents: Σ_l Σ_t
+        Ds_tᵀ P_{q,l} ā_t, DW never formed). `preconditioned`: Grads, or rank-r `LowRankGrads`
+        (engine.lowrank; P_l = L_l R_l, formed one layer at a time against stored dense
+        gradients, never against token factors or when streaming). `chunk`: documents held
+        at once (default: `chunk_bytes` of stored gradients)."""
         if len(candidates) == 0:
             raise ValueError("the candidate set is empty: pass at least one document.")
-        if self.projection is None and self.streams(len(candidates)):
+        if self.projection is None and self.streams(candidates):
             return self._streamed_scores(preconditioned, candidates, by_module)
         pre = self.project_queries(preconditioned)
+        tok, rest = self._split(candidates)
+        parts = []
+        if rest:
+            parts.append((rest, self._stored_scores(pre, [candidates[i] for i in rest],
+                                                    by_module, chunk)))  # fmt: skip
+        for pos, docs in self._token_chunks([candidates[i] for i in tok], chunk):
+            per_layer = [tokengrads.layer_scores(pre, m, docs, self.chunk_bytes).cpu()
+                         for m in self.modules]  # fmt: skip
+            parts.append(([tok[p] for p in pos],
+                          torch.stack(per_layer, -1) if by_module else sum(per_layer)))
+            del docs
+        first = parts[0][1]
+        if len(parts) == 1:  # one part: the positions in order
+            return first
+        out = torch.empty((first.shape[0], len(candidates), *first.shape[2:]), dtype=first.dtype)
+        for pos, s in parts:
+            out[:, pos] = s
+        return out
+
+    def _stored_scores(self, pre: Grads | LowRankGrads, candidates: Sequence[Candidate],
+                       by_module: bool, chunk: int | None) -> torch.Tensor:  # fmt: skip
+        """`scores` against stored dense (or projected) gradients, chunk by chunk."""
         cols = []
         for g in self._chunks(candidates, chunk, "candidate scores"):
             per_layer = [
@@ -268,25 +343,37 @@ class GradientStore:
                                    {k: v.to(self.dtype) for k, v in pre.right.items()}, pre.rank)
         elif pre[self.modules[0].name].dtype != self.dtype:
             pre = {k: v.to(self.dtype) for k, v in pre.items()}
-        batches = self._batch_lists(candidates)
-        return pairwise_scores(self.model, self.task, pre, (self.collate(c) for c in batches),
-                               IdentityIHVP(), self.modules, by_module=by_module,
-                               progress=self.progress, preconditioned=True,
-                               total=len(batches))  # fmt: skip
+        perm = self._ordered(candidates)
+        batches = self._batch_lists([candidates[i] for i in perm])
+        out = pairwise_scores(self.model, self.task, pre, (self.collate(c) for c in batches),
+                              IdentityIHVP(), self.modules, by_module=by_module,
+                              progress=self.progress, preconditioned=True,
+                              total=len(batches))  # fmt: skip
+        return out[:, torch.tensor(perm).argsort()]  # back to the candidates' order
+
+    def _ordered(self, candidates: Sequence[Candidate]) -> list[int]:
+        """Positions in the order documents are batched: shortest first (`order="length"`:
+        little padding) or as given."""
+        if self.order == "given":
+            return list(range(len(candidates)))
+        return length_order([len(c.input_ids) for c in candidates])
 
     def _batch_lists(self, candidates: Sequence[Candidate]) -> list[Sequence[Candidate]]:
         return [candidates[i : i + self.batch_size]
                 for i in range(0, len(candidates), self.batch_size)]  # fmt: skip
 
     def norms(self, candidates: Sequence[Candidate], chunk: int | None = None) -> torch.Tensor:
-        """‖∇ℓ(z)‖ over the tracked layers, (N,), for gradient cosine (of the projected
-        gradients with a projection); streamed, one layer's DW at a time."""
+        """‖∇ℓ(z)‖ over the tracked layers, (N,) float64, for gradient cosine (of the
+        projected gradients with a projection; token factors: ‖DW‖² = Σ_{t,t'} (Ds Dsᵀ ⊙
+        ā āᵀ)_{t t'}, exact); streamed, one layer's DW at a time."""
         from msif_lite.engine.scores import grad_sq_norms
 
-        if self.projection is None and len(candidates) and self.streams(len(candidates)):
-            out = []
-            for c in tqdm(self._batch_lists(candidates), desc="candidate norms (streamed)",
-                          disable=not self.progress):  # fmt: skip
+        if len(candidates) == 0:
+            raise ValueError("the candidate set is empty: pass at least one document.")
+        if self.projection is None and self.streams(candidates):
+            out, perm = [], self._ordered(candidates)
+            for c in tqdm(self._batch_lists([candidates[i] for i in perm]),
+                          desc="candidate norms (streamed)", disable=not self.progress):
                 cap = capture_batch(self.model, self.task, self.collate(c), self.modules)
                 sq = None
                 for x in cap.layers:
@@ -294,10 +381,18 @@ class GradientStore:
                     check_finite({x.name: dw}, "candidate gradients")
                     sq = grad_sq_norms(dw) if sq is None else sq + grad_sq_norms(dw)
                 out.append(sq.sqrt())
-            return torch.cat(out)
-        out = [sum(v.double().pow(2).sum((-2, -1)) for v in g.values()).sqrt()
-               for g in self._chunks(candidates, chunk, "candidate norms")]  # fmt: skip
-        return torch.cat(out)
+            return torch.cat(out)[torch.tensor(perm).argsort()]
+        tok, rest = self._split(candidates)
+        out = torch.empty(len(candidates), dtype=torch.float64)
+        if rest:
+            out[rest] = torch.cat([
+                sum(v.double().pow(2).sum((-2, -1)) for v in g.values()).sqrt()
+                for g in self._chunks([candidates[i] for i in rest], chunk, "candidate norms")])
+        for pos, docs in self._token_chunks([candidates[i] for i in tok], chunk):
+            out[[tok[p] for p in pos]] = torch.stack(
+                [tokengrads.sq_norm(d, self.modules) for d in docs]).sqrt()
+            del docs
+        return out
 
 
 def _layer(pre: Grads | LowRankGrads, name: str) -> torch.Tensor:

@@ -15,11 +15,13 @@ tensor bytes: resident memory follows them with the allocator `measure.trim_allo
   (`activations.activation_model`: B·T·k_1 + B·T²·k_2 + k_0), plus B·T·Σ_m o·e when the
   batch has padding (Ds copied once more). kept(B, T) = Σ_m B·T·(d_in + o)·e (the captures).
 - covariance: Σ_m (d_in² + o²)·e + max_i (before batch i: the cached batches < i while
-  their captures fit in cache_activations_mb, else batch i − 1's, + act(B_i, T_i))
+  their captures fit in cache_activations_mb (2 bytes per element with cache_dtype
+  bfloat16, + batch i − 1's own captures), else batch i − 1's, + act(B_i, T_i))
 - eigendecomposition: A, S (unless offload) + the cache + eigenbases so far + the eigh
   workspace 4·E·n² (E = 8 for eigh_dtype float64, 4 for float32: the copy, eigenvectors,
   2n² LAPACK work) of each of the `eigh_workers` layers in flight
-- Λ: Σ_m (d_in² + o²)·e + P·e + the cache + max_{i,m} B_i·(T_i·(d_in + o) + 2·o·d_in)·e
+- Λ: Σ_m (d_in² + o²)·e + P·e + the cache + max_{i,m} B_i·(c·T_i·(d_in + o) + 2·o·d_in)·e
+  (c = 2 when a bf16 cache is converted back first, else 1)
   (without the cache: batch i − 1's captures + max(act_i, kept_i + the rotations))
 - scoring (`engine.scores.pairwise_scores`, candidates streamed): S stored EK-FACs
   Σ_m (d_in² + o² + d_in·o)·e (none with offload) + the largest of
@@ -34,8 +36,10 @@ tensor bytes: resident memory follows them with the allocator `measure.trim_allo
   query captures, inv + the preconditioning loop above, and the candidates: streamed (over the
   disk budget): K + max_i(act_i + one layer's DW), with a projection K + Q·P'·g + max_i(act_i +
   B_i·P·g); stored: K + max(n·P'·g + max_i(act_i + B_i·P·g), (n + 1)·P'·g) (+ one layer's L R,
-  Q·od·g, with rank r), n = chunk_mb / (P'·g) documents per chunk, P' = P or Σ_m k_out·k_in.
-- disk: the gradient cache N·P'·g (0 when it streams: N·P·g > gradient_cache_gb).
+  Q·od·g, with rank r), n = chunk_mb / (P'·g) documents per chunk, P' = P or Σ_m k_out·k_in;
+  token-factored documents (gradient_storage): `scale.store_chunks`, T·Σ_m(o + d_in)·g each.
+- disk: the gradient cache, Σ_n each document's bytes (N·P'·g if none is token-factored; 0
+  when it streams: that sum > gradient_cache_gb).
 
 The dense preconditioning path (`layerwise=False`, every layer's ∇m and P held at once) is no
 longer planned; its measured peaks are kept in results/scoring_peak.md and memory_plan.md.
@@ -75,6 +79,7 @@ from msif_lite.scale.options import (  # noqa: F401 (re-exported)
     batch_shapes,
     partition,
 )
+from msif_lite.scale.store_chunks import stored_bytes, stored_chunk, token_form
 
 STAGES = ("covariance", "eigendecomposition", "lambda", "scoring", "cached scoring")
 Layers = Sequence[tuple[str, int, int]]
@@ -239,14 +244,18 @@ def predict(model_config_or_model, options: MemoryOptions | None = None,
                       stored, terms, disk, {"fitting": c.act_fit, "scoring": c.act_score})
 
 
-def _cache_states(per: list[int], budget: float) -> tuple[list[int], bool]:
+def _cache_states(per: list[int], cached: list[int], budget: float) -> tuple[list[int], bool]:
     """Capture bytes alive before each batch of the covariance pass (`fit_covariances`): the
-    cached batches while all so far fit in `budget`, else the previous batch's (still bound
-    to the loop variable); and whether the whole pass stayed cached (Λ reuses it)."""
+    cached batches (`cached`: their bytes as kept, e.g. bf16 copies of `per`) while all so
+    far fit in `budget`, plus the previous batch's own captures (still bound to the loop
+    variable) when the cache holds copies; else the previous batch's; and whether the whole
+    pass stayed cached (Λ reuses it)."""
     before, used, caching = [], 0, budget > 0
-    for i, p in enumerate(per):
-        before.append(used if caching else (per[i - 1] if i else 0))
-        used += p
+    for i in range(len(per)):
+        prev = per[i - 1] if i else 0
+        copies = bool(i) and cached[i - 1] != per[i - 1]
+        before.append(used + (prev if copies else 0) if caching else prev)
+        used += cached[i]
         caching = caching and used <= budget
     return before, caching
 
@@ -262,15 +271,19 @@ def _fit_terms(c: _Sizes) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         as_b = sum((d * d + out * out) * e for _, d, out in g)
         lam_b = sum(d * out * e for _, d, out in g)
         per = [c.kept(x.b, x.t, g) for x in batches]
+        ce = 2 if o.cache_dtype == "bfloat16" else e  # bytes per cached element
+        cached = [c.kept(x.b, x.t, g, ce) for x in batches]
         acts = [c.act(x, g) for x in batches]
-        before, fits = _cache_states(per, o.cache_activations_mb * 2**20)
+        before, fits = _cache_states(per, cached, o.cache_activations_mb * 2**20)
         i = max(range(len(batches)), key=lambda j: before[j] + acts[j])
-        cache_all = sum(per) if fits else 0
+        cache_all = sum(cached) if fits else 0
         cov = {"A,S": as_b, "cached/previous batches": before[i], "forward+backward": acts[i],
                "earlier groups": done}
         eig = {"A,S": 0 if o.offload else as_b, "cached batches": cache_all,
-               f"eigh ({o.eigh_dtype}) + bases so far": _eigh_peak(c, g), "earlier groups": done}
-        rot = [max(x.b * (x.t * (d + out) + 2 * out * d) * e for _, d, out in g) for x in batches]
+               "eigh + bases so far": _eigh_peak(c, g), "earlier groups": done}
+        back = 2 if ce != e else 1  # a cache in another dtype is converted back first
+        rot = [max(x.b * (back * x.t * (d + out) + 2 * out * d) * e for _, d, out in g)
+               for x in batches]  # fmt: skip
         rotations = max(rot) if fits else max(
             (per[j - 1] if j else 0) + max(acts[j], per[j] + rot[j]) for j in range(len(per)))
         lam = {"eigenbases": as_b, "Λ": lam_b, "cached batches": cache_all,
@@ -283,13 +296,11 @@ def _fit_terms(c: _Sizes) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
 
 
 def _eigh_peak(c: _Sizes, g: Layers) -> int:
-    """The bases finished so far + the eigh workspaces of the layers in flight
-    (`fit_eigenbasis`: eigh of A then of S per layer, `eigh_workers` layers at once, each
-    copied to `eigh_dtype` when the factors are in another dtype)."""
-    e, E = c.e, 8 if c.o.eigh_dtype == "float64" else 4
-    copy = 0 if e == E else E
-    ws = [max((3 * E + copy) * d * d, E * d * d + (3 * E + copy) * out * out) for _, d, out in g]
-    w = c.o.eigh_workers or 1  # `predict` resolves None for its device
+    """Bases so far + the eigh workspaces of the `eigh_workers` layers in flight."""
+    e, w = c.e, c.o.eigh_workers or 1  # `predict` resolves None for its device
+    E = 8 if c.o.eigh_dtype == "float64" else 4
+    k = 3 * E + (0 if e == E else E)  # + the copy in eigh_dtype
+    ws = [max(k * d * d, E * d * d + k * out * out) for _, d, out in g]
     peak, q_so_far = 0, 0
     for i, (_, d, out) in enumerate(g):
         in_flight = ws[i] + sum(sorted(ws[i + 1:], reverse=True)[: w - 1])
@@ -329,8 +340,6 @@ def _kept_queries(s: ModelShape, o: MemoryOptions, g_e: int) -> int:
     return o.n_queries * sum(d * out for _, d, out in s.layers) * g_e
 
 
-
-
 def _candidates(c: _Sizes, per_batch) -> int:
     """max over the candidate batches x of act(x) + per_batch(x)."""
     return max(c.act(x, c.s.layers, False) + per_batch(x) for x in c.o.candidate_batches())
@@ -368,7 +377,8 @@ def _cached_scoring_terms(c: _Sizes) -> tuple[dict[str, int], int]:
     else:
         P_store = P
     per_doc = P_store * g_e
-    streams = o.n_candidates * per_doc > o.gradient_cache_gb * 1e9
+    disk = stored_bytes(c, per_doc)
+    streams = disk > o.gradient_cache_gb * 1e9
     q_store = _kept_queries(s, o, g_e)
     # the method's inverse, built for this call: D_l + λ_l of each stage (P·e each) and, for
     # two stages, H_ft = c·G_ft's rescaled Λ (P·e); freed once the queries are preconditioned
@@ -383,25 +393,8 @@ def _cached_scoring_terms(c: _Sizes) -> tuple[dict[str, int], int]:
             c, lambda x: x.b * P * g_e)  # a batch's DW of all layers
         return out, 0
     n = min(o.n_candidates, max(1, int(o.chunk_mb * 2**20 // per_doc)))
-    dense_layer = Q * od * g_e if r and not o.projection else 0  # L R of one layer
-    out["candidate chunk"] = q_store + q_proj + dense_layer + _stored_chunk(c, n, per_doc, P)
-    return out, len(o.candidate_lengths()) * per_doc
+    dense = not o.projection and not all(token_form(c))  # one layer's L R with rank r
+    dense_layer = Q * od * g_e if r and dense else 0
+    out["candidate chunk"] = q_store + q_proj + dense_layer + stored_chunk(c, n, per_doc, P)
+    return out, disk
 
-
-def _stored_chunk(c: _Sizes, n: int, per_doc: int, P: int) -> int:
-    """`GradientStore.grads` on chunks of n documents, each cut into batches in order: before
-    batch i of a chunk, the documents written so far (the chunk's output is allocated empty,
-    so only written pages are resident) + batch i's + act_i + its DW of all layers, B_i·P·g;
-    or a stored chunk loaded, one file at a time: (n + 1)·P'·g."""
-    lengths, best = c.o.candidate_lengths(), (n + 1) * per_doc
-    for start in range(0, len(lengths), n):
-        written = 0
-        for x in batch_shapes(lengths[start : start + n], c.o.batch_size):
-            written += x.b
-            best = max(best, written * per_doc + c.act(x, c.s.layers, False) + x.b * P * c.g_e)
-    return best
-
-
-def with_options(plan: MemoryPlan, model_config_or_model, **changes) -> MemoryPlan:
-    """Re-predict with some options changed (e.g. `with_options(plan, cfg, offload=True)`)."""
-    return predict(model_config_or_model, replace(plan.options, **changes))

@@ -26,6 +26,7 @@ from typing import Literal, NamedTuple
 from msif_lite.attribution.config import AttributionConfig
 from msif_lite.config import fields_help, help_field
 from msif_lite.engine.factors import FactorConfig
+from msif_lite.engine.inputs import length_order
 from msif_lite.engine.layers import TrackedModule
 
 _CONFIGS = {"factors": FactorConfig, "attribution": AttributionConfig}
@@ -75,6 +76,7 @@ class MemoryOptions:
     include: str | tuple[str, ...] | None = _from("factors", "include")
     exclude: str | tuple[str, ...] | None = _from("factors", "exclude")
     batch_size: int = _from("attribution", "batch_size")
+    batch_order: Literal["length", "given"] = _from("attribution", "batch_order")
     fit_tokens: int | None = _from("factors", "max_tokens")
     autocast_dtype: Literal["bfloat16", "float16"] | None = _from("factors", "autocast_dtype")
     factor_dtype: Literal["float32", "float64", "auto"] = _from("factors", "factor_dtype")
@@ -82,8 +84,11 @@ class MemoryOptions:
     eigh_dtype: Literal["float64", "float32"] = _from("factors", "eigh_dtype")
     eigh_workers: int | None = _from("factors", "eigh_workers")
     cache_activations_mb: float = _from("factors", "cache_activations_mb")
+    cache_dtype: Literal["bfloat16"] | None = _from("factors", "cache_dtype")
     gradient_cache_gb: float = _from("attribution", "gradient_cache_gb")
     chunk_mb: float = _from("attribution", "gradient_chunk_mb")
+    gradient_storage: Literal["auto", "dense", "tokens"] = _from("attribution",
+                                                                "gradient_storage")
     lengths: tuple[int, ...] | None = help_field(
         "token length of each document in the order they are batched (the fit's corpus, whose "
         "first n_candidates are the candidates); None: n_candidates documents of seq_len", None)
@@ -121,6 +126,8 @@ class MemoryOptions:
             raise ValueError("MemoryOptions.factor_dtype must be 'float32', 'float64' or 'auto'")
         if not (self.gradient_cache_gb >= 0 and self.chunk_mb > 0):
             raise ValueError("MemoryOptions.gradient_cache_gb must be >= 0 and chunk_mb > 0")
+        if self.gradient_storage not in ("auto", "dense", "tokens"):
+            raise ValueError("MemoryOptions.gradient_storage must be 'auto', 'dense' or 'tokens'")
         if self.projection is not None and not (len(self.projection) == 2
                                                 and min(self.projection) >= 1):  # fmt: skip
             raise ValueError("MemoryOptions.projection must be None or (k_in, k_out) >= 1")
@@ -151,20 +158,18 @@ class MemoryOptions:
         return "float64" if str(weight_dtype) == "torch.float64" else "float32"
 
     # ---------------------------------------------------------------- the batches
-    def corpus_batches(self) -> list[BatchShape]:
-        """Every batch of the corpus (fitting with no token budget)."""
-        if self.lengths is not None:
-            return batch_shapes(self.lengths, self.batch_size)
-        return batch_shapes((self.seq_len,) * self.n_candidates, self.batch_size)
-
     def fit_batches(self) -> list[BatchShape]:
-        """The batches of one factor pass (the token budget `fit_tokens` applied). Without
-        `lengths`, with a budget: as many full batches of seq_len as it takes."""
+        """The batches of one factor pass as the fit orders them (`attribution.stage.
+        fit_order`): the whole corpus shortest to longest (batch_order 'length'), else in the
+        given order, and with the token budget `fit_tokens` a prefix in the given order.
+        Without `lengths`, with a budget: as many full batches of seq_len as it takes."""
         if self.lengths is None and self.fit_tokens is not None:
             n = max(1, math.ceil(self.fit_tokens / (self.batch_size * self.seq_len)))
             t = self.seq_len
             return [BatchShape(self.batch_size, t, self.batch_size * t)] * n
         lengths = self.lengths or (self.seq_len,) * self.n_candidates
+        if self.fit_tokens is None and self.batch_order == "length":
+            lengths = [lengths[i] for i in length_order(lengths)]
         return batch_shapes(lengths, self.batch_size, self.fit_tokens)
 
     def candidate_lengths(self) -> tuple[int, ...]:
@@ -172,8 +177,12 @@ class MemoryOptions:
         return (self.lengths or (self.seq_len,) * self.n_candidates)[: self.n_candidates]
 
     def candidate_batches(self) -> list[BatchShape]:
-        """The candidates' batches (scored streamed, or all computed at once)."""
-        return batch_shapes(self.candidate_lengths(), self.batch_size)
+        """The candidates' batches (scored streamed, or all computed at once), shortest first
+        with batch_order 'length' (as `GradientStore` batches them)."""
+        lengths = self.candidate_lengths()
+        if self.batch_order == "length":
+            lengths = tuple(lengths[i] for i in length_order(lengths))
+        return batch_shapes(lengths, self.batch_size)
 
 
 def _groups(layers: Sequence[tuple[str, int, int]], k: int) -> list[list[tuple[str, int, int]]]:
