@@ -97,11 +97,13 @@ def _option_type(cls, name: str) -> tuple[type, list | None]:
     """The scalar type of a dataclass field (`int | None` → int) and, for a `Literal`, its
     values as the option's choices."""
     hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is not typing.Literal and len(args) == 1:
+        hint = args[0]  # `X | None` → X
     if typing.get_origin(hint) is typing.Literal:
         values = list(typing.get_args(hint))
         return type(values[0]), values
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return args[0], None
+    return (args or [hint])[0], None
 
 
 def add_config_options(parser, cls, choices: dict | None = None) -> None:

@@ -36,17 +36,18 @@ def test_variant_parsing():
         parse_variant("--eigh-dtype float32")
 
 
-def test_bench_runs_two_variants_on_an_own_pair(tmp_path):
+def test_bench_runs_two_variants_on_an_own_pair(tmp_path, monkeypatch):
     root = tmp_path / "pair"
     pt, ft = save_pair(root, "llama")
     corpus, data = write_data(root)
     pair = (f"--pretrained {pt} --finetuned {ft} --corpus {corpus} --finetune-data {data} "
             "--alpha 0.01")
-    res = bench_main(["--pair", pair, "--question", "Where was Ada Lovelace born?",
-                      "--question", "Who wrote the first program?", "--threads", "1",
-                      "--candidates", "5", "--variant", "one:--eigh-workers 1",
-                      "--variant", "f32:--eigh-dtype float32 --eigh-workers 2",
-                      "--out", str(tmp_path / "out")])  # fmt: skip
+    argv = ["--pair", pair, "--question", "Where was Ada Lovelace born?",
+            "--question", "Who wrote the first program?", "--threads", "1",
+            "--candidates", "5", "--variant", "one:--eigh-workers 1",
+            "--variant", "f32:--eigh-dtype float32 --eigh-workers 2 --cache-dtype bfloat16",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    res = bench_main(argv)
     data = json.loads(res.json_path.read_text())
     one, f32 = data["rows"]
     for r in (one, f32):
@@ -67,6 +68,18 @@ def test_bench_runs_two_variants_on_an_own_pair(tmp_path):
     # float32 eigendecompositions barely move the ranking of 5 candidates
     assert one["spearman_vs_reference"] == pytest.approx(1.0)  # the first is the reference
     assert f32["spearman_vs_reference"] > 0.8
+    # --resume keeps every variant measured with the same settings: nothing runs again
+    from msif_lite.bench import trace_speed
+
+    def refuse(*_):
+        raise AssertionError("a variant ran again")
+
+    monkeypatch.setattr(trace_speed, "run_variant", refuse)
+    again = json.loads(bench_main([*argv, "--resume"]).json_path.read_text())
+    assert [r["session"]["q1_scores"] for r in again["rows"]] == [
+        r["session"]["q1_scores"] for r in data["rows"]]
+    with pytest.raises(AssertionError, match="ran again"):  # other settings: measured anew
+        bench_main([*argv, "--resume", "--candidates", "4"])
     md = res.md_path.read_text()
     assert "first question" in md and "Memory plan against the measured peaks" in md
     assert "--eigh-dtype float32" in md

@@ -92,6 +92,25 @@ def test_trace_help_lists_the_own_pair_options(capsys):
     assert "Question: {question}\\nAnswer: {answer}" in out  # the default template, shown
 
 
+def test_config_options_parse_into_the_configs():
+    """Every generated option parses its own values, `X | None` and Literal fields included
+    (choices from the Literal), and lands in the config `trace` builds."""
+    from msif_lite.cli import _config, _parser
+
+    a = _parser().parse_args(["trace", "q?", "--cache-dtype", "bfloat16", "--eigh-dtype",
+                              "float32", "--eigh-workers", "3", "--cache-activations-mb", "512",
+                              "--gradient-storage", "tokens", "--batch-order", "given",
+                              "--gradient-cache-gb", "1.5"])  # fmt: skip
+    cfg, _ = _config(a)
+    f = cfg.factors
+    assert (f.cache_dtype, f.eigh_dtype, f.eigh_workers, f.cache_activations_mb) == (
+        "bfloat16", "float32", 3, 512.0)
+    assert (cfg.gradient_storage, cfg.batch_order, cfg.gradient_cache_gb) == ("tokens", "given",
+                                                                              1.5)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["trace", "q?", "--cache-dtype", "float16"])
+
+
 def test_a_bench_returns_a_bench_result(monkeypatch, capsys):
     """The CLI passes the arguments through, exits 0 on a BenchResult and refuses anything
     else (one result type for every benchmark)."""

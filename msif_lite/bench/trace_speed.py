@@ -43,6 +43,7 @@ from pathlib import Path
 
 from msif_lite.bench.common import Benchmark, BenchResult, display_path, finish
 from msif_lite.bench.trace_speed_report import markdown
+from msif_lite.engine.storage import atomic_write_json
 
 GiB = 2**30
 TARGETS = {"first_question_s": 300.0, "later_question_s": 30.0, "peak_gib": 6.0,
@@ -293,7 +294,6 @@ def _questions(preset: str, n: int = 2) -> list[str]:
     """The first `n` held-out questions of the preset's world."""
     from msif_lite.world.real_pipeline import REAL_PRESETS
     from msif_lite.world.real_text import load_real_world
-
     world = REAL_PRESETS[preset].world(load_real_world(Path("data/real_lm")))
     return [q.prompt for q in world.heldout[:n]]
 
@@ -321,8 +321,37 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.add_argument("--name", default="trace_speed", help="results/<name>.{json,md}")
     p.add_argument("--show", action="store_true", help="show the rows' progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the variants <out>/<name>.partial.json already measured with "
+                        "the same settings and flags (each variant is written there when done)")
     p.add_argument("--row", help=argparse.SUPPRESS)
     return p
+
+
+def run_variants(variants: list[tuple[str, list[str]]], a: argparse.Namespace) -> list[dict]:
+    """Each variant's row, written to <out>/<name>.partial.json as soon as it is measured;
+    with --resume, rows of that file measured with the same settings and flags are kept."""
+    partial = Path(a.out) / f"{a.name}.partial.json"
+    key = {k: getattr(a, k) for k in ("preset", "pair", "candidates", "method", "k", "layers",
+                                      "threads", "trace_args", "questions")}  # fmt: skip
+    done = {}
+    if a.resume and partial.exists():
+        old = json.loads(partial.read_text())
+        if old["key"] == key:
+            done = {(r["variant"], r["flags"]): r for r in old["rows"]}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="msif-trace-speed-") as tmp:
+        for i, (name, flags) in enumerate(variants):
+            row = done.get((name, " ".join(flags)))
+            if row is None:
+                t0 = time.perf_counter()
+                row = run_variant(name, flags, a, Path(tmp) / f"cache{i}")
+                row["wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+            atomic_write_json(partial, {"key": key, "rows": rows})
+            print(f"{name}: first question {row['first_question_s']:.0f} s, later "
+                  f"{row['later_question_command_s']:.0f} s", file=sys.stderr)
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> BenchResult:
@@ -334,13 +363,7 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     a.questions = a.questions or _questions(a.preset)
     if len(a.questions) != 2:
         raise ValueError("give two --question (the first and a later one), or none")
-    t0 = time.perf_counter()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="msif-trace-speed-") as tmp:
-        for i, (name, flags) in enumerate(variants):
-            rows.append(run_variant(name, flags, a, Path(tmp) / f"cache{i}"))
-            print(f"{name}: first question {rows[-1]['first_question_s']:.0f} s, later "
-                  f"{rows[-1]['later_question_command_s']:.0f} s", file=sys.stderr)
+    rows = run_variants(variants, a)
     import torch
 
     from msif_lite.engine.correlation import spearman
@@ -353,11 +376,10 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     for r in rows:
         r["spearman_vs_reference"] = spearman(ref, torch.tensor(r["session"]["q1_scores"]))
     info = {"preset": f"the real pair (`--real {a.preset}`)" if a.pair is None else
-            "your own pair (`--pair`)", "candidates": a.candidates,
-            "method": a.method,
+            "your own pair (`--pair`)", "candidates": a.candidates, "method": a.method,
             "layers": a.layers or "MLP (--mlp-only)", "threads": a.threads,
             "questions": a.questions, "targets": TARGETS, "reference": ref_name,
-            "wall_s": time.perf_counter() - t0,
+            "wall_s": sum(r["wall_s"] for r in rows),
             "command": "msif-lite bench trace-speed " + " ".join(
                 shlex.quote(x) for x in (argv or [])),
             "out": display_path(a.out)}  # fmt: skip
