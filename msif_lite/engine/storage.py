@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as _st_save
+from safetensors.torch import save_file as _st_save_file
 
 FORMAT_VERSION = "1"
 _PREFIX = "msif_lite."
@@ -210,17 +210,26 @@ def _raise_friendly(e: OSError, path: Path):
 
 
 def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """`write(tmp)` a temp file beside `path`, fsync it, then os.replace: readers never see
+    half a file."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
     except OSError as e:
         _raise_friendly(e, path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException as e:
@@ -272,7 +281,9 @@ def save_artifact(
     header = {_PREFIX + "format": FORMAT_VERSION, _PREFIX + "meta": _canonical_json(meta or {})}
     header.update({_PREFIX + f: getattr(key, f) for f in _KEY_FIELDS})
     header[_PREFIX + "checksum"] = _checksum(header, flat)
-    return _atomic_write_bytes(path, _st_save(flat, metadata=header))
+    # safetensors' save_file writes from the tensors' own memory (its `save` would build the
+    # whole file as bytes first: a second copy of every factor at the fit's peak)
+    return _atomic_write(path, lambda tmp: _st_save_file(flat, tmp, metadata=header))
 
 
 def load_artifact(
