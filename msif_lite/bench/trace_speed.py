@@ -43,6 +43,7 @@ from pathlib import Path
 
 from msif_lite.bench.common import Benchmark, BenchResult, display_path, finish
 from msif_lite.bench.trace_speed_report import markdown
+from msif_lite.engine.prompts import DEFAULT_TEMPLATE
 from msif_lite.engine.storage import atomic_write_json
 
 GiB = 2**30
@@ -67,8 +68,7 @@ def _status(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def _settle() -> int:
-    """Resident bytes after a garbage collection and malloc_trim (what stays)."""
+def _settle() -> int:  # resident bytes after a garbage collection and malloc_trim
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -90,8 +90,7 @@ class Peak:
             f.write("5")
         return _status("VmRSS")
 
-    def now(self) -> int:
-        """The high-water mark since the last reset."""
+    def now(self) -> int:  # the high-water mark since the last reset
         self.highest = max(self.highest, _status("VmHWM"))
         return _status("VmHWM")
 
@@ -119,7 +118,7 @@ class StageClock:
 
     def take(self) -> dict[str, float]:
         out, self.seconds = self.seconds, {}
-        return out
+        return out  # and start again
 
 
 def _instrument(clock: StageClock) -> None:
@@ -133,7 +132,8 @@ def _instrument(clock: StageClock) -> None:
                         ("evidence", "evidence")):  # fmt: skip
         setattr(trace_mod, name, clock.wrap(stage, getattr(trace_mod, name)))
     StageState.preconditioned = clock.wrap("query preconditioning", StageState.preconditioned)
-    GradientStore._compute = clock.wrap("candidate gradients", GradientStore._compute)
+    for f in ("_compute", "_compute_docs"):  # dense batches; any form, stored
+        setattr(GradientStore, f, clock.wrap("candidate gradients", getattr(GradientStore, f)))
     GradientStore.scores = clock.wrap("scoring (dot products, loads)", GradientStore.scores)
 
 
@@ -295,7 +295,7 @@ def _questions(preset: str, n: int = 2) -> list[str]:
     from msif_lite.world.real_pipeline import REAL_PRESETS
     from msif_lite.world.real_text import load_real_world
     world = REAL_PRESETS[preset].world(load_real_world(Path("data/real_lm")))
-    return [q.prompt for q in world.heldout[:n]]
+    return [DEFAULT_TEMPLATE.strip(q.prompt) for q in world.heldout[:n]]
 
 
 def parser() -> argparse.ArgumentParser:
