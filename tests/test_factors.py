@@ -176,11 +176,12 @@ def test_fit_order_batches_by_length_unless_a_budget_takes_a_prefix(lm_task):
     lengths = [len(c.input_ids) for c in cands]
     from msif_lite.attribution.config import AttributionConfig
 
-    got = fit_order(cands, AttributionConfig())
+    got = fit_order(cands, AttributionConfig(batch_order="length"))
     assert [len(c.input_ids) for c in got] == sorted(lengths) and got != cands
     for budget in (dict(max_tokens=4), dict(max_batches=1)):
-        assert fit_order(cands, AttributionConfig(factors=FactorConfig(**budget))) == cands
-    assert fit_order(cands, AttributionConfig(batch_order="given")) == cands
+        assert fit_order(cands, AttributionConfig(batch_order="length", factors=FactorConfig(
+            **budget))) == cands  # fmt: skip
+    assert fit_order(cands, AttributionConfig()) == cands  # the default: as given
     with pytest.raises(ValueError, match="batch_order"):
         AttributionConfig(batch_order="random")
     model = make_lm("gpt_neox")

@@ -321,11 +321,11 @@ def test_length_plan_uses_the_batches_formed_and_beats_the_longest_document():
     batches = [store.collate(cs) for cs in store._batch_lists(cands)]
     shape = lambda b: (b.input_ids.shape[0], b.input_ids.shape[1], int(b.attention_mask.sum()))  # noqa: E731
     opts = MemoryOptions(batch_size=B, n_candidates=len(docs), n_queries=4, query_len=16,
-                         lengths=SKEWED)  # fmt: skip
+                         lengths=SKEWED, batch_order="length")  # fmt: skip
     given = replace(opts, batch_order="given")
     assert [tuple(x) for x in given.candidate_batches()] == [shape(b) for b in batches]
     assert given.fit_batches() == given.candidate_batches()
-    # batch_order "length" (the default), no token budget: the whole corpus shortest to
+    # batch_order "length", no token budget: the whole corpus shortest to
     # longest, as attribution.stage.fit_order and GradientStore(order="length") batch it
     fit_b = [store.collate(cs) for cs in store._batch_lists(
         [cands[i] for i in length_order(SKEWED)])]  # fmt: skip

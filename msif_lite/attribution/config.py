@@ -48,11 +48,12 @@ class AttributionConfig:
         "the objective ℓ(z) and measurement m(q) (engine.tasks): a causal LM's next-token "
         "loss, m = −log p(answer | prompt)")})
     batch_size: int = help_field("sequences per forward/backward", 16, cli="--batch-size")
-    batch_order: Literal["length", "given"] = help_field(
-        "how a stage's fit data and a candidate set are batched: 'length' shortest to longest "
-        "(little padding; ~1/3 fewer positions computed on the real corpus), 'given' in the "
-        "order given; a fit with a token or batch budget always takes its prefix as given",
-        "length", cli="--batch-order")
+    batch_order: Literal["given", "length"] = help_field(
+        "how a stage's fit data and a candidate set are batched: 'given' in the order given "
+        "(the committed benchmarks' setting), 'length' shortest to longest (little padding; "
+        "~1/3 fewer positions on the real corpus; the sampled labels follow the order, so the "
+        "factors are another draw); a fit with a token or batch budget keeps the given order",
+        "given", cli="--batch-order")
     cache_dir: str = help_field("where factors and candidate gradients go", ".cache/msif",
                            cli="--cache-dir")
     progress: bool = help_field("tqdm progress bars (every stage)", True)
@@ -83,8 +84,8 @@ class AttributionConfig:
         cli="--gradient-chunk-mb")
 
     def __post_init__(self) -> None:
-        if self.batch_order not in ("length", "given"):
-            raise ValueError("AttributionConfig.batch_order must be 'length' or 'given', got "
+        if self.batch_order not in ("given", "length"):
+            raise ValueError("AttributionConfig.batch_order must be 'given' or 'length', got "
                              f"{self.batch_order!r}")  # fmt: skip
         if not isinstance(self.factors, FactorConfig):
             raise TypeError("AttributionConfig.factors must be a FactorConfig, e.g. "

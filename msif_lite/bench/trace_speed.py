@@ -49,13 +49,13 @@ from msif_lite.engine.storage import atomic_write_json
 GiB = 2**30
 TARGETS = {"first_question_s": 300.0, "later_question_s": 30.0, "peak_gib": 6.0,
            "plan_error": 0.20}  # fmt: skip
-DEFAULT_VARIANTS = (
-    # the kit before issue 24's speed work: float64 eigh one layer at a time, dense candidate
-    # gradients (streamed above the disk budget), fit data and candidates batched as given
+DEFAULT_VARIANTS = (  # before issue 24's speed work: float64 eigh one layer at a time, dense
+    # candidate gradients (streamed above the disk budget), fit data and candidates as given
     "before:--eigh-dtype float64 --eigh-workers 1 --gradient-storage dense --batch-order given",
-    "after:",  # the defaults
-    # opt-in: float32 eigh, and the Λ pass from a bf16 cache (no second forward pass)
-    "fast:--eigh-dtype float32 --cache-dtype bfloat16 --cache-activations-mb 3072",
+    "after:--batch-order length",  # the defaults (token storage, eigh workers) + length order
+    # + opt-in float32 eigh and the Λ pass from a bf16 cache (no second forward pass)
+    "fast:--batch-order length --eigh-dtype float32 --cache-dtype bfloat16 "
+    "--cache-activations-mb 3072",
 )
 
 

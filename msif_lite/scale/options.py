@@ -76,7 +76,7 @@ class MemoryOptions:
     include: str | tuple[str, ...] | None = _from("factors", "include")
     exclude: str | tuple[str, ...] | None = _from("factors", "exclude")
     batch_size: int = _from("attribution", "batch_size")
-    batch_order: Literal["length", "given"] = _from("attribution", "batch_order")
+    batch_order: Literal["given", "length"] = _from("attribution", "batch_order")
     fit_tokens: int | None = _from("factors", "max_tokens")
     autocast_dtype: Literal["bfloat16", "float16"] | None = _from("factors", "autocast_dtype")
     factor_dtype: Literal["float32", "float64", "auto"] = _from("factors", "factor_dtype")
