@@ -177,5 +177,5 @@ def check_top_k(k, name: str = "k") -> int:
 def length_order(lengths: Sequence[int]) -> list[int]:
     """Indices of `lengths` from shortest to longest (stable): batches formed in this order
     pad each sequence to a similar length, so a pass over documents of mixed lengths
-    computes ~1/3 fewer padded positions (the real corpus: 10,182 → 6,6xx tokens)."""
+    computes ~1/3 fewer positions (the real corpus, batches of 16: 10,182 → 6,772)."""
     return sorted(range(len(lengths)), key=lambda i: lengths[i])
