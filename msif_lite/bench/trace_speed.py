@@ -45,6 +45,7 @@ from msif_lite.bench.common import Benchmark, BenchResult, display_path, finish
 from msif_lite.bench.trace_speed_report import markdown
 from msif_lite.engine.prompts import DEFAULT_TEMPLATE
 from msif_lite.engine.storage import atomic_write_json
+from msif_lite.scale.measure import rss_bytes
 
 GiB = 2**30
 TARGETS = {"first_question_s": 300.0, "later_question_s": 30.0, "peak_gib": 6.0,
@@ -60,19 +61,12 @@ DEFAULT_VARIANTS = (  # before issue 24's speed work: float64 eigh one layer at 
 
 
 # ---------------------------------------------------------------------- measuring, in a row
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
-
 
 def _settle() -> int:  # resident bytes after a garbage collection and malloc_trim
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return _status("VmRSS")
+    return rss_bytes("VmRSS")
 
 
 class Peak:
@@ -81,18 +75,18 @@ class Peak:
     question can measure its own peak without losing the question's."""
 
     def __init__(self) -> None:
-        self.highest = _status("VmHWM")
+        self.highest = rss_bytes("VmHWM")
 
     def reset(self) -> int:
         """Restart the mark; returns the resident bytes at the restart."""
-        self.highest = max(self.highest, _status("VmHWM"))
+        self.highest = max(self.highest, rss_bytes("VmHWM"))
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _status("VmRSS")
+        return rss_bytes("VmRSS")
 
     def now(self) -> int:  # the high-water mark since the last reset
-        self.highest = max(self.highest, _status("VmHWM"))
-        return _status("VmHWM")
+        self.highest = max(self.highest, rss_bytes("VmHWM"))
+        return rss_bytes("VmHWM")
 
 
 class StageClock:
@@ -236,7 +230,7 @@ def command_row(spec: dict) -> dict:
 
     with contextlib.redirect_stdout(io.StringIO()):
         rc = main(["trace", spec["questions"][1], *spec["argv"], "--quiet"])
-    return {"rc": rc, "peak_gib": _status("VmHWM") / GiB}
+    return {"rc": rc, "peak_gib": rss_bytes("VmHWM") / GiB}
 
 
 # ---------------------------------------------------------------------- the run

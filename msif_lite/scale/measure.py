@@ -197,7 +197,9 @@ def measure_peak(fn: Callable[[], object]) -> tuple[int, object]:
     return max(ev["Total Allocated"] for ev in events) - base, out
 
 
-def _rss_bytes(field_name: str) -> int:
+def rss_bytes(field_name: str) -> int:
+    """A byte count of /proc/self/status (Linux), e.g. "VmRSS" (resident now) or "VmHWM"
+    (the resident high-water mark)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field_name + ":"):
@@ -222,6 +224,6 @@ def measure_rss_peak(fn: Callable[[], object]) -> tuple[int, object]:
             f.write("5")
     except OSError as e:  # pragma: no cover - not Linux, or not permitted
         raise OSError(f"cannot reset the RSS high-water mark ({e}); use measure_peak") from e
-    start = _rss_bytes("VmRSS")
+    start = rss_bytes("VmRSS")
     out = fn()
-    return _rss_bytes("VmHWM") - start, out
+    return rss_bytes("VmHWM") - start, out
