@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import io
 import json
 import os
@@ -45,7 +43,7 @@ from msif_lite.bench.common import Benchmark, BenchResult, display_path, finish
 from msif_lite.bench.trace_speed_report import markdown
 from msif_lite.engine.prompts import DEFAULT_TEMPLATE
 from msif_lite.engine.storage import atomic_write_json
-from msif_lite.scale.measure import rss_bytes
+from msif_lite.scale.measure import reset_rss_peak, rss_bytes, settle_rss
 
 GiB = 2**30
 TARGETS = {"first_question_s": 300.0, "later_question_s": 30.0, "peak_gib": 6.0,
@@ -62,13 +60,6 @@ DEFAULT_VARIANTS = (  # before issue 24's speed work: float64 eigh one layer at 
 
 # ---------------------------------------------------------------------- measuring, in a row
 
-def _settle() -> int:  # resident bytes after a garbage collection and malloc_trim
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return rss_bytes("VmRSS")
-
-
 class Peak:
     """The resident high-water mark (VmHWM) across resets: `reset()` folds the mark so far
     into `highest` and restarts it at the current resident bytes (Linux), so a stage inside a
@@ -79,14 +70,13 @@ class Peak:
 
     def reset(self) -> int:
         """Restart the mark; returns the resident bytes at the restart."""
-        self.highest = max(self.highest, rss_bytes("VmHWM"))
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return rss_bytes("VmRSS")
+        self.now()
+        return reset_rss_peak()
 
     def now(self) -> int:  # the high-water mark since the last reset
-        self.highest = max(self.highest, rss_bytes("VmHWM"))
-        return rss_bytes("VmHWM")
+        mark = rss_bytes("VmHWM")
+        self.highest = max(self.highest, mark)
+        return mark
 
 
 class StageClock:
@@ -182,7 +172,7 @@ def _question(att, clock: StageClock, peak: Peak, question: str, a, truth
     del att.scores
     row = {"question": question, "answer": result.question.answer, "wall_s": wall,
            "stages_s": clock.take(), "peak_gib": peak.highest / GiB,
-           "scoring_peak_above_entry_gib": seen[0][1], "rss_after_gib": _settle() / GiB,
+           "scoring_peak_above_entry_gib": seen[0][1], "rss_after_gib": settle_rss() / GiB,
            "top": [(h.doc_id, h.is_true_source) for h in result.hits[:3]]}  # fmt: skip
     return row, seen[0][0]
 
@@ -207,15 +197,15 @@ def session_row(spec: dict) -> dict:
     trim_allocator()  # as `msif-lite trace` does first
     clock = StageClock()
     _instrument(clock)
-    start = _settle()
+    start = settle_rss()
     t0 = time.perf_counter()
     att, _, a = pair_attributor([spec["questions"][0], *spec["argv"]])
     load_s = time.perf_counter() - t0
-    models_gib = _settle() / GiB
+    models_gib = settle_rss() / GiB
     truth = _real_truth(a)
     peak = Peak()
     fits = {s.value: _fit(att, s.value, peak) for s in (Stage.PRETRAINED, Stage.FINETUNED)}
-    factors_gib = _settle() / GiB
+    factors_gib = settle_rss() / GiB
     q1, scores = _question(att, clock, peak, spec["questions"][0], a, truth)
     q2, _ = _question(att, clock, peak, spec["questions"][1], a, truth)
     q_len = len(att.qa_example(q1["question"], q1["answer"]).input_ids)

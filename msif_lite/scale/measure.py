@@ -207,23 +207,36 @@ def rss_bytes(field_name: str) -> int:
     raise OSError(f"{field_name} not in /proc/self/status")
 
 
-def measure_rss_peak(fn: Callable[[], object]) -> tuple[int, object]:
-    """(peak resident bytes above the resident bytes at entry while `fn()` runs, its result).
-
-    Linux only: free heap pages go back to the system first (glibc malloc_trim), the
-    high-water mark is reset to the current RSS (`echo 5 > /proc/self/clear_refs`), and the
-    peak is VmHWM − VmRSS at entry. Counts everything resident (allocator slack, libraries
-    paged in), unlike `measure_peak`; run it in a fresh process for a clean baseline."""
+def settle_rss() -> int:
+    """Resident bytes after a garbage collection and glibc malloc_trim (free heap pages
+    returned to the system): what stays resident."""
     import gc
 
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss_bytes("VmRSS")
+
+
+def reset_rss_peak() -> int:
+    """Reset the resident high-water mark (VmHWM) to the current RSS (`echo 5 >
+    /proc/self/clear_refs`, Linux); returns that RSS."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError as e:  # pragma: no cover - not Linux, or not permitted
         raise OSError(f"cannot reset the RSS high-water mark ({e}); use measure_peak") from e
-    start = rss_bytes("VmRSS")
+    return rss_bytes("VmRSS")
+
+
+def measure_rss_peak(fn: Callable[[], object]) -> tuple[int, object]:
+    """(peak resident bytes above the resident bytes at entry while `fn()` runs, its result).
+
+    Linux only: free heap pages go back to the system first (`settle_rss`), the high-water
+    mark is reset to the current RSS (`reset_rss_peak`), and the peak is VmHWM − VmRSS at
+    entry. Counts everything resident (allocator slack, libraries paged in), unlike
+    `measure_peak`; run it in a fresh process for a clean baseline."""
+    settle_rss()
+    start = reset_rss_peak()
     out = fn()
     return rss_bytes("VmHWM") - start, out
